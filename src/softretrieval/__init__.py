@@ -1,0 +1,11 @@
+"""softretrieval: streaming softmax attention of query batches over millions of keys.
+
+Two-tower retrieval as attention, ``out = softmax(Q K^T * scale + bias) V``,
+computed tile by tile with an online softmax so the B x N score matrix never
+exists. Numba kernels are compiled on first use (and cached on disk).
+"""
+
+from .api import attention, merge
+
+__version__ = "0.1.0"
+__all__ = ["attention", "merge", "__version__"]

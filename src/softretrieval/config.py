@@ -1,0 +1,29 @@
+"""Every tunable of the kernels, in one place.
+
+The drivers read these values at call time, so tests (and users) may change
+them between calls, e.g. to shrink the tiles so tiny inputs cross tile edges.
+None of them changes a result beyond float32 rounding.
+"""
+
+#: Largest query block a CPU work item processes against a key tile. Blocks
+#: are made equal in size, and their count a multiple of the thread count.
+QUERY_BLOCK = 512
+
+#: Keys per tile for a query block on the BLAS path.
+KEY_TILE = 512
+
+#: Query blocks of at most this many queries use SIMD loops, not BLAS.
+FEW_QUERIES = 16
+
+#: Keys per tile on the SIMD path.
+KEY_TILE_FEW = 512
+
+#: Below this many queries per thread the CPU driver splits the keys across
+#: threads (flash-decoding) instead of splitting the queries.
+MIN_QUERIES_PER_THREAD = 64
+
+#: A key split never gets fewer keys than this (small N runs in one split).
+MIN_KEYS_PER_SPLIT = 2048
+
+#: Threads for the CPU kernels; ``None`` means every thread Numba has.
+NUM_THREADS = None

@@ -1,0 +1,143 @@
+"""The scalar math every mode and every target shares.
+
+These are plain Python functions on scalars: no arrays, no Python objects, no
+BLAS. The CPU drivers compile them with ``numba.njit(inline="always")`` (see
+:data:`jit`), and a CUDA driver can compile the same source with
+``numba.cuda.jit(device=True)``; they also run as plain Python.
+
+Conventions (all float32):
+
+* Logits are kept in **base 2**: the drivers fold ``log2(e)`` into the query
+  scale and the bias, so a score is ``t = log2(e) * (scale * q.k + bias)`` and
+  the softmax weight is ``2 ** (t - m)``. This saves a multiply per score.
+* An online-softmax state over a set of keys is ``(m, l, acc)``: ``m`` the
+  running max of ``t``, ``l = sum 2 ** (t - m)``, ``acc = sum 2 ** (t - m) v``.
+  A state that has seen no valid key has ``m = NEG_INIT`` and ``l = 0``.
+* An excluded key has logit ``MASKED`` (far below ``NEG_INIT``), so its weight
+  is exactly 0 even when every key of a row is excluded. Valid logits below
+  ``NEG_INIT`` (about -1e30) are treated as excluded too.
+"""
+
+import math
+import types
+from types import SimpleNamespace
+
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba import types as nbtypes
+from numba.core.extending import intrinsic, overload
+
+from .constants import LN2
+
+# Taylor coefficients of 2**r = exp(r ln2) on [-0.5, 0.5], degree 7:
+# relative error below 2e-8 before float32 rounding.
+_C1 = np.float32(LN2)
+_C2 = np.float32(LN2**2 / 2)
+_C3 = np.float32(LN2**3 / 6)
+_C4 = np.float32(LN2**4 / 24)
+_C5 = np.float32(LN2**5 / 120)
+_C6 = np.float32(LN2**6 / 720)
+_C7 = np.float32(LN2**7 / 5040)
+
+
+def pow2i(n):
+    """``2.0 ** n`` as float32 for an integer ``-126 <= n <= 127``."""
+    return np.float32(2.0) ** n
+
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, bits):
+    sig = nbtypes.float32(nbtypes.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@overload(pow2i, inline="always")
+def _pow2i_bitcast(n):
+    # Compiled: put the exponent straight into the float's bits, which LLVM
+    # vectorizes (a libm ldexp/pow call would not).
+    def impl(n):
+        return _int32_bits_as_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+    return impl
+
+
+def exp2(x):
+    """``2 ** x`` for float32 ``x``; exactly 0 below -126; ``x <= 127``.
+
+    Range reduction ``x = n + r`` with ``|r| <= 0.5``, a degree-7 polynomial
+    for ``2 ** r``, and the exponent ``n`` put in with :func:`pow2i`. Written
+    without branches so a loop over it vectorizes. Relative error < 3e-7.
+    """
+    xc = max(x, np.float32(-126.0))
+    nf = np.floor(xc + np.float32(0.5))
+    r = xc - nf
+    p = _C7 * r + _C6
+    p = p * r + _C5
+    p = p * r + _C4
+    p = p * r + _C3
+    p = p * r + _C2
+    p = p * r + _C1
+    p = p * r + np.float32(1.0)
+    y = p * pow2i(np.int32(nf))
+    return y if x >= np.float32(-126.0) else np.float32(0.0)
+
+
+def rescale(m_old, tile_max):
+    """New running max after a tile, and the factor that rescales old sums.
+
+    Returns ``(m_new, c)`` with ``m_new = max(m_old, tile_max)`` and
+    ``c = 2 ** (m_old - m_new)``; ``l`` and ``acc`` of the state are
+    multiplied by ``c`` before the tile's weights ``2 ** (t - m_new)`` are added.
+    """
+    m_new = max(m_old, tile_max)
+    return m_new, exp2(m_old - m_new)
+
+
+def merge_pair(m1, l1, m2, l2):
+    """Merge two states over disjoint key sets (associative, exact).
+
+    Returns ``(m, l, c1, c2)``: the merged max and sum, and the factors that
+    scale each accumulator: ``acc = c1 * acc1 + c2 * acc2``.
+    """
+    m = max(m1, m2)
+    c1 = exp2(m1 - m)
+    c2 = exp2(m2 - m)
+    return m, l1 * c1 + l2 * c2, c1, c2
+
+
+def finalize(m, l):
+    """Normalizer and natural-log partition of a state.
+
+    Returns ``(inv_l, lse)``: ``out = acc * inv_l`` and
+    ``lse = ln(sum exp(logit))``; a state with no valid key gives
+    ``inv_l = 0`` (so ``out = 0``) and ``lse = -inf``.
+    """
+    if l > 0.0:
+        return 1.0 / l, (m + math.log2(l)) * LN2
+    return 0.0, -math.inf
+
+
+def compile_for(decorator):
+    """Compile the core functions with ``decorator``, e.g. a target's jit.
+
+    Each function is rebuilt with globals in which the core functions it
+    calls are the already compiled ones, so the single source above becomes a
+    set of functions that call each other on the target. Returns a namespace
+    with one attribute per core function.
+    """
+    compiled = {}
+    for func in (exp2, rescale, merge_pair, finalize):
+        scope = dict(func.__globals__, **compiled)
+        rebuilt = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__)
+        compiled[func.__name__] = decorator(rebuilt)
+    return SimpleNamespace(**compiled)
+
+
+#: The core for the CPU kernels, inlined into its callers (so each takes its
+#: caller's fast-math flags).
+cpu = compile_for(njit(inline="always"))
