@@ -28,7 +28,8 @@ def float_matrix(x, name, ndim=2):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     if arr.shape[-1] == 0:
         raise ValueError(f"{name} has a zero-length last axis (shape {arr.shape})")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # out-of-range values become inf, refused later
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def all_finite(arr, name):

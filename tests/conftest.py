@@ -1,0 +1,38 @@
+import os
+
+import numpy as np
+import pytest
+
+from softretrieval import config
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Shrink every tile and split so tiny inputs cross tile and split edges."""
+    monkeypatch.setattr(config, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(config, "KEY_TILE", 16)
+    monkeypatch.setattr(config, "KEY_TILE_FEW", 8)
+    monkeypatch.setattr(config, "FEW_QUERIES", 2)
+    monkeypatch.setattr(config, "MIN_QUERIES_PER_THREAD", 4)
+    monkeypatch.setattr(config, "MIN_KEYS_PER_SPLIT", 8)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The shipped real MiniLM embeddings: base (7942, 384), queries (1000, 384), gt ids."""
+    from softretrieval.io import read_fvecs, read_ivecs
+
+    root = os.path.join(DATA, "minilm-pystdlib-384d")
+    return {
+        "base": read_fvecs(os.path.join(root, "base.fvecs")),
+        "query": read_fvecs(os.path.join(root, "query.fvecs")),
+        "gt": read_ivecs(os.path.join(root, "groundtruth.ivecs")),
+        "gt_ip": read_fvecs(os.path.join(root, "groundtruth_ip_scores.fvecs")),
+    }

@@ -1,0 +1,51 @@
+"""The shared scalar core: the vectorizable exp2 and the state merge."""
+
+import numpy as np
+from numba import njit
+
+from softretrieval import core
+from softretrieval.constants import MASKED, NEG_INIT
+
+exp2_cpu = core.cpu.exp2
+
+
+@njit
+def _exp2_array(x):
+    y = np.empty_like(x)
+    for i in range(x.shape[0]):
+        y[i] = exp2_cpu(x[i])
+    return y
+
+
+def test_exp2_relative_error():
+    x = np.concatenate([np.linspace(-126, 127, 200001), np.linspace(-1, 1, 20001)]).astype(np.float32)
+    y = _exp2_array(x)
+    ref = np.exp2(x.astype(np.float64))
+    rel = np.abs(y - ref) / ref
+    assert rel.max() < 3e-7
+
+
+def test_exp2_is_exactly_zero_below_range():
+    x = np.array([-126.01, -127, -200, -1e20, NEG_INIT, MASKED, MASKED - NEG_INIT], np.float32)
+    assert (_exp2_array(x) == 0).all()
+
+
+def test_exp2_python_and_compiled_agree():
+    x = np.linspace(-130, 20, 1001).astype(np.float32)
+    py = np.array([core.exp2(v) for v in x], np.float64)
+    np.testing.assert_allclose(_exp2_array(x), py, rtol=1e-6, atol=0)
+
+
+def test_merge_pair_with_empty_state():
+    m, l, c1, c2 = core.merge_pair(NEG_INIT, np.float32(0), np.float32(3.0), np.float32(2.0))
+    assert m == 3.0 and l == 2.0 and c1 == 0.0 and c2 == 1.0
+    m, l, c1, c2 = core.merge_pair(NEG_INIT, np.float32(0), NEG_INIT, np.float32(0))
+    assert l == 0.0
+    inv_l, lse = core.finalize(m, l)
+    assert inv_l == 0.0 and np.isneginf(lse)
+
+
+def test_finalize_natural_log():
+    inv_l, lse = core.finalize(np.float32(3.0), np.float32(4.0))
+    assert inv_l == 0.25
+    np.testing.assert_allclose(lse, (3.0 + 2.0) * np.log(2.0), rtol=1e-7)
