@@ -90,7 +90,7 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, return_lse=F
         from . import cpu
 
         out, lse, bad = cpu.soft_attention(Qs, K, V, b2)
-        if not np.isfinite(bad) or not np.isfinite(out).all():
+        if bad or not np.isfinite(out).all():
             _raise_non_finite(K, V, values is not None)
     return (out, lse) if return_lse else out
 

@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from . import config, core, runtime
 from .constants import NEG_INIT
+from .core import float32_from_bits
 
 exp2 = core.cpu.exp2
 rescale = core.cpu.rescale
@@ -28,13 +29,27 @@ finalize = core.cpu.finalize
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@njit(fastmath=True, cache=True)
-def _row_max(row):
-    """Max of a float32 vector (any value when it holds NaN)."""
-    mx = NEG_INIT
-    for j in range(row.shape[0]):
-        mx = max(mx, row[j])
-    return mx
+_EXPONENT = np.int32(0x7F800000)
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+
+
+@njit(cache=True)
+def _row_max_finite(bits):
+    """Max of a float32 vector given as its int32 bits, and whether all are finite.
+
+    Works on the bits because LLVM vectorizes integer max reductions but not
+    Numba's float ``max``: ``b ^ ((b >> 31) & 0x7FFFFFFF)`` orders the bit
+    patterns of floats like the floats themselves (and is its own inverse).
+    A value is NaN or inf when its exponent bits are all set.
+    """
+    best = np.int32(-2147483647)
+    expo = np.int32(0)
+    for j in range(bits.shape[0]):
+        b = bits[j]
+        best = max(best, b ^ ((b >> 31) & _MAGNITUDE))
+        expo = max(expo, b & _EXPONENT)
+    mx = float32_from_bits(best ^ ((best >> 31) & _MAGNITUDE))
+    return mx, expo != _EXPONENT
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -45,27 +60,27 @@ def _softmax_tile(S, bias, has_bias, m, l, corr):
     weights ``2 ** (t - m_new)``. bias (tn,) float32, read when ``has_bias``.
     m, l, corr (bq,) float32: the states' max and sum, updated in place, and
     the factor ``corr`` by which each accumulator must be rescaled.
-    Returns 0.0, or NaN/inf when a score was not finite.
+    Returns the number of rows that held a NaN or inf score.
     """
-    bad = np.float32(0.0)
+    bad = 0
+    bits = S.view(np.int32)
     for i in range(S.shape[0]):
         row = S[i]
         if has_bias:
             for j in range(row.shape[0]):
                 row[j] += bias[j]
-        m_new, c = rescale(m[i], _row_max(row))
+        mx, finite = _row_max_finite(bits[i])
+        if not finite:
+            bad += 1
+        m_new, c = rescale(m[i], mx)
         total = np.float32(0.0)
-        check = np.float32(0.0)
         for j in range(row.shape[0]):
-            t = row[j]
-            check += t * np.float32(0.0)
-            p = exp2(t - m_new)
+            p = exp2(row[j] - m_new)
             row[j] = p
             total += p
         l[i] = l[i] * c + total
         m[i] = m_new
         corr[i] = c
-        bad += check
     return bad
 
 
@@ -82,7 +97,7 @@ def _range_block(Qb, K, V, bias, has_bias, k0, k1, ktile, m, l, acc):
     scores = np.empty(bq * ktile, np.float32)
     pv = np.empty((bq, dv), np.float32)
     corr = np.empty(bq, np.float32)
-    bad = np.float32(0.0)
+    bad = 0
     for t0 in range(k0, k1, ktile):
         t1 = min(t0 + ktile, k1)
         S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
@@ -108,7 +123,7 @@ def _range_few(Qb, K, V, bias, has_bias, k0, k1, ktile, m, l, acc):
     dv = V.shape[1]
     scores = np.empty(bq * ktile, np.float32)
     corr = np.empty(bq, np.float32)
-    bad = np.float32(0.0)
+    bad = 0
     for t0 in range(k0, k1, ktile):
         t1 = min(t0 + ktile, k1)
         Kt = K[t0:t1]
@@ -145,8 +160,8 @@ def soft_states(Q, K, V, bias, has_bias, nqb, nsplit, ktile, ktile_few, few_quer
     Query blocks of at most ``few_queries`` use SIMD loops over tiles of
     ``ktile_few`` keys, larger ones BLAS over tiles of ``ktile`` keys.
     Returns ``(m, l, acc, bad)``: m, l (nsplit, B) and acc (nsplit, B, dv)
-    float32, one state per key range, and ``bad`` (0.0, or NaN/inf when a
-    score was not finite).
+    float32, one state per key range, and ``bad`` the count of (query, tile)
+    pairs that met a NaN or inf score.
     """
     B = Q.shape[0]
     N = K.shape[0]
@@ -156,7 +171,7 @@ def soft_states(Q, K, V, bias, has_bias, nqb, nsplit, ktile, ktile_few, few_quer
     m = np.full((nsplit, B), NEG_INIT, np.float32)
     l = np.zeros((nsplit, B), np.float32)
     acc = np.zeros((nsplit, B, dv), np.float32)
-    bad = np.zeros(nqb * nsplit, np.float32)
+    bad = np.zeros(nqb * nsplit, np.int64)
     for w in prange(nqb * nsplit):
         qb = w // nsplit
         sp = w - qb * nsplit
