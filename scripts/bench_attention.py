@@ -102,18 +102,26 @@ def subprocess_json(code):
 
 
 PEAK_MEMORY = r"""
-import json, resource, numpy as np, softretrieval as sr
+import json, os, threading, time, numpy as np, softretrieval as sr
 N, d, B = {n}, {d}, {b}
 rng = np.random.default_rng(0)
 K = rng.standard_normal((N, d), dtype=np.float32)
 V = rng.standard_normal((N, d), dtype=np.float32)
 Q = rng.standard_normal((B, d), dtype=np.float32)
 sr.attention(Q[:2], K[:5000], V[:5000]); sr.attention(Q[:1], K[:5000], V[:5000])
-import os
-rss_now = os.sysconf("SC_PAGE_SIZE") * int(open("/proc/self/statm").read().split()[1]) / 1024
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return page * int(f.read().split()[1])
+before, peak, done = rss(), [0], threading.Event()
+def poll():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss()); time.sleep(0.0005)
+t = threading.Thread(target=poll); t.start()
 out, lse = sr.attention(Q, K, V, return_lse=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"extra_peak_mb": max(0.0, peak - rss_now) / 1024, "inputs_mb": (K.nbytes + V.nbytes + Q.nbytes) / 2**20}}))
+done.set(); t.join()
+print(json.dumps({{"extra_peak_mb": max(0, peak[0] - before) / 2**20,
+                   "inputs_mb": (K.nbytes + V.nbytes + Q.nbytes) / 2**20}}))
 """
 
 STARTUP = r"""
@@ -213,7 +221,7 @@ def main():
     print(f"import softretrieval: {report['startup']['import_s']:.2f} s; first calls with a warm cache: "
           f"{report['startup']['first_call_s']:.2f} s")
     report["memory"] = subprocess_json(PEAK_MEMORY.format(n=N, d=d, b=max(args.batches)))
-    print(f"peak RSS of a B={max(args.batches)} call above the RSS before it (inputs {report['memory']['inputs_mb']:.0f} MB): "
+    print(f"peak RSS during a B={max(args.batches)} call above the RSS before it (inputs {report['memory']['inputs_mb']:.0f} MB): "
           f"{report['memory']['extra_peak_mb']:.1f} MB")
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
