@@ -172,8 +172,10 @@ def test_driver_any_split(rng, nqb, nsplit):
 
     Q, K, V = make(rng, 11, 123, 6, 5)
     Qs = (Q * (LOG2E / np.sqrt(6))).astype(np.float32)
-    m, l, acc, bad = runtime.parallel_call(
-        cpu.soft_states, Qs, K, V, np.zeros(0, np.float32), False, nqb, nsplit, 16, 8, 2)
+    none = np.zeros(0, np.int64)
+    m, l, acc, _, _, _, bad = runtime.parallel_call(
+        cpu.stream, Qs, K, V, np.zeros(0, np.float32), 0, np.float32(0), none, none,
+        nqb, nsplit, 16, 8, 2, True, True, 0)
     out, lse = cpu.merge_states(m, l, acc)
     assert bad == 0
     assert_matches(out, lse, *attention_ref(Q, K, V))

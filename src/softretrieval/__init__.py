@@ -5,7 +5,7 @@ computed tile by tile with an online softmax so the B x N score matrix never
 exists. Numba kernels are compiled on first use (and cached on disk).
 """
 
-from .api import attention, merge
+from .api import TopKAttention, attention, merge, topk, topk_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "merge", "__version__"]
+__all__ = ["attention", "merge", "topk", "topk_attention", "TopKAttention", "__version__"]

@@ -10,3 +10,9 @@ NEG_INIT = np.float32(-1e30)
 #: Base-2 logit given to an excluded key (bias ``-inf``); far below NEG_INIT,
 #: so its weight is exactly 0 even when every key of a row is excluded.
 MASKED = np.float32(-1e36)
+
+#: How a score tile turns dot products ``s = q.k`` into logits (the kernels'
+#: ``key_mode``).
+KEYS_PLAIN = 0    # logit = s
+KEYS_SQNORM = 1   # logit = s + key_coef * |k|^2   (l2, up to a per-query constant)
+KEYS_UNIT = 2     # logit = s / |k|                (cosine; a zero key scores 0)

@@ -1,22 +1,30 @@
 """CPU drivers: tiling, the parallel split, and BLAS, around the shared core.
 
 Work is cut into ``nqb x nsplit`` items: ``nqb`` equal query blocks times
-``nsplit`` key ranges. Each item streams its key range tile by tile and keeps
-one online-softmax state per query (see :mod:`softretrieval.core`); the states
-of the key ranges are then merged with :func:`core.merge_pair`. The B x N
-score matrix never exists: only one ``(query block, key tile)`` score tile per
-item does.
+``nsplit`` key ranges. Each item streams its key range tile by tile. For each
+``(query block, key tile)`` it computes one score tile, turns it into logits
+(per-key terms, bias, exclusions), and feeds it to whichever consumers the
+mode asks for:
 
-Inputs reach these functions already validated by :mod:`softretrieval.api`:
-C-contiguous float32, queries pre-multiplied by ``scale * log2(e)`` and the
-bias by ``log2(e)`` (excluded keys at :data:`core.MASKED`).
+* the online-softmax state per query (``m``, ``l``) and, for soft retrieval,
+  the weighted sum of values ``acc`` (see :mod:`softretrieval.core`);
+* a top-k buffer per query (a threshold buffer with partial selection).
+
+The states of the key ranges are then merged (:func:`merge_states`,
+:func:`merge_topk`). The B x N score matrix never exists.
+
+Inputs reach these functions already validated and prepared by
+:mod:`softretrieval.api`: C-contiguous float32, queries pre-multiplied by the
+logit scale (times ``log2(e)`` when a softmax is wanted), the bias in the same
+units with excluded keys at :data:`constants.MASKED`, and exclusions as CSR
+with the ids of each query sorted.
 """
 
 import numpy as np
 from numba import njit, prange
 
 from . import config, core, runtime
-from .constants import NEG_INIT
+from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
 from .core import float32_from_bits
 
 exp2 = core.cpu.exp2
@@ -24,10 +32,9 @@ rescale = core.cpu.rescale
 merge_pair = core.cpu.merge_pair
 finalize = core.cpu.finalize
 
-# Fast-math without 'nnan'/'ninf': loops still vectorize (reassociation), and
-# a NaN or inf among the scores stays detectable, see ``_softmax_tile``.
+# Fast-math without 'nnan'/'ninf': NaN and inf flow through to the outputs,
+# where the API detects them (a NaN in the values must not be folded away).
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
 
 _EXPONENT = np.int32(0x7F800000)
 _MAGNITUDE = np.int32(0x7FFFFFFF)
@@ -53,124 +60,237 @@ def _row_max_finite(bits):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _softmax_tile(S, bias, has_bias, m, l, corr):
-    """Online-softmax update of a block of states by one tile of scores.
-
-    S (bq, tn) float32: base-2 logits without bias, overwritten by the
-    weights ``2 ** (t - m_new)``. bias (tn,) float32, read when ``has_bias``.
-    m, l, corr (bq,) float32: the states' max and sum, updated in place, and
-    the factor ``corr`` by which each accumulator must be rescaled.
-    Returns the number of rows that held a NaN or inf score.
-    """
-    bad = 0
-    bits = S.view(np.int32)
-    for i in range(S.shape[0]):
-        row = S[i]
-        if has_bias:
-            for j in range(row.shape[0]):
-                row[j] += bias[j]
-        mx, finite = _row_max_finite(bits[i])
-        if not finite:
-            bad += 1
-        m_new, c = rescale(m[i], mx)
-        total = np.float32(0.0)
-        for j in range(row.shape[0]):
-            p = exp2(row[j] - m_new)
-            row[j] = p
-            total += p
-        l[i] = l[i] * c + total
-        m[i] = m_new
-        corr[i] = c
-    return bad
+def _scores(Qb, Kt, S, simd):
+    """S (bq, tn) = Qb (bq, d) . Kt (tn, d)^T: SIMD loops (each key row read
+    once for all queries; best for a few queries) or BLAS."""
+    if not simd:
+        np.dot(Qb, Kt.T, S)
+        return
+    bq, d = Qb.shape
+    for j in range(Kt.shape[0]):
+        k = Kt[j]
+        for i in range(bq):
+            q = Qb[i]
+            dot = np.float32(0.0)
+            for c in range(d):
+                dot += q[c] * k[c]
+            S[i, j] = dot
 
 
 @njit(fastmath=_FAST, cache=True)
-def _range_block(Qb, K, V, bias, has_bias, k0, k1, ktile, m, l, acc):
-    """Stream keys ``k0:k1`` into the states of a block of several queries.
+def _squared_norms(Kt, out):
+    """out[j] = |Kt[j]|^2 for the rows of a key tile."""
+    for j in range(Kt.shape[0]):
+        k = Kt[j]
+        sq = np.float32(0.0)
+        for c in range(k.shape[0]):
+            sq += k[c] * k[c]
+        out[j] = sq
+
+
+@njit(fastmath=_FAST, cache=True)
+def _key_terms(Kt, bias_t, has_bias, key_mode, key_coef, S, terms):
+    """Turn dot products into logits, in place: the per-key part.
+
+    Kt (tn, d), bias_t (tn,) (read when ``has_bias``), S (bq, tn), terms
+    (>= tn,) scratch. See KEYS_PLAIN, KEYS_SQNORM and KEYS_UNIT.
+    """
+    tn = Kt.shape[0]
+    if key_mode == KEYS_PLAIN and not has_bias:
+        return
+    if key_mode == KEYS_PLAIN:
+        terms[:tn] = 0.0
+    else:
+        _squared_norms(Kt, terms)
+    if key_mode == KEYS_UNIT:
+        for j in range(tn):
+            terms[j] = np.float32(1.0) / np.sqrt(terms[j]) if terms[j] > 0 else np.float32(0.0)
+        for i in range(S.shape[0]):
+            row = S[i]
+            for j in range(tn):
+                row[j] *= terms[j]
+        if not has_bias:
+            return
+        terms[:tn] = 0.0
+    elif key_mode == KEYS_SQNORM:
+        for j in range(tn):
+            terms[j] *= key_coef
+    if has_bias:
+        for j in range(tn):
+            terms[j] += bias_t[j]
+    for i in range(S.shape[0]):
+        row = S[i]
+        for j in range(tn):
+            row[j] += terms[j]
+
+
+@njit(cache=True)
+def _exclude(S, t0, excl_ids, ptr, end):
+    """Set excluded keys' logits to MASKED; ``ptr`` advances per row.
+
+    Row i of S excludes ``excl_ids[ptr[i]:end[i]]`` (sorted) that fall in
+    ``[t0, t0 + tn)``.
+    """
+    t1 = t0 + S.shape[1]
+    for i in range(S.shape[0]):
+        p = ptr[i]
+        while p < end[i] and excl_ids[p] < t1:
+            S[i, excl_ids[p] - t0] = MASKED
+            p += 1
+        ptr[i] = p
+
+
+@njit(fastmath=_FAST, cache=True)
+def _softmax_row(row, m_old, mx):
+    """Online-softmax update of one state by one row of logits.
+
+    Overwrites ``row`` with the weights ``2 ** (t - m_new)``; returns
+    ``(m_new, c, total)``: the new max, the factor for the old sums, and the
+    sum of the new weights.
+    """
+    m_new, c = rescale(m_old, mx)
+    total = np.float32(0.0)
+    for j in range(row.shape[0]):
+        p = exp2(row[j] - m_new)
+        row[j] = p
+        total += p
+    return m_new, c, total
+
+
+@njit(cache=True)
+def _compact(bs, bi, cnt, k):
+    """Keep the best k of the cnt buffered candidates, best first.
+
+    Order: higher score first, lower id on ties. Returns the new count and
+    the threshold a later key must beat (the k-th score, or NEG_INIT while
+    fewer than k are held).
+    """
+    by_id = np.argsort(bi[:cnt])
+    order = by_id[np.argsort(-bs[:cnt][by_id], kind="mergesort")]
+    keep = min(k, cnt)
+    s = bs[:cnt][order[:keep]]
+    ids = bi[:cnt][order[:keep]]
+    bs[:keep] = s
+    bi[:keep] = ids
+    return keep, (s[keep - 1] if keep == k else NEG_INIT)
+
+
+@njit(cache=True)
+def _topk_row(row, mx, t0, k, bs, bi, count, thr):
+    """Offer one row of logits (keys t0, t0+1, ...) to a top-k buffer.
+
+    bs (cap,) float32 and bi (cap,) int64 hold ``count`` candidates, all
+    better than any key rejected so far; a key enters when its logit beats
+    ``thr``. Returns the new ``(count, thr)``.
+    """
+    if not mx > thr:
+        return count, thr
+    cap = bs.shape[0]
+    for j in range(row.shape[0]):
+        s = row[j]
+        if s > thr:
+            if count == cap:
+                count, thr = _compact(bs, bi, count, k)
+                if not s > thr:
+                    continue
+            bs[count] = s
+            bi[count] = t0 + j
+            count += 1
+    return count, thr
+
+
+@njit(fastmath=_FAST, cache=True)
+def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
+                  k0, k1, ktile, simd, want_soft, want_acc, k,
+                  m, l, acc, tk_s, tk_i, tk_n, tk_thr):
+    """Stream keys ``k0:k1`` into the states of one query block.
 
     Qb (bq, d), K (N, d), V (N, dv), bias (N,) or (0,): float32.
-    m, l (bq,) and acc (bq, dv) float32: the block's states, updated.
-    Scores and the weighted values are BLAS products on one tile at a time.
+    m, l (bq,), acc (bq, dv): online-softmax states, updated when
+    ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
+    tk_thr (bq,): top-k buffers, updated when ``k > 0``. ptr, end (bq,): the
+    block's exclusion lists in ``excl_ids``. Returns the number of rows of
+    score tiles that held a NaN or inf.
     """
     bq = Qb.shape[0]
     dv = V.shape[1]
+    has_bias = bias.shape[0] > 0
     scores = np.empty(bq * ktile, np.float32)
+    terms = np.empty(ktile, np.float32)
+    corr = np.ones(bq, np.float32)
     pv = np.empty((bq, dv), np.float32)
-    corr = np.empty(bq, np.float32)
     bad = 0
     for t0 in range(k0, k1, ktile):
         t1 = min(t0 + ktile, k1)
         S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
-        np.dot(Qb, K[t0:t1].T, S)
-        bad += _softmax_tile(S, bias[t0:t1], has_bias, m, l, corr)
-        np.dot(S, V[t0:t1], pv)
-        for i in range(bq):
-            a = acc[i]
-            p = pv[i]
-            for c in range(dv):
-                a[c] = a[c] * corr[i] + p[c]
-    return bad
-
-
-@njit(fastmath=_FAST, cache=True)
-def _range_few(Qb, K, V, bias, has_bias, k0, k1, ktile, m, l, acc):
-    """As :func:`_range_block` for a few queries, with SIMD loops, not BLAS.
-
-    Each key and value row is loaded once and used by every query of the
-    block; for one query this is a bandwidth-bound streaming loop.
-    """
-    bq, d = Qb.shape
-    dv = V.shape[1]
-    scores = np.empty(bq * ktile, np.float32)
-    corr = np.empty(bq, np.float32)
-    bad = 0
-    for t0 in range(k0, k1, ktile):
-        t1 = min(t0 + ktile, k1)
         Kt = K[t0:t1]
-        Vt = V[t0:t1]
-        S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
-        for j in range(t1 - t0):
-            k = Kt[j]
-            for i in range(bq):
-                q = Qb[i]
-                dot = np.float32(0.0)
-                for c in range(d):
-                    dot += q[c] * k[c]
-                S[i, j] = dot
-        bad += _softmax_tile(S, bias[t0:t1], has_bias, m, l, corr)
+        _scores(Qb, Kt, S, simd)
+        _key_terms(Kt, bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms)
+        _exclude(S, t0, excl_ids, ptr, end)
+        bits = S.view(np.int32)
         for i in range(bq):
-            a = acc[i]
-            for c in range(dv):
-                a[c] *= corr[i]
-        for j in range(t1 - t0):
-            v = Vt[j]
+            mx, finite = _row_max_finite(bits[i])
+            if not finite:
+                bad += 1
+            if k > 0:
+                tk_n[i], tk_thr[i] = _topk_row(S[i], mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_thr[i])
+            if want_soft:
+                m[i], corr[i], total = _softmax_row(S[i], m[i], mx)
+                l[i] = l[i] * corr[i] + total
+        if not want_acc:
+            continue
+        Vt = V[t0:t1]
+        if simd:
             for i in range(bq):
-                p = S[i, j]
                 a = acc[i]
                 for c in range(dv):
-                    a[c] += p * v[c]
+                    a[c] *= corr[i]
+            for j in range(t1 - t0):
+                v = Vt[j]
+                for i in range(bq):
+                    p = S[i, j]
+                    a = acc[i]
+                    for c in range(dv):
+                        a[c] += p * v[c]
+        else:
+            np.dot(S, Vt, pv)
+            for i in range(bq):
+                a = acc[i]
+                p = pv[i]
+                for c in range(dv):
+                    a[c] = a[c] * corr[i] + p[c]
     return bad
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def soft_states(Q, K, V, bias, has_bias, nqb, nsplit, ktile, ktile_few, few_queries):
-    """Online-softmax states of every query over ``nsplit`` key ranges.
+def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, nqb, nsplit,
+           ktile, ktile_simd, simd_queries, want_soft, want_acc, k):
+    """Stream every key past every query, in ``nqb x nsplit`` parallel items.
 
     Q (B, d), K (N, d), V (N, dv), bias (N,) or (0,): float32, C-contiguous.
-    Query blocks of at most ``few_queries`` use SIMD loops over tiles of
-    ``ktile_few`` keys, larger ones BLAS over tiles of ``ktile`` keys.
-    Returns ``(m, l, acc, bad)``: m, l (nsplit, B) and acc (nsplit, B, dv)
-    float32, one state per key range, and ``bad`` the count of (query, tile)
-    pairs that met a NaN or inf score.
+    excl_off (B + 1,) or (0,), excl_ids: int64 CSR exclusion lists, sorted
+    per query. Query blocks of at most ``simd_queries`` use SIMD loops over
+    tiles of ``ktile_simd`` keys, larger ones BLAS over tiles of ``ktile``.
+
+    Returns ``(m, l, acc, tk_s, tk_i, tk_n, bad)``, one entry per key range:
+    m, l (nsplit, B) and acc (nsplit, B, dv) float32 online-softmax states
+    (acc only with ``want_acc``); tk_s (nsplit, B, cap) float32 logits and
+    tk_i (nsplit, B, cap) int64 ids of top-k candidates, tk_n (nsplit, B)
+    their counts (with ``k > 0``); ``bad`` the number of score-tile rows that
+    held NaN or inf.
     """
     B = Q.shape[0]
     N = K.shape[0]
-    dv = V.shape[1]
     qblock = (B + nqb - 1) // nqb
     split = (N + nsplit - 1) // nsplit
     m = np.full((nsplit, B), NEG_INIT, np.float32)
     l = np.zeros((nsplit, B), np.float32)
-    acc = np.zeros((nsplit, B, dv), np.float32)
+    acc = np.zeros((nsplit, B, V.shape[1] if want_acc else 0), np.float32)
+    cap = 2 * k
+    tk_s = np.empty((nsplit, B, cap), np.float32)
+    tk_i = np.empty((nsplit, B, cap), np.int64)
+    tk_n = np.zeros((nsplit, B), np.int64)
+    tk_thr = np.full((nsplit, B), NEG_INIT, np.float32)
     bad = np.zeros(nqb * nsplit, np.int64)
     for w in prange(nqb * nsplit):
         qb = w // nsplit
@@ -181,13 +301,21 @@ def soft_states(Q, K, V, bias, has_bias, nqb, nsplit, ktile, ktile_few, few_quer
         k1 = min(N, k0 + split)
         if q0 >= q1 or k0 >= k1:
             continue
-        if q1 - q0 <= few_queries:
-            bad[w] = _range_few(Q[q0:q1], K, V, bias, has_bias, k0, k1, ktile_few,
-                                m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1])
-        else:
-            bad[w] = _range_block(Q[q0:q1], K, V, bias, has_bias, k0, k1, ktile,
-                                  m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1])
-    return m, l, acc, bad.sum()
+        ptr = np.zeros(q1 - q0, np.int64)
+        end = np.zeros(q1 - q0, np.int64)
+        if excl_off.shape[0] > 0:
+            for i in range(q1 - q0):
+                lo = excl_off[q0 + i]
+                hi = excl_off[q0 + i + 1]
+                ptr[i] = lo + np.searchsorted(excl_ids[lo:hi], k0)
+                end[i] = lo + np.searchsorted(excl_ids[lo:hi], k1)
+        simd = q1 - q0 <= simd_queries
+        bad[w] = _stream_range(
+            Q[q0:q1], K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
+            k0, k1, ktile_simd if simd else ktile, simd, want_soft, want_acc, k,
+            m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
+            tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_thr[sp, q0:q1])
+    return m, l, acc, tk_s, tk_i, tk_n, bad.sum()
 
 
 @njit(cache=True)
@@ -219,6 +347,57 @@ def merge_states(m, l, acc):
     return out, lse
 
 
+@njit(cache=True)
+def merge_topk(tk_s, tk_i, tk_n, k):
+    """Best k of the candidates of every key range, best first.
+
+    tk_s, tk_i (P, B, cap), tk_n (P, B) as returned by :func:`stream`.
+    Returns ``(scores (B, k) float32, ids (B, k) int64, count (B,))``: order
+    by higher logit then lower id; slots past ``count`` hold NEG_INIT and -1.
+    """
+    P, B, cap = tk_s.shape
+    scores = np.full((B, k), NEG_INIT, np.float32)
+    ids = np.full((B, k), -1, np.int64)
+    count = np.zeros(B, np.int64)
+    bs = np.empty(P * cap, np.float32)
+    bi = np.empty(P * cap, np.int64)
+    for b in range(B):
+        n = 0
+        for p in range(P):
+            c = tk_n[p, b]
+            bs[n:n + c] = tk_s[p, b, :c]
+            bi[n:n + c] = tk_i[p, b, :c]
+            n += c
+        if n == 0:
+            continue
+        n, _ = _compact(bs, bi, n, k)
+        scores[b, :n] = bs[:n]
+        ids[b, :n] = bi[:n]
+        count[b] = n
+    return scores, ids, count
+
+
+@njit(cache=True)
+def gather_weighted(V, ids, weights):
+    """out[b] = sum_j weights[b, j] * V[ids[b, j]] over the ids >= 0.
+
+    V (N, dv) float32, ids (B, k) int64, weights (B, k) float32.
+    Returns (B, dv) float32.
+    """
+    B, k = ids.shape
+    out = np.zeros((B, V.shape[1]), np.float32)
+    for b in range(B):
+        o = out[b]
+        for j in range(k):
+            if ids[b, j] < 0:
+                continue
+            w = weights[b, j]
+            v = V[ids[b, j]]
+            for c in range(v.shape[0]):
+                o[c] += w * v[c]
+    return out
+
+
 def plan(B, N, threads):
     """Split of the work: ``(nqb, nsplit)`` query blocks and key ranges.
 
@@ -236,16 +415,28 @@ def plan(B, N, threads):
     return nqb, nsplit
 
 
-def soft_attention(Qs, K, V, bias):
-    """Soft retrieval of prepared float32 inputs (see the module docstring).
+_NO_EXCLUDE = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
-    Qs (B, d), K (N, d), V (N, dv), bias (N,) or (0,) for none.
-    Returns ``(out (B, dv), lse (B,), bad)`` with ``bad`` as in
-    :func:`soft_states`.
+
+def run(Q, K, V, bias, *, key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None,
+        want_soft=True, want_acc=True, k=0):
+    """Plan, run :func:`stream` under the runtime lock, and merge the splits.
+
+    Arguments as :func:`stream`; ``exclude`` is ``(offsets, ids)`` or None.
+    Returns a dict with, as asked: ``out`` (B, dv) and ``lse`` (B,) (base-e,
+    of the prepared logits), ``m``, ``l`` (B,) merged base-2 state,
+    ``topk_logits`` (B, k), ``topk_ids`` (B, k), ``topk_count`` (B,); and
+    ``bad`` (count of score rows with NaN/inf).
     """
-    nqb, nsplit = plan(Qs.shape[0], K.shape[0], runtime.num_threads())
-    m, l, acc, bad = runtime.parallel_call(
-        soft_states, Qs, K, V, bias, bias.shape[0] > 0, nqb, nsplit,
-        config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES)
-    out, lse = merge_states(m, l, acc)
-    return out, lse, bad
+    nqb, nsplit = plan(Q.shape[0], K.shape[0], runtime.num_threads())
+    excl_off, excl_ids = _NO_EXCLUDE if exclude is None else exclude
+    m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
+        stream, Q, K, V, bias, key_mode, np.float32(key_coef), excl_off, excl_ids,
+        nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
+        want_soft, want_acc, k)
+    res = {"bad": bad}
+    if want_soft:
+        res["out"], res["lse"] = merge_states(m, l, acc)
+    if k > 0:
+        res["topk_logits"], res["topk_ids"], res["topk_count"] = merge_topk(tk_s, tk_i, tk_n, k)
+    return res
