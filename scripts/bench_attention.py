@@ -18,13 +18,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
-from numba import njit, prange
+from _bench import print_rows, read_once, stats, subprocess_json, timed
 
 import softretrieval as sr
 
@@ -32,39 +30,6 @@ try:
     import torch
 except ImportError:
     torch = None
-
-
-def timed(fn, reps):
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def stats(times):
-    return {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-            "max_s": float(np.max(times)), "runs": len(times)}
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _read_once(K, V):
-    """Touch every element of K and V once (a memory-bandwidth probe)."""
-    parts = 64
-    N = K.shape[0]
-    total = np.zeros(parts, np.float32)
-    for p in prange(parts):
-        s = np.float32(0.0)
-        for i in range(p * N // parts, (p + 1) * N // parts):
-            k = K[i]
-            v = V[i]
-            for c in range(k.shape[0]):
-                s += k[c]
-            for c in range(v.shape[0]):
-                s += v[c]
-        total[p] = s
-    return total.sum()
 
 
 def bare_sgemm(Q, K, V, chunk=4096):
@@ -94,11 +59,6 @@ def numpy_online_softmax(Q, K, V, scale, chunk=16384):
 def torch_sdpa(Qt, Kt, Vt):
     with torch.no_grad():
         return torch.nn.functional.scaled_dot_product_attention(Qt, Kt, Vt)
-
-
-def subprocess_json(code):
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 PEAK_MEMORY = r"""
@@ -189,7 +149,7 @@ def main():
             Qt = torch.from_numpy(Q)[None, None]
             methods["torch SDPA (after)"] = lambda: torch_sdpa(Qt, Kt, Vt)
         if B == 1:
-            methods["limit: read K+V once"] = lambda: _read_once(K, V)
+            methods["limit: read K+V once"] = lambda: read_once(K, V)
         else:
             methods["limit: bare sgemm QK^T, PV"] = lambda: bare_sgemm(Q, K, V)
         for fn in methods.values():
@@ -201,14 +161,9 @@ def main():
         if use_torch:
             times["torch SDPA (before)"] = torch_before[B]
         res = {name: stats(t) for name, t in times.items()}
-        ours = res["softretrieval"]["median_s"]
-        for name, r in res.items():
-            r["ratio_to_softretrieval"] = r["median_s"] / ours
         report["results"][f"B={B}"] = res
         print(f"\nB = {B}")
-        for name, r in res.items():
-            print(f"  {name:28s} {1e3 * r['median_s']:10.1f} ({1e3 * r['min_s']:.1f}-{1e3 * r['max_s']:.1f})"
-                  f"   time / softretrieval = {r['ratio_to_softretrieval']:.2f}")
+        print_rows(res)
         if use_torch:
             after, before = res["torch SDPA (after)"]["median_s"], res["torch SDPA (before)"]["median_s"]
             res["torch_after_over_before"] = after / before

@@ -158,21 +158,50 @@ def _softmax_row(row, m_old, mx):
 
 
 @njit(cache=True)
-def _compact(bs, bi, cnt, k):
-    """Keep the best k of the cnt buffered candidates, best first.
-
-    Order: higher score first, lower id on ties. Returns the new count and
-    the threshold a later key must beat (the k-th score, or NEG_INIT while
-    fewer than k are held).
-    """
+def _sort_best_first(bs, bi, cnt):
+    """Sort the first cnt candidates: higher score first, lower id on ties."""
     by_id = np.argsort(bi[:cnt])
     order = by_id[np.argsort(-bs[:cnt][by_id], kind="mergesort")]
-    keep = min(k, cnt)
-    s = bs[:cnt][order[:keep]]
-    ids = bi[:cnt][order[:keep]]
-    bs[:keep] = s
-    bi[:keep] = ids
-    return keep, (s[keep - 1] if keep == k else NEG_INIT)
+    bs[:cnt] = bs[:cnt][order]
+    bi[:cnt] = bi[:cnt][order]
+
+
+@njit(cache=True)
+def _compact(bs, bi, cnt, k):
+    """Keep the best k of the cnt buffered candidates (in no particular order).
+
+    Best means higher score, then lower id. A partial selection finds the
+    k-th best score in O(cnt); ties at that score keep the lowest ids.
+    Returns the new count and the threshold a later key (higher id) must
+    beat: the k-th best score, or NEG_INIT while fewer than k are held.
+    """
+    if cnt < k:
+        return cnt, NEG_INIT
+    kth = np.partition(bs[:cnt], cnt - k)[cnt - k]
+    ties = 0
+    for j in range(cnt):
+        if bs[j] == kth:
+            ties += 1
+    tie_ids = np.empty(ties, np.int64)
+    t = 0
+    for j in range(cnt):
+        if bs[j] == kth:
+            tie_ids[t] = bi[j]
+            t += 1
+    n = 0
+    for j in range(cnt):
+        if bs[j] > kth:
+            bs[n] = bs[j]
+            bi[n] = bi[j]
+            n += 1
+    tie_ids.sort()
+    for j in range(k - n):
+        bs[n + j] = kth
+        bi[n + j] = tie_ids[j]
+    return k, kth
+
+
+_CHUNK = 32
 
 
 @njit(cache=True)
@@ -181,21 +210,31 @@ def _topk_row(row, mx, t0, k, bs, bi, count, thr):
 
     bs (cap,) float32 and bi (cap,) int64 hold ``count`` candidates, all
     better than any key rejected so far; a key enters when its logit beats
-    ``thr``. Returns the new ``(count, thr)``.
+    ``thr``. The row is scanned in chunks whose hit count is a vectorized
+    compare, so chunks without a candidate cost a few instructions.
+    Returns the new ``(count, thr)``.
     """
     if not mx > thr:
         return count, thr
     cap = bs.shape[0]
-    for j in range(row.shape[0]):
-        s = row[j]
-        if s > thr:
-            if count == cap:
-                count, thr = _compact(bs, bi, count, k)
-                if not s > thr:
-                    continue
-            bs[count] = s
-            bi[count] = t0 + j
-            count += 1
+    n = row.shape[0]
+    for c0 in range(0, n, _CHUNK):
+        chunk = row[c0:min(n, c0 + _CHUNK)]
+        hits = 0
+        for j in range(chunk.shape[0]):
+            hits += chunk[j] > thr
+        if hits == 0:
+            continue
+        for j in range(chunk.shape[0]):
+            s = chunk[j]
+            if s > thr:
+                if count == cap:
+                    count, thr = _compact(bs, bi, count, k)
+                    if not s > thr:
+                        continue
+                bs[count] = s
+                bi[count] = t0 + c0 + j
+                count += 1
     return count, thr
 
 
@@ -347,7 +386,7 @@ def merge_states(m, l, acc):
     return out, lse
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def merge_topk(tk_s, tk_i, tk_n, k):
     """Best k of the candidates of every key range, best first.
 
@@ -359,21 +398,21 @@ def merge_topk(tk_s, tk_i, tk_n, k):
     scores = np.full((B, k), NEG_INIT, np.float32)
     ids = np.full((B, k), -1, np.int64)
     count = np.zeros(B, np.int64)
-    bs = np.empty(P * cap, np.float32)
-    bi = np.empty(P * cap, np.int64)
-    for b in range(B):
+    for b in prange(B):
+        bs = np.empty(P * cap, np.float32)
+        bi = np.empty(P * cap, np.int64)
         n = 0
         for p in range(P):
             c = tk_n[p, b]
             bs[n:n + c] = tk_s[p, b, :c]
             bi[n:n + c] = tk_i[p, b, :c]
             n += c
-        if n == 0:
-            continue
-        n, _ = _compact(bs, bi, n, k)
-        scores[b, :n] = bs[:n]
-        ids[b, :n] = bi[:n]
-        count[b] = n
+        if n > 0:
+            n, _ = _compact(bs, bi, n, k)
+            _sort_best_first(bs, bi, n)
+            scores[b, :n] = bs[:n]
+            ids[b, :n] = bi[:n]
+            count[b] = n
     return scores, ids, count
 
 
@@ -438,5 +477,6 @@ def run(Q, K, V, bias, *, key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None,
     if want_soft:
         res["out"], res["lse"] = merge_states(m, l, acc)
     if k > 0:
-        res["topk_logits"], res["topk_ids"], res["topk_count"] = merge_topk(tk_s, tk_i, tk_n, k)
+        res["topk_logits"], res["topk_ids"], res["topk_count"] = runtime.parallel_call(
+            merge_topk, tk_s, tk_i, tk_n, k)
     return res
