@@ -42,3 +42,86 @@ def merge_ref(outs, lses):
     out = np.where(finite[..., None], (w[..., None] * outs).sum(axis=0) / np.where(finite, total, 1.0)[..., None], 0.0)
     lse = np.where(finite, safe_m + np.log(np.where(finite, total, 1.0)), -np.inf)
     return out, lse
+
+
+def scores_ref(Q, K, metric="ip"):
+    """(B, N) float64 similarities ("ip", "cosine") or squared distances ("l2")."""
+    Q = np.asarray(Q, np.float64)
+    K = np.asarray(K, np.float64)
+    if metric == "cosine":
+        qn = np.linalg.norm(Q, axis=1, keepdims=True)
+        kn = np.linalg.norm(K, axis=1, keepdims=True)
+        Q = np.divide(Q, qn, out=np.zeros_like(Q), where=qn > 0)
+        K = np.divide(K, kn, out=np.zeros_like(K), where=kn > 0)
+    if metric == "l2":
+        return ((Q[:, None, :] - K[None, :, :]) ** 2).sum(-1)
+    return Q @ K.T
+
+
+def exclusion_mask(B, N, exclude):
+    """(B, N) bool, True where a key is excluded for a query (list-of-arrays form)."""
+    mask = np.zeros((B, N), bool)
+    if exclude is not None:
+        for b, ids in enumerate(exclude):
+            mask[b, np.asarray(ids, int)] = True
+    return mask
+
+
+def topk_ref(Q, K, k, metric="ip", bias=None, exclude=None):
+    """Exact top-k in float64: sort by score (ties: lower id), pad with -1 and -inf/+inf."""
+    S = scores_ref(Q, K, metric)
+    B, N = S.shape
+    sign = 1.0 if metric == "l2" else -1.0      # sort by sign * score, ascending
+    if bias is not None:
+        bias = np.asarray(bias, np.float64)[None, :]
+        with np.errstate(invalid="ignore"):
+            S = S - bias if metric == "l2" else S + bias
+    valid = np.ones((B, N), bool) & ~exclusion_mask(B, N, exclude)
+    if bias is not None:
+        valid &= np.isfinite(bias)
+    pad = np.inf if metric == "l2" else -np.inf
+    scores = np.full((B, k), pad)
+    ids = np.full((B, k), -1, np.int64)
+    for b in range(B):
+        cand = np.flatnonzero(valid[b])
+        order = cand[np.lexsort((cand, sign * S[b, cand]))][:k]
+        scores[b, : order.size] = S[b, order]
+        ids[b, : order.size] = order
+    return scores, ids
+
+
+def topk_attention_ref(Q, K, V=None, k=32, scale=None, bias=None, exclude=None, metric="ip"):
+    """Softmax over each query's top-k logits (ties: lower id) in float64.
+
+    Returns ``(out, ids, weights, lse_full, coverage)``.
+    """
+    V = K if V is None else V
+    V = np.asarray(V, np.float64)
+    if scale is None:
+        scale = 1.0 / np.sqrt(np.asarray(K).shape[1])
+    S = scores_ref(Q, K, metric)
+    logits = -scale * S if metric == "l2" else scale * S
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)[None, :]
+    logits[exclusion_mask(*logits.shape, exclude)] = -np.inf
+    B, N = logits.shape
+    out = np.zeros((B, V.shape[1]))
+    ids = np.full((B, k), -1, np.int64)
+    weights = np.zeros((B, k))
+    lse = np.full(B, -np.inf)
+    coverage = np.zeros(B)
+    for b in range(B):
+        cand = np.flatnonzero(np.isfinite(logits[b]))
+        if cand.size == 0:
+            continue
+        order = cand[np.lexsort((cand, -logits[b, cand]))][:k]
+        m = logits[b, cand].max()
+        lse[b] = m + np.log(np.exp(logits[b, cand] - m).sum())
+        w = np.exp(logits[b, order] - m)
+        lse_top = m + np.log(w.sum())
+        w /= w.sum()
+        ids[b, : order.size] = order
+        weights[b, : order.size] = w
+        out[b] = w @ V[order]
+        coverage[b] = np.exp(lse_top - lse[b])
+    return out, ids, weights, lse, coverage

@@ -251,11 +251,12 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
     weights = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
     weights = weights.astype(np.float32)
     out = cpu.gather_weighted(p.V, ids, weights)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse_top = (top + np.log2(total)) * LN2   # float64, like the kernel's lse
+        coverage = np.where(count > 0, np.minimum(np.exp(lse_top - res["lse"]), 1.0), 0.0)
     lse = _with_row_const(res["lse"], p.row_const)
-    with np.errstate(divide="ignore"):
-        lse_top = (top + np.log2(total)) * LN2 + p.row_const
-    coverage = np.where(count > 0, np.minimum(np.exp(lse_top - lse), 1.0), 0.0).astype(np.float32)
-    return TopKAttention(out, _pad(ids, k, -1), _pad(weights, k, 0.0), lse, coverage)
+    return TopKAttention(out, _pad(ids, k, -1), _pad(weights, k, 0.0), lse,
+                         coverage.astype(np.float32))
 
 
 def merge(outs, lses):
@@ -298,4 +299,4 @@ def merge(outs, lses):
     from . import cpu
 
     out, lse = cpu.merge_states(m, l, acc)
-    return out.reshape(O.shape[1:]), lse.reshape(L.shape[1:])
+    return out.reshape(O.shape[1:]), lse.astype(np.float32).reshape(L.shape[1:])

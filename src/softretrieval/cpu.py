@@ -363,13 +363,13 @@ def merge_states(m, l, acc):
 
     m, l (P, B) and acc (P, B, dv) float32: P partial states per query, in
     the base-2 convention of :mod:`softretrieval.core`.
-    Returns ``(out (B, dv) float32, lse (B,) float32)``; a query with no
+    Returns ``(out (B, dv) float32, lse (B,) float64)``; a query with no
     valid key gets ``out = 0`` and ``lse = -inf``.
     """
     P, B = m.shape
     dv = acc.shape[2]
     out = np.empty((B, dv), np.float32)
-    lse = np.empty(B, np.float32)
+    lse = np.empty(B, np.float64)
     for b in range(B):
         mb = m[0, b]
         lb = l[0, b]
