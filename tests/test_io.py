@@ -61,3 +61,15 @@ def test_shipped_minilm_files(minilm):
     assert minilm["base"].shape == (7942, 384) and minilm["query"].shape == (1000, 384)
     assert minilm["gt"].shape == (1000, 100)
     np.testing.assert_allclose(np.linalg.norm(minilm["base"], axis=1), 1, atol=1e-6)
+
+
+def test_validate_faiss_script_runs_on_shipped_data(capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import validate_faiss
+
+    assert validate_faiss.main(["-k", "10"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert line[:3] == ["10", "1.00000", "1.00000"]
