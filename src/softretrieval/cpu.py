@@ -201,40 +201,40 @@ def _compact(bs, bi, cnt, k):
     return k, kth
 
 
-_CHUNK = 32
+#: Keys per chunk of a top-k scan; a top-k buffer holds 2k + TOPK_CHUNK.
+TOPK_CHUNK = 32
 
 
 @njit(cache=True)
 def _topk_row(row, mx, t0, k, bs, bi, count, thr):
     """Offer one row of logits (keys t0, t0+1, ...) to a top-k buffer.
 
-    bs (cap,) float32 and bi (cap,) int64 hold ``count`` candidates, all
-    better than any key rejected so far; a key enters when its logit beats
-    ``thr``. The row is scanned in chunks whose hit count is a vectorized
-    compare, so chunks without a candidate cost a few instructions.
+    bs (2k + TOPK_CHUNK,) float32 and bi (same,) int64 hold ``count``
+    candidates, all better than any key rejected so far; a key enters when
+    its logit beats ``thr``. The row is scanned in chunks: a vectorized count
+    of hits skips empty chunks, and a chunk with hits is appended without
+    branches (each key is written, and the count advances only for a hit).
+    The buffer is compacted to k before a chunk could overflow it.
     Returns the new ``(count, thr)``.
     """
     if not mx > thr:
         return count, thr
-    cap = bs.shape[0]
+    limit = bs.shape[0] - TOPK_CHUNK
     n = row.shape[0]
-    for c0 in range(0, n, _CHUNK):
-        chunk = row[c0:min(n, c0 + _CHUNK)]
+    for c0 in range(0, n, TOPK_CHUNK):
+        chunk = row[c0:min(n, c0 + TOPK_CHUNK)]
         hits = 0
         for j in range(chunk.shape[0]):
             hits += chunk[j] > thr
         if hits == 0:
             continue
+        if count > limit:
+            count, thr = _compact(bs, bi, count, k)
         for j in range(chunk.shape[0]):
             s = chunk[j]
-            if s > thr:
-                if count == cap:
-                    count, thr = _compact(bs, bi, count, k)
-                    if not s > thr:
-                        continue
-                bs[count] = s
-                bi[count] = t0 + c0 + j
-                count += 1
+            bs[count] = s
+            bi[count] = t0 + c0 + j
+            count += s > thr
     return count, thr
 
 
@@ -325,7 +325,7 @@ def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, nqb, nsplit,
     m = np.full((nsplit, B), NEG_INIT, np.float32)
     l = np.zeros((nsplit, B), np.float32)
     acc = np.zeros((nsplit, B, V.shape[1] if want_acc else 0), np.float32)
-    cap = 2 * k
+    cap = 2 * k + TOPK_CHUNK if k > 0 else 0
     tk_s = np.empty((nsplit, B, cap), np.float32)
     tk_i = np.empty((nsplit, B, cap), np.int64)
     tk_n = np.zeros((nsplit, B), np.int64)
