@@ -141,19 +141,23 @@ def _exclude(S, t0, excl_ids, ptr, end):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _softmax_row(row, m_old, mx):
+def _softmax_row(row, m_old, mx, store):
     """Online-softmax update of one state by one row of logits.
 
-    Overwrites ``row`` with the weights ``2 ** (t - m_new)``; returns
-    ``(m_new, c, total)``: the new max, the factor for the old sums, and the
-    sum of the new weights.
+    With ``store``, overwrites ``row`` with the weights ``2 ** (t - m_new)``
+    (for the value accumulation). Returns ``(m_new, c, total)``: the new max,
+    the factor for the old sums, and the sum of the new weights.
     """
     m_new, c = rescale(m_old, mx)
     total = np.float32(0.0)
-    for j in range(row.shape[0]):
-        p = exp2(row[j] - m_new)
-        row[j] = p
-        total += p
+    if store:
+        for j in range(row.shape[0]):
+            p = exp2(row[j] - m_new)
+            row[j] = p
+            total += p
+    else:
+        for j in range(row.shape[0]):
+            total += exp2(row[j] - m_new)
     return m_new, c, total
 
 
@@ -274,7 +278,7 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
             if k > 0:
                 tk_n[i], tk_thr[i] = _topk_row(S[i], mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_thr[i])
             if want_soft:
-                m[i], corr[i], total = _softmax_row(S[i], m[i], mx)
+                m[i], corr[i], total = _softmax_row(S[i], m[i], mx, want_acc)
                 l[i] = l[i] * corr[i] + total
         if not want_acc:
             continue
