@@ -140,6 +140,21 @@ def _exclude(S, t0, excl_ids, ptr, end):
         ptr[i] = p
 
 
+@njit(cache=True)
+def _window(S, t0, lo, hi):
+    """Mask the keys outside each row's window ``[lo[i], hi[i])`` (a causal
+    or sliding-window limit); rows the tile lies inside are left alone."""
+    tn = S.shape[1]
+    for i in range(S.shape[0]):
+        a = min(max(lo[i] - t0, 0), tn)
+        b = min(max(hi[i] - t0, a), tn)
+        if a == 0 and b == tn:
+            continue
+        row = S[i]
+        row[:a] = MASKED
+        row[b:] = MASKED
+
+
 @njit(fastmath=_FAST, cache=True)
 def _softmax_row(row, m_old, mx, store):
     """Online-softmax update of one state by one row of logits.
@@ -243,7 +258,7 @@ def _topk_row(row, mx, t0, k, bs, bi, count, thr):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
+def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi,
                   k0, k1, ktile, simd, want_soft, want_acc, k,
                   m, l, acc, tk_s, tk_i, tk_n, tk_thr):
     """Stream keys ``k0:k1`` into the states of one query block.
@@ -252,8 +267,9 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
     m, l (bq,), acc (bq, dv): online-softmax states, updated when
     ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
     tk_thr (bq,): top-k buffers, updated when ``k > 0``. ptr, end (bq,): the
-    block's exclusion lists in ``excl_ids``. Returns the number of rows of
-    score tiles that held a NaN or inf.
+    block's exclusion lists in ``excl_ids``. lo, hi (bq,) or (0,): each row's
+    key window. Returns the number of rows of score tiles that held a NaN or
+    inf.
     """
     bq = Qb.shape[0]
     dv = V.shape[1]
@@ -270,6 +286,8 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
         _scores(Qb, Kt, S, simd)
         _key_terms(Kt, bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms)
         _exclude(S, t0, excl_ids, ptr, end)
+        if lo.shape[0] > 0:
+            _window(S, t0, lo, hi)
         bits = S.view(np.int32)
         for i in range(bq):
             mx, finite = _row_max_finite(bits[i])
@@ -306,13 +324,17 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, nqb, nsplit,
-           ktile, ktile_simd, simd_queries, want_soft, want_acc, k):
+def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi,
+           nqb, nsplit, ktile, ktile_simd, simd_queries, want_soft, want_acc, k):
     """Stream every key past every query, in ``nqb x nsplit`` parallel items.
 
     Q (B, d), K (N, d), V (N, dv), bias (N,) or (0,): float32, C-contiguous.
     excl_off (B + 1,) or (0,), excl_ids: int64 CSR exclusion lists, sorted
-    per query. Query blocks of at most ``simd_queries`` use SIMD loops over
+    per query. row_lo, row_hi (B,) or (0,): int64 key window ``[lo, hi)`` of
+    each query (causal and sliding-window modes); key tiles outside every
+    window of a block are skipped, tiles that cross a window edge masked.
+    Query blocks are visited in zigzag order (first, last, second, ...) so
+    each thread's share mixes cheap and costly causal blocks. Query blocks of at most ``simd_queries`` use SIMD loops over
     tiles of ``ktile_simd`` keys, larger ones BLAS over tiles of ``ktile``.
 
     Returns ``(m, l, acc, tk_s, tk_i, tk_n, bad)``, one entry per key range:
@@ -335,13 +357,18 @@ def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, nqb, nsplit,
     tk_n = np.zeros((nsplit, B), np.int64)
     tk_thr = np.full((nsplit, B), NEG_INIT, np.float32)
     bad = np.zeros(nqb * nsplit, np.int64)
+    windowed = row_lo.shape[0] > 0
     for w in prange(nqb * nsplit):
-        qb = w // nsplit
-        sp = w - qb * nsplit
+        zz = w // nsplit
+        sp = w - zz * nsplit
+        qb = zz // 2 if zz % 2 == 0 else nqb - 1 - zz // 2
         q0 = qb * qblock
         q1 = min(B, q0 + qblock)
         k0 = sp * split
         k1 = min(N, k0 + split)
+        if windowed and q0 < q1:
+            k0 = max(k0, row_lo[q0:q1].min())
+            k1 = min(k1, row_hi[q0:q1].max())
         if q0 >= q1 or k0 >= k1:
             continue
         ptr = np.zeros(q1 - q0, np.int64)
@@ -355,8 +382,8 @@ def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, nqb, nsplit,
         simd = q1 - q0 <= simd_queries
         bad[w] = _stream_range(
             Q[q0:q1], K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
-            k0, k1, ktile_simd if simd else ktile, simd, want_soft, want_acc, k,
-            m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
+            row_lo[q0:q1], row_hi[q0:q1], k0, k1, ktile_simd if simd else ktile, simd,
+            want_soft, want_acc, k, m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
             tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_thr[sp, q0:q1])
     return m, l, acc, tk_s, tk_i, tk_n, bad.sum()
 
@@ -458,24 +485,26 @@ def plan(B, N, threads):
     return nqb, nsplit
 
 
-_NO_EXCLUDE = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+_NONE = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def run(Q, K, V, bias, *, key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None,
+def run(Q, K, V, bias, *, key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None,
         want_soft=True, want_acc=True, k=0):
     """Plan, run :func:`stream` under the runtime lock, and merge the splits.
 
-    Arguments as :func:`stream`; ``exclude`` is ``(offsets, ids)`` or None.
+    Arguments as :func:`stream`; ``exclude`` is ``(offsets, ids)`` or None,
+    ``window`` is ``(row_lo, row_hi)`` or None.
     Returns a dict with, as asked: ``out`` (B, dv) and ``lse`` (B,) (base-e,
     of the prepared logits), ``m``, ``l`` (B,) merged base-2 state,
     ``topk_logits`` (B, k), ``topk_ids`` (B, k), ``topk_count`` (B,); and
     ``bad`` (count of score rows with NaN/inf).
     """
     nqb, nsplit = plan(Q.shape[0], K.shape[0], runtime.num_threads())
-    excl_off, excl_ids = _NO_EXCLUDE if exclude is None else exclude
+    excl_off, excl_ids = _NONE if exclude is None else exclude
+    row_lo, row_hi = _NONE if window is None else window
     m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
         stream, Q, K, V, bias, key_mode, np.float32(key_coef), excl_off, excl_ids,
-        nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
+        row_lo, row_hi, nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
         want_soft, want_acc, k)
     res = {"bad": bad}
     if want_soft:
