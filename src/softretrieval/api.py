@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import validate
+from . import layout, validate
 from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
 
 METRICS = ("ip", "cosine", "l2")
@@ -36,37 +36,28 @@ class TopKAttention(NamedTuple):
 
 
 class _Prepared(NamedTuple):
-    Q: np.ndarray          # (B, d) float32, the kernel's queries (pre-scaled)
-    K: np.ndarray          # (N, d) float32
-    V: np.ndarray          # (N, dv) float32
+    """One kernel problem (a batch element and KV head) in the kernels' terms."""
+
+    Q: np.ndarray          # (R, d) float32, the kernel's queries (pre-scaled)
+    K: np.ndarray          # (N, d) float32 (may be a strided view)
+    V: np.ndarray          # (N, dv) float32 (may be a strided view)
     values_given: bool
     bias: np.ndarray       # (N,) float32 in logit units, or (0,)
     key_mode: int
     key_coef: float
-    row_const: np.ndarray  # (B,) float64, natural-log units: logit = kernel logit + row_const
+    row_const: np.ndarray  # (R,) float64, natural-log units: logit = kernel logit + row_const
     exclude: object        # (offsets, ids) or None
+    window: object         # (lo, hi) or None
 
 
-def _prepare(queries, keys, values, *, metric, scale, bias, exclude, softmax):
-    """Validate and turn the inputs into the kernels' terms.
+def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax):
+    """Turn one problem's inputs into the kernels' terms.
 
     With ``softmax`` the kernel logits are base 2 (``log2(e)`` folded into
     the scale and the bias); without, they are the raw similarity
     (``scale`` = 1).
     """
-    Q = validate.float_matrix(queries, "queries")
-    K = validate.float_matrix(keys, "keys")
-    V = K if values is None else validate.float_matrix(values, "values")
-    N, d = K.shape
-    if N == 0:
-        raise ValueError("keys is empty: at least one key is needed")
-    if Q.shape[1] != d:
-        raise ValueError(f"queries have dimension {Q.shape[1]} but keys have {d}")
-    if V.shape[0] != N:
-        raise ValueError(f"values have {V.shape[0]} rows but keys have {N}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    validate.all_finite(Q, "queries")
+    d = K.shape[1]
     unit = LOG2E if softmax else 1.0
     mult = validate.scale_value(scale, d) * unit if softmax else 1.0
     row_const = np.zeros(Q.shape[0])
@@ -83,8 +74,43 @@ def _prepare(queries, keys, values, *, metric, scale, bias, exclude, softmax):
         Qs = (Q * np.float64(mult)).astype(np.float32)
     if not np.isfinite(Qs).all():
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
-    return _Prepared(Qs, K, V, values is not None, _prepare_bias(bias, N, unit), key_mode,
-                     key_coef, row_const, validate.exclusion_lists(exclude, Q.shape[0], N))
+    return _Prepared(Qs, K, V, values_given, _prepare_bias(bias, K.shape[0], unit), key_mode,
+                     key_coef, row_const, exclude, window)
+
+
+def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
+              softmax):
+    """Validate a call and cut it into kernel problems.
+
+    Returns ``(layout, problems)``: problems is a list of
+    ``((b, g), _Prepared)`` whose results fill rows ``[b, :, g*G:(g+1)*G]``
+    of the (batch, T, H, ...) outputs.
+    """
+    q4, k4, v4, lay = layout.as_heads(queries, keys, values)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    window = layout.check_window(causal, window)
+    lens = layout.sequence_lengths(seq_lens, lay)
+    bias_of = layout.head_bias(bias, lay)
+    if exclude is not None and (causal or lay.ndim == 4):
+        raise ValueError("exclude applies to retrieval (2-D or 3-D queries without causal)")
+    excl = layout.stacked_exclude(validate.exclusion_lists(exclude, lay.T, lay.S), lay)
+    G = lay.group
+    problems = []
+    for b in range(lay.batch):
+        rows = layout.row_windows(lay, causal, window, lens, b)
+        for g in range(lay.Hkv):
+            Q = q4[b, :, g * G:(g + 1) * G].reshape(lay.T * G, lay.d)
+            problems.append(((b, g), _terms(
+                Q, k4[b, :, g], v4[b, :, g], values is not None, metric=metric, scale=scale,
+                bias=bias_of(g), exclude=excl, window=rows, softmax=softmax)))
+    return lay, problems
+
+
+def _fill(dest, lay, b, g, rows):
+    """Write a problem's (T * G, ...) result into dest (batch, T, H, ...)."""
+    G = lay.group
+    dest[b, :, g * G:(g + 1) * G] = rows.reshape((lay.T, G) + rows.shape[1:])
 
 
 def _prepare_bias(bias, n, unit):
@@ -100,11 +126,11 @@ def _prepare_bias(bias, n, unit):
 
 
 def _run(p, **mode):
-    """Run the kernels on prepared inputs; name the argument behind a NaN/inf."""
+    """Run the kernels on one problem; name the argument behind a NaN/inf."""
     from . import cpu
 
     res = cpu.run(p.Q, p.K, p.V, p.bias, key_mode=p.key_mode, key_coef=p.key_coef,
-                  exclude=p.exclude, **mode)
+                  exclude=p.exclude, window=p.window, **mode)
     out = res.get("out")
     if res["bad"] or (out is not None and not np.isfinite(out).all()):
         validate.all_finite(p.K, "keys")
@@ -120,8 +146,32 @@ def _with_row_const(lse, row_const):
     return (lse + row_const).astype(np.float32)
 
 
+_SHAPES = """
+    Shapes (queries / keys / values; outputs get the queries' leading axes):
+
+    * ``(B, d) / (N, d) / (N, dv)``: retrieval of B queries over N keys.
+    * ``(B, H, d) / (N, Hkv, d) / (N, Hkv, dv)``: multi-head; ``H % Hkv == 0``
+      (``Hkv == H`` multi-head, ``Hkv == 1`` multi-query, else grouped-query).
+      The query heads sharing a KV head are stacked into one query block, so
+      each key tile is read once per KV head.
+    * ``(batch, T, H, d) / (batch, S, Hkv, d) / (batch, S, Hkv, dv)``: batched
+      sequences.
+
+    ``bias`` is (N,) or (Hkv, N). With ``causal=True`` the queries are
+    positions of a sequence: query i sees keys ``j <= i + (S - T)``
+    (bottom-right aligned like FlashAttention >= 2.1, so a prefix of S - T
+    cached or memory keys is visible to every query; T = 1 sees all keys);
+    ``window=w`` keeps only ``j > i + (S - T) - w``. ``seq_lens`` (batched
+    inputs): a (batch,) array of lengths of queries and keys (T == S), or a
+    tuple ``(q_lens, k_lens)``; padded positions neither attend nor are
+    attended, and their outputs are 0 (``lse = -inf``). Key tiles outside
+    every window of a query block are skipped; only tiles crossing a window
+    edge are masked.
+"""
+
+
 def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
-              exclude=None, return_lse=False):
+              exclude=None, return_lse=False, causal=False, window=None, seq_lens=None):
     """Soft retrieval: softmax attention of every query over all keys.
 
     ``out[b] = sum_n softmax_n(logit(q_b, k_n) + bias_n) * v_n``, streamed
@@ -131,7 +181,7 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
 
     Parameters
     ----------
-    queries : (B, d) float array
+    queries : (B, d) float array (or multi-head / sequence shapes, below)
     keys : (N, d) float array, N >= 1
     values : (N, dv) float array, or None to use the keys as values (soft
         nearest neighbour: a softmax-weighted average of the keys).
@@ -140,9 +190,10 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
         log-popularity, logQ correction); ``-inf`` excludes a key.
     metric : "ip" (default), "cosine" or "l2".
     exclude : per-query ids to skip: a tuple ``(offsets (B+1,), ids)`` (CSR)
-        or a list of B integer arrays.
+        or a list of B integer arrays (retrieval shapes only).
     return_lse : bool
         Also return ``lse[b] = log sum_n exp(logit + bias_n)``.
+    causal, window, seq_lens : sequence modes, below.
 
     Returns
     -------
@@ -154,14 +205,22 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
     below about -1e30 count as excluded. Non-contiguous inputs are copied.
     NaN or inf in any input raises ``ValueError`` naming it.
     """
-    p = _prepare(queries, keys, values, metric=metric, scale=scale, bias=bias,
-                 exclude=exclude, softmax=True)
-    if p.Q.shape[0] == 0:
-        out, lse = np.zeros((0, p.V.shape[1]), np.float32), np.zeros(0, np.float32)
-    else:
+    lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
+                              exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
+                              softmax=True)
+    out = np.zeros((lay.batch, lay.T, lay.H, lay.dv), np.float32)
+    lse = np.full((lay.batch, lay.T, lay.H), -np.inf, np.float32)
+    for (b, g), p in problems:
+        if p.Q.shape[0] == 0:
+            continue
         res = _run(p, want_soft=True, want_acc=True)
-        out, lse = res["out"], _with_row_const(res["lse"], p.row_const)
+        _fill(out, lay, b, g, res["out"])
+        _fill(lse, lay, b, g, _with_row_const(res["lse"], p.row_const))
+    out, lse = lay.heads_out(out), lay.heads_out(lse)
     return (out, lse) if return_lse else out
+
+
+attention.__doc__ += _SHAPES
 
 
 def _check_k(k):
@@ -180,12 +239,13 @@ def _pad(a, k, fill):
     return out
 
 
-def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None):
+def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False, window=None,
+         seq_lens=None):
     """Exact top-k retrieval, with FAISS's conventions.
 
     Parameters
     ----------
-    queries : (B, d) float array
+    queries : (B, d) float array (or multi-head / sequence shapes, below)
     keys : (N, d) float array, N >= 1
     k : int >= 1 (k > N is allowed: the tail is padded)
     metric : "ip" (inner product), "cosine" (inner product of the
@@ -201,62 +261,82 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None):
         "cosine"), or squared distances in ascending order ("l2").
     ids : (B, k) int64. Ties are broken by the lower id. Where fewer than k
         keys are valid the tail holds id -1 and score -inf (+inf for "l2").
+    With heads, both are (B, H, k) (sequences: (batch, T, H, k)).
     """
     k = _check_k(k)
-    p = _prepare(queries, keys, None, metric=metric, scale=None, bias=bias,
-                 exclude=exclude, softmax=False)
-    B = p.Q.shape[0]
-    if B == 0:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    res = _run(p, want_soft=False, want_acc=False, k=min(k, p.K.shape[0]))
-    logits, ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
-    valid = np.arange(logits.shape[1])[None, :] < count[:, None]
-    if metric == "l2":
-        scores = (-p.row_const[:, None] - logits).astype(np.float32)
-        if p.bias.shape[0] == 0:
-            np.maximum(scores, 0, out=scores)
-        scores[~valid] = np.inf
-        return _pad(scores, k, np.inf), _pad(ids, k, -1)
-    scores = logits.copy()
-    scores[~valid] = -np.inf
-    return _pad(scores, k, -np.inf), _pad(ids, k, -1)
+    lay, problems = _problems(queries, keys, None, metric=metric, scale=None, bias=bias,
+                              exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
+                              softmax=False)
+    pad = np.inf if metric == "l2" else -np.inf
+    scores = np.full((lay.batch, lay.T, lay.H, k), pad, np.float32)
+    ids = np.full((lay.batch, lay.T, lay.H, k), -1, np.int64)
+    for (b, g), p in problems:
+        if p.Q.shape[0] == 0:
+            continue
+        res = _run(p, want_soft=False, want_acc=False, k=min(k, p.K.shape[0]))
+        logits, top_ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
+        valid = np.arange(logits.shape[1])[None, :] < count[:, None]
+        if metric == "l2":
+            sc = (-p.row_const[:, None] - logits).astype(np.float32)
+            if p.bias.shape[0] == 0:
+                np.maximum(sc, 0, out=sc)
+        else:
+            sc = logits.copy()
+        sc[~valid] = pad
+        _fill(scores, lay, b, g, _pad(sc, k, pad))
+        _fill(ids, lay, b, g, _pad(top_ids, k, -1))
+    return lay.heads_out(scores), lay.heads_out(ids)
+
+
+topk.__doc__ += _SHAPES
 
 
 def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, metric="ip",
-                   exclude=None):
+                   exclude=None, causal=False, window=None, seq_lens=None):
     """Top-k attention: softmax over each query's k best keys, in one pass.
 
     Arguments as :func:`attention`, plus ``k`` (int >= 1; k > N is allowed).
     One pass over the keys finds the top-k by logit and the full-catalog
     log-partition, so ``coverage`` (the share of the full softmax mass that
     the top-k keys hold) costs nothing extra: it tells whether k was large
-    enough. Returns a :class:`TopKAttention`.
+    enough. Returns a :class:`TopKAttention` whose fields have the queries'
+    leading axes.
     """
     k = _check_k(k)
-    p = _prepare(queries, keys, values, metric=metric, scale=scale, bias=bias,
-                 exclude=exclude, softmax=True)
-    B, dv = p.Q.shape[0], p.V.shape[1]
-    if B == 0:
-        z = np.zeros((0, k), np.float32)
-        return TopKAttention(np.zeros((0, dv), np.float32), np.zeros((0, k), np.int64), z,
-                             np.zeros(0, np.float32), np.zeros(0, np.float32))
-    res = _run(p, want_soft=True, want_acc=False, k=min(k, p.K.shape[0]))
+    lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
+                              exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
+                              softmax=True)
     from . import cpu
 
-    logits, ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
-    valid = np.arange(logits.shape[1])[None, :] < count[:, None]
-    top = np.where(count > 0, logits[:, 0], 0.0).astype(np.float64)
-    w = np.where(valid, np.exp2(logits - top[:, None]), 0.0)
-    total = w.sum(axis=1)
-    weights = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
-    weights = weights.astype(np.float32)
-    out = cpu.gather_weighted(p.V, ids, weights)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lse_top = (top + np.log2(total)) * LN2   # float64, like the kernel's lse
-        coverage = np.where(count > 0, np.minimum(np.exp(lse_top - res["lse"]), 1.0), 0.0)
-    lse = _with_row_const(res["lse"], p.row_const)
-    return TopKAttention(out, _pad(ids, k, -1), _pad(weights, k, 0.0), lse,
-                         coverage.astype(np.float32))
+    lead = (lay.batch, lay.T, lay.H)
+    out = np.zeros(lead + (lay.dv,), np.float32)
+    ids = np.full(lead + (k,), -1, np.int64)
+    weights = np.zeros(lead + (k,), np.float32)
+    lse = np.full(lead, -np.inf, np.float32)
+    coverage = np.zeros(lead, np.float32)
+    for (b, g), p in problems:
+        if p.Q.shape[0] == 0:
+            continue
+        res = _run(p, want_soft=True, want_acc=False, k=min(k, p.K.shape[0]))
+        logits, top_ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
+        valid = np.arange(logits.shape[1])[None, :] < count[:, None]
+        top = np.where(count > 0, logits[:, 0], 0.0).astype(np.float64)
+        w = np.where(valid, np.exp2(logits - top[:, None]), 0.0)
+        total = w.sum(axis=1)
+        wn = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
+        wn = wn.astype(np.float32)
+        _fill(out, lay, b, g, cpu.gather_weighted(p.V, top_ids, wn))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lse_top = (top + np.log2(total)) * LN2   # float64, like the kernel's lse
+            cov = np.where(count > 0, np.minimum(np.exp(lse_top - res["lse"]), 1.0), 0.0)
+        _fill(coverage, lay, b, g, cov.astype(np.float32))
+        _fill(lse, lay, b, g, _with_row_const(res["lse"], p.row_const))
+        _fill(ids, lay, b, g, _pad(top_ids, k, -1))
+        _fill(weights, lay, b, g, _pad(wn, k, 0.0))
+    return TopKAttention(*(lay.heads_out(a) for a in (out, ids, weights, lse, coverage)))
+
+
+topk_attention.__doc__ += _SHAPES
 
 
 def merge(outs, lses):

@@ -1,0 +1,182 @@
+"""Shapes of the public API, and how they become kernel problems.
+
+Every public call is normalised to four axes, ``queries (batch, T, H, d)``,
+``keys (batch, S, Hkv, d)``, ``values (batch, S, Hkv, dv)``, then cut into one
+kernel problem per ``(batch element, KV head)``: the ``G = H / Hkv`` query
+heads that share a KV head are stacked into one query block of ``T * G`` rows
+(row ``t * G + j`` is position t, head ``g * G + j``), so each key tile is read
+once per KV head (the grouped-query saving). Causal, sliding-window and
+length limits become a key window ``[lo, hi)`` per row.
+
+Accepted shapes (queries / keys / values):
+
+* ``(B, d) / (N, d) / (N, dv)``: retrieval (``causal``: one sequence, T = B, S = N)
+* ``(B, H, d) / (N, Hkv, d) / (N, Hkv, dv)``: multi-head (``causal``: a sequence)
+* ``(batch, T, H, d) / (batch, S, Hkv, d) / (batch, S, Hkv, dv)``: batched sequences
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import validate
+
+
+class Layout(NamedTuple):
+    ndim: int     # 2, 3 or 4: the rank of the caller's queries
+    batch: int
+    T: int        # queries per batch element (B for retrieval)
+    H: int
+    S: int        # keys per batch element (N for retrieval)
+    Hkv: int
+    d: int
+    dv: int
+
+    @property
+    def group(self):
+        return self.H // self.Hkv
+
+    def heads_out(self, a4):
+        """A (batch, T, H, ...) array back in the caller's rank."""
+        if self.ndim == 4:
+            return a4
+        if self.ndim == 3:
+            return a4[0]
+        return a4[0, :, 0]
+
+
+def as_heads(queries, keys, values):
+    """Validate and reshape the inputs to four axes (views, no copies of keys).
+
+    Returns ``(q4, k4, v4, layout)``; float32 C-contiguous arrays (converted
+    or copied as :func:`validate.float_matrix` documents).
+    """
+    ndim = np.ndim(queries)
+    if ndim not in (2, 3, 4):
+        raise ValueError(f"queries must have 2, 3 or 4 dimensions, got shape {np.shape(queries)}")
+    q = validate.float_matrix(queries, "queries", ndim=ndim)
+    for name, arr in (("keys", keys), ("values", values)):
+        if arr is not None and np.ndim(arr) != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions to match queries of shape "
+                             f"{q.shape}, got shape {np.shape(arr)}")
+    k = validate.float_matrix(keys, "keys", ndim=ndim)
+    v = k if values is None else validate.float_matrix(values, "values", ndim=ndim)
+    if ndim == 2:
+        q4, k4, v4 = q[None, :, None], k[None, :, None], v[None, :, None]
+    elif ndim == 3:
+        q4, k4, v4 = q[None], k[None], v[None]
+    else:
+        q4, k4, v4 = q, k, v
+    batch, T, H, d = q4.shape
+    _, S, Hkv, dk = k4.shape
+    if S == 0:
+        raise ValueError("keys is empty: at least one key is needed")
+    if dk != d:
+        raise ValueError(f"queries have dimension {d} but keys have {dk}")
+    if k4.shape[0] != batch:
+        raise ValueError(f"queries have batch {batch} but keys have {k4.shape[0]}")
+    if v4.shape[:3] != k4.shape[:3]:
+        what = "rows" if ndim == 2 else "leading shape"
+        raise ValueError(f"values have {what} {v.shape[:-1]} but keys have {k.shape[:-1]}")
+    if H % Hkv:
+        raise ValueError(f"queries have {H} heads, not a multiple of the keys' {Hkv} heads")
+    validate.all_finite(q4, "queries")
+    return q4, k4, v4, Layout(ndim, batch, T, H, S, Hkv, d, v4.shape[3])
+
+
+def head_bias(bias, layout):
+    """Per-KV-head bias rows: a function g -> (S,) array or None.
+
+    ``bias`` is None, (S,) shared by every head, or (Hkv, S).
+    """
+    if bias is None:
+        return lambda g: None
+    arr = np.asarray(bias)
+    if arr.ndim == 2:
+        if arr.shape != (layout.Hkv, layout.S):
+            raise ValueError(f"bias must have shape ({layout.S},) or ({layout.Hkv}, {layout.S}), "
+                             f"got {arr.shape}")
+        return lambda g: arr[g]
+    return lambda g: arr
+
+
+def sequence_lengths(seq_lens, layout):
+    """(q_lens, k_lens) int64 (batch,) from ``seq_lens``, or None.
+
+    ``seq_lens`` is a (batch,) integer array of lengths shared by queries and
+    keys (requires T == S), or a tuple ``(q_lens, k_lens)``.
+    """
+    if seq_lens is None:
+        return None
+    if layout.ndim != 4:
+        raise ValueError("seq_lens needs batched inputs: queries (batch, T, H, d)")
+    if isinstance(seq_lens, tuple):
+        if len(seq_lens) != 2:
+            raise ValueError("seq_lens as a tuple must be (q_lens, k_lens)")
+        q_lens, k_lens = seq_lens
+    else:
+        if layout.T != layout.S:
+            raise ValueError("one seq_lens array needs T == S; pass (q_lens, k_lens) otherwise")
+        q_lens = k_lens = seq_lens
+    out = []
+    for name, lens, top in (("q_lens", q_lens, layout.T), ("k_lens", k_lens, layout.S)):
+        arr = np.asarray(lens)
+        if arr.dtype.kind not in "iu" or arr.shape != (layout.batch,):
+            raise ValueError(f"seq_lens {name} must be {layout.batch} integers, got {arr.dtype} {arr.shape}")
+        if (arr < 0).any() or (arr > top).any():
+            raise ValueError(f"seq_lens {name} out of range: each must lie in [0, {top}]")
+        out.append(arr.astype(np.int64))
+    return out[0], out[1]
+
+
+def row_windows(layout, causal, window, lens, b):
+    """Key window ``(lo, hi)`` int64 (T * G,) of each stacked row of batch
+    element b, or None when every row sees every key.
+
+    Causal: position t sees keys ``j <= t + (S - T)`` (bottom-right aligned,
+    so a prefix of S - T keys is visible to every query); with ``window = w``
+    only ``j > t + (S - T) - w``. With lengths, S and T are the element's
+    own lengths; positions past q_len see no key.
+    """
+    if not causal and lens is None:
+        return None
+    T, S = layout.T, layout.S
+    q_len, k_len = (T, S) if lens is None else (int(lens[0][b]), int(lens[1][b]))
+    t = np.arange(T, dtype=np.int64)
+    if causal:
+        hi = np.clip(t + (k_len - q_len) + 1, 0, k_len)
+    else:
+        hi = np.full(T, k_len, np.int64)
+    lo = np.zeros(T, np.int64) if window is None else np.clip(hi - window, 0, None)
+    hi[t >= q_len] = 0
+    lo = np.minimum(lo, hi)
+    return np.repeat(lo, layout.group), np.repeat(hi, layout.group)
+
+
+def check_window(causal, window):
+    """Validate the causal flag and the sliding-window width."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be True or False, got {type(causal).__name__}")
+    if window is None:
+        return None
+    if not causal:
+        raise ValueError("window needs causal=True")
+    if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)):
+        raise TypeError(f"window must be an integer, got {type(window).__name__}")
+    if window <= 0:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return int(window)
+
+
+def stacked_exclude(excl, layout):
+    """Exclusion CSR of the T queries, repeated for each of the G stacked heads."""
+    if excl is None or layout.group == 1:
+        return excl
+    offsets, ids = excl
+    counts = np.repeat(np.diff(offsets), layout.group)
+    starts = np.repeat(offsets[:-1], layout.group)
+    new_off = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(counts, out=new_off[1:])
+    take = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)]) if counts.sum() else \
+        np.zeros(0, np.int64)
+    return new_off, ids[take]
