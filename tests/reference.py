@@ -125,3 +125,46 @@ def topk_attention_ref(Q, K, V=None, k=32, scale=None, bias=None, exclude=None, 
         out[b] = w @ V[order]
         coverage[b] = np.exp(lse_top - lse[b])
     return out, ids, weights, lse, coverage
+
+
+def sequence_attention_ref(q, k, v, scale=None, causal=False, window=None, q_lens=None,
+                           k_lens=None, bias=None):
+    """Multi-head / grouped-query attention with explicit masks, in float64.
+
+    q (batch, T, H, d), k (batch, S, Hkv, d), v (batch, S, Hkv, dv); bias (S,)
+    or (Hkv, S). Query t of a batch element with lengths (ql, kl) sees key j
+    when ``j < kl`` and, if causal, ``j <= t + kl - ql`` and (with a window)
+    ``j > t + kl - ql - window``; positions ``t >= ql`` give 0 and -inf.
+    Returns ``(out (batch, T, H, dv), lse (batch, T, H))``.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    batch, T, H, d = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.zeros((batch, T, H, v.shape[3]))
+    lse = np.full((batch, T, H), -np.inf)
+    for b in range(batch):
+        ql = T if q_lens is None else int(q_lens[b])
+        kl = S if k_lens is None else int(k_lens[b])
+        for h in range(H):
+            g = h // G
+            for t in range(ql):
+                j = np.arange(S)
+                visible = j < kl
+                if causal:
+                    visible &= j <= t + kl - ql
+                    if window is not None:
+                        visible &= j > t + kl - ql - window
+                logits = scale * (k[b, :, g] @ q[b, t, h])
+                if bias is not None:
+                    bb = np.asarray(bias, np.float64)
+                    logits = logits + (bb[g] if bb.ndim == 2 else bb)
+                logits[~visible] = -np.inf
+                if np.isneginf(logits).all():
+                    continue
+                m = logits.max()
+                w = np.exp(logits - m)
+                out[b, t, h] = (w @ v[b, :, g]) / w.sum()
+                lse[b, t, h] = m + np.log(w.sum())
+    return out, lse

@@ -64,7 +64,7 @@ def _scores(Qb, Kt, S, simd):
     """S (bq, tn) = Qb (bq, d) . Kt (tn, d)^T: SIMD loops (each key row read
     once for all queries; best for a few queries) or BLAS."""
     if not simd:
-        np.dot(Qb, Kt.T, S)
+        np.dot(Qb, np.ascontiguousarray(Kt).T, S)  # a copy only for a strided (head) view
         return
     bq, d = Qb.shape
     for j in range(Kt.shape[0]):
@@ -314,7 +314,7 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi
                     for c in range(dv):
                         a[c] += p * v[c]
         else:
-            np.dot(S, Vt, pv)
+            np.dot(S, np.ascontiguousarray(Vt), pv)
             for i in range(bq):
                 a = acc[i]
                 p = pv[i]
