@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import layout, validate
+from . import config, layout, validate
 from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
 
 METRICS = ("ip", "cosine", "l2")
@@ -82,9 +82,9 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
               softmax):
     """Validate a call and cut it into kernel problems.
 
-    Returns ``(layout, problems)``: problems is a list of
-    ``((b, g), _Prepared)`` whose results fill rows ``[b, :, g*G:(g+1)*G]``
-    of the (batch, T, H, ...) outputs.
+    Returns ``(layout, problems)``: problems yields ``((b, g), _Prepared)``
+    whose results fill rows ``[b, :, g*G:(g+1)*G]`` of the (batch, T, H, ...)
+    outputs.
     """
     q4, k4, v4, lay = layout.as_heads(queries, keys, values)
     if metric not in METRICS:
@@ -95,16 +95,29 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
     if exclude is not None and (causal or lay.ndim == 4):
         raise ValueError("exclude applies to retrieval (2-D or 3-D queries without causal)")
     excl = layout.stacked_exclude(validate.exclusion_lists(exclude, lay.T, lay.S), lay)
+    return lay, _each_problem(q4, k4, v4, lay, values is not None, metric=metric, scale=scale,
+                              bias_of=bias_of, exclude=excl, causal=causal, window=window,
+                              lens=lens, softmax=softmax)
+
+
+def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, exclude, causal, window,
+                  lens, softmax):
+    """Yield the problems one at a time (a head's key copy lives only while it runs)."""
     G = lay.group
-    problems = []
+    # A KV head of a multi-head array is a strided view. The SIMD path (few
+    # queries, bandwidth-bound) reads it in place; the BLAS path would copy
+    # every tile for every query block, so it gets one contiguous copy.
+    copy_heads = lay.Hkv > 1 and lay.T * G > config.FEW_QUERIES
     for b in range(lay.batch):
         rows = layout.row_windows(lay, causal, window, lens, b)
         for g in range(lay.Hkv):
             Q = q4[b, :, g * G:(g + 1) * G].reshape(lay.T * G, lay.d)
-            problems.append(((b, g), _terms(
-                Q, k4[b, :, g], v4[b, :, g], values is not None, metric=metric, scale=scale,
-                bias=bias_of(g), exclude=excl, window=rows, softmax=softmax)))
-    return lay, problems
+            K, V = k4[b, :, g], v4[b, :, g]
+            if copy_heads:
+                K = np.ascontiguousarray(K)
+                V = np.ascontiguousarray(V) if values_given else K
+            yield (b, g), _terms(Q, K, V, values_given, metric=metric, scale=scale, bias=bias_of(g),
+                                 exclude=exclude, window=rows, softmax=softmax)
 
 
 def _fill(dest, lay, b, g, rows):
