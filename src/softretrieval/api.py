@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import config, layout, validate
+from . import layout, validate
 from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
 
 METRICS = ("ip", "cosine", "l2")
@@ -102,20 +102,14 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
 
 def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, exclude, causal, window,
                   lens, softmax):
-    """Yield the problems one at a time (a head's key copy lives only while it runs)."""
+    """Yield the problems one at a time. A KV head of a multi-head array is a
+    strided view: the kernels read it in place (copying BLAS tiles)."""
     G = lay.group
-    # A KV head of a multi-head array is a strided view. The SIMD path (few
-    # queries, bandwidth-bound) reads it in place; the BLAS path would copy
-    # every tile for every query block, so it gets one contiguous copy.
-    copy_heads = lay.Hkv > 1 and lay.T * G > config.FEW_QUERIES
     for b in range(lay.batch):
         rows = layout.row_windows(lay, causal, window, lens, b)
         for g in range(lay.Hkv):
             Q = q4[b, :, g * G:(g + 1) * G].reshape(lay.T * G, lay.d)
             K, V = k4[b, :, g], v4[b, :, g]
-            if copy_heads:
-                K = np.ascontiguousarray(K)
-                V = np.ascontiguousarray(V) if values_given else K
             yield (b, g), _terms(Q, K, V, values_given, metric=metric, scale=scale, bias=bias_of(g),
                                  exclude=exclude, window=rows, softmax=softmax)
 

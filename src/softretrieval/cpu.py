@@ -59,12 +59,24 @@ def _row_max_finite(bits):
     return mx, expo != _EXPONENT
 
 
+@njit(cache=True)
+def _strided(a):
+    """Whether the rows of a 2-D array are not packed one after another."""
+    return a.shape[0] > 1 and a.strides[0] != a.shape[1] * a.itemsize
+
+
 @njit(fastmath=_FAST, cache=True)
-def _scores(Qb, Kt, S, simd):
+def _scores(Qb, Kt, S, simd, kbuf):
     """S (bq, tn) = Qb (bq, d) . Kt (tn, d)^T: SIMD loops (each key row read
-    once for all queries; best for a few queries) or BLAS."""
+    once for all queries; best for a few queries) or BLAS. A strided Kt (a
+    KV head of a multi-head array) is first copied into ``kbuf`` (tile, d)."""
     if not simd:
-        np.dot(Qb, np.ascontiguousarray(Kt).T, S)  # a copy only for a strided (head) view
+        if _strided(Kt):
+            kb = kbuf[: Kt.shape[0]]
+            kb[:] = Kt
+            np.dot(Qb, kb.T, S)
+        else:
+            np.dot(Qb, Kt.T, S)
         return
     bq, d = Qb.shape
     for j in range(Kt.shape[0]):
@@ -278,12 +290,14 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi
     terms = np.empty(ktile, np.float32)
     corr = np.ones(bq, np.float32)
     pv = np.empty((bq, dv), np.float32)
+    kbuf = np.empty((ktile if _strided(K) else 0, K.shape[1]), np.float32)
+    vbuf = np.empty((ktile if _strided(V) else 0, dv), np.float32)
     bad = 0
     for t0 in range(k0, k1, ktile):
         t1 = min(t0 + ktile, k1)
         S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
         Kt = K[t0:t1]
-        _scores(Qb, Kt, S, simd)
+        _scores(Qb, Kt, S, simd, kbuf)
         _key_terms(Kt, bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms)
         _exclude(S, t0, excl_ids, ptr, end)
         if lo.shape[0] > 0:
@@ -314,7 +328,12 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi
                     for c in range(dv):
                         a[c] += p * v[c]
         else:
-            np.dot(S, np.ascontiguousarray(Vt), pv)
+            if _strided(Vt):
+                vb = vbuf[: Vt.shape[0]]
+                vb[:] = Vt
+                np.dot(S, vb, pv)
+            else:
+                np.dot(S, Vt, pv)
             for i in range(bq):
                 a = acc[i]
                 p = pv[i]

@@ -17,6 +17,7 @@ set-up on the first kernel call, so importing the package stays fast.
 
 import os
 import threading
+import warnings
 
 from . import config
 
@@ -59,5 +60,9 @@ def parallel_call(kernel, *args):
         if _blas is None:
             _setup()
         numba.set_num_threads(num_threads())
-        with _blas.limit(limits=1):
+        with _blas.limit(limits=1), warnings.catch_warnings():
+            # The strided (multi-head) specialization compiles a BLAS call on a
+            # strided array that never runs (it copies tiles first); Numba
+            # warns about it when it compiles.
+            warnings.simplefilter("ignore", numba.NumbaPerformanceWarning)
             return kernel(*args)
