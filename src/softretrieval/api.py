@@ -238,6 +238,15 @@ def _check_k(k):
     return int(k)
 
 
+def _run_topk(p, k, want_soft):
+    """Top-k of one problem: ``(res, logits, ids, count, valid)``, where
+    ``valid`` (R, min(k, N)) marks the slots that hold a key."""
+    res = _run(p, want_soft=want_soft, want_acc=False, k=min(k, p.K.shape[0]))
+    logits, ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
+    valid = np.arange(logits.shape[1])[None, :] < count[:, None]
+    return res, logits, ids, count, valid
+
+
 def _pad(a, k, fill):
     if a.shape[1] == k:
         return a
@@ -280,9 +289,7 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res = _run(p, want_soft=False, want_acc=False, k=min(k, p.K.shape[0]))
-        logits, top_ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
-        valid = np.arange(logits.shape[1])[None, :] < count[:, None]
+        _, logits, top_ids, count, valid = _run_topk(p, k, want_soft=False)
         if metric == "l2":
             sc = (-p.row_const[:, None] - logits).astype(np.float32)
             if p.bias.shape[0] == 0:
@@ -324,9 +331,7 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res = _run(p, want_soft=True, want_acc=False, k=min(k, p.K.shape[0]))
-        logits, top_ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
-        valid = np.arange(logits.shape[1])[None, :] < count[:, None]
+        res, logits, top_ids, count, valid = _run_topk(p, k, want_soft=True)
         top = np.where(count > 0, logits[:, 0], 0.0).astype(np.float64)
         w = np.where(valid, np.exp2(logits - top[:, None]), 0.0)
         total = w.sum(axis=1)
