@@ -177,6 +177,5 @@ def stacked_exclude(excl, layout):
     starts = np.repeat(offsets[:-1], layout.group)
     new_off = np.zeros(counts.size + 1, np.int64)
     np.cumsum(counts, out=new_off[1:])
-    take = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)]) if counts.sum() else \
-        np.zeros(0, np.int64)
+    take = np.arange(new_off[-1]) - np.repeat(new_off[:-1] - starts, counts)
     return new_off, ids[take]
