@@ -49,3 +49,12 @@ def test_finalize_natural_log():
     inv_l, lse = core.finalize(np.float32(3.0), np.float32(4.0))
     assert inv_l == 0.25
     np.testing.assert_allclose(lse, (3.0 + 2.0) * np.log(2.0), rtol=1e-7)
+
+
+def test_import_does_not_load_numba_or_compile():
+    import subprocess
+    import sys
+
+    code = "import sys, softretrieval; print('numba' in sys.modules, 'softretrieval.cpu' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
