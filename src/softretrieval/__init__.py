@@ -6,6 +6,8 @@ exists. Numba kernels are compiled on first use (and cached on disk).
 """
 
 from .api import TopKAttention, attention, merge, topk, topk_attention
+from .memory import KNNMemory, MemoryRead, memory_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "merge", "topk", "topk_attention", "TopKAttention", "__version__"]
+__all__ = ["attention", "merge", "topk", "topk_attention", "TopKAttention", "KNNMemory",
+           "MemoryRead", "memory_attention", "__version__"]

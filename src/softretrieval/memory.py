@@ -1,0 +1,295 @@
+"""kNN memory for memory-augmented networks (Memorizing Transformers, kNN-LM).
+
+:class:`KNNMemory` is a ring buffer of (key, value) pairs per head, read by
+exact soft lookup or by top-k attention on the same kernels as
+:func:`softretrieval.attention`. :func:`memory_attention` is one step of a
+memorizing-transformer layer: local causal attention plus attention over the
+memory's top-k, combined as one exact softmax (through the merge of their
+online-softmax states) or as the gated mix Memorizing Transformers use.
+
+On-disk format (``save``/``load``): a folder holding ``keys.npy`` and
+``values.npy`` (the live slots of the ring, ``(capacity, heads, dim)``
+float32) and ``meta.json`` (format version, shapes, ring position and the
+SHA-256 of each ``.npy``). Saving writes a sibling folder and renames it into
+place, so a crash never leaves a half-written memory that loads; loading
+checks the version, shapes, dtypes and checksums and refuses anything else.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import api, validate
+
+FORMAT = "softretrieval.KNNMemory"
+FORMAT_VERSION = 1
+
+
+class MemoryRead(NamedTuple):
+    """Result of :meth:`KNNMemory.read` (float32 but ``ids``).
+
+    out (B, heads, value_dim) — or (B, value_dim) for a one-head memory read
+    with 2-D queries; lse like out without its last axis (over the whole live
+    memory); with top-k, ids (..., k) int64 slots (-1 where fewer entries
+    exist) and coverage (...) the share of the full softmax mass in the top-k.
+    """
+
+    out: np.ndarray
+    lse: np.ndarray
+    ids: Optional[np.ndarray] = None
+    coverage: Optional[np.ndarray] = None
+
+
+def _positive_int(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+class KNNMemory:
+    """An external memory of ``capacity`` (key, value) pairs per head.
+
+    Parameters
+    ----------
+    key_dim, value_dim, capacity : int >= 1
+    heads : int >= 1. Keys are stored per head; queries may have a multiple
+        of ``heads`` heads (grouped-query reads).
+    dtype : "float32" (compact storage dtypes belong to the retrieval
+        engine's storage, not yet built).
+    metric : "ip", "cosine" or "l2", as in :func:`softretrieval.attention`.
+
+    Thread safety: ``write``, ``read``, ``clear`` and ``save`` hold one lock,
+    so a read sees the memory either before or after a concurrent write,
+    never half of it; writes wait for a running read.
+    """
+
+    def __init__(self, key_dim, value_dim, capacity, *, heads=1, dtype="float32", metric="ip"):
+        self.key_dim = _positive_int(key_dim, "key_dim")
+        self.value_dim = _positive_int(value_dim, "value_dim")
+        self.capacity = _positive_int(capacity, "capacity")
+        self.heads = _positive_int(heads, "heads")
+        if dtype not in ("float32", np.float32):
+            raise ValueError(f"dtype must be 'float32', got {dtype!r}")
+        if metric not in api.METRICS:
+            raise ValueError(f"metric must be one of {api.METRICS}, got {metric!r}")
+        self.metric = metric
+        self._keys = np.zeros((self.capacity, self.heads, self.key_dim), np.float32)
+        self._values = np.zeros((self.capacity, self.heads, self.value_dim), np.float32)
+        self._size = 0
+        self._next = 0
+        self._lock = threading.RLock()
+
+    def __len__(self):
+        return self._size
+
+    def __repr__(self):
+        return (f"KNNMemory(key_dim={self.key_dim}, value_dim={self.value_dim}, "
+                f"capacity={self.capacity}, heads={self.heads}, metric={self.metric!r}, len={len(self)})")
+
+    def _rows(self, a, name, dim):
+        """``a`` as (n, heads, dim) float32 (a 2-D (n, dim) is allowed when heads == 1)."""
+        arr = np.asarray(a)
+        if arr.ndim == 2 and self.heads == 1:
+            arr = arr[:, None, :]
+        arr = validate.float_matrix(arr, name, ndim=3)
+        if arr.shape[1:] != (self.heads, dim):
+            raise ValueError(f"{name} must have shape (n, {self.heads}, {dim})"
+                             + (f" or (n, {dim})" if self.heads == 1 else "") + f", got {np.shape(a)}")
+        validate.all_finite(arr, name)
+        return arr
+
+    def write(self, keys, values):
+        """Append pairs; when full, the oldest entries are evicted first.
+
+        keys (n, heads, key_dim), values (n, heads, value_dim) (or without the
+        heads axis when heads == 1). Writing more than ``capacity`` rows in
+        one call keeps the newest ``capacity``. Returns the slots written
+        (n,) int64, -1 for rows dropped that way.
+        """
+        K = self._rows(keys, "keys", self.key_dim)
+        V = self._rows(values, "values", self.value_dim)
+        if K.shape[0] != V.shape[0]:
+            raise ValueError(f"keys have {K.shape[0]} rows but values have {V.shape[0]}")
+        n = K.shape[0]
+        slots = np.full(n, -1, np.int64)
+        keep = min(n, self.capacity)
+        with self._lock:
+            pos = (self._next + np.arange(keep)) % self.capacity
+            self._keys[pos] = K[n - keep:]
+            self._values[pos] = V[n - keep:]
+            slots[n - keep:] = pos
+            self._next = int((self._next + keep) % self.capacity)
+            self._size = min(self.capacity, self._size + keep)
+        return slots
+
+    def clear(self):
+        """Forget every entry."""
+        with self._lock:
+            self._size = 0
+            self._next = 0
+
+    def _queries(self, queries):
+        q = np.asarray(queries)
+        squeeze = q.ndim == 2
+        if squeeze:
+            if self.heads != 1:
+                raise ValueError(f"queries must have shape (B, H, {self.key_dim}) with H a multiple of "
+                                 f"{self.heads} heads, got {q.shape}")
+            q = q[:, None, :]
+        if q.ndim != 3 or q.shape[2] != self.key_dim or q.shape[1] % self.heads:
+            raise ValueError(f"queries must have shape (B, H, {self.key_dim}) with H a multiple of "
+                             f"{self.heads} heads, got {np.shape(queries)}")
+        return q, squeeze
+
+    def read(self, queries, *, k=None, scale=None):
+        """Look up the memory.
+
+        queries (B, H, key_dim), H a multiple of ``heads`` (or (B, key_dim)
+        for a one-head memory). ``k=None``: exact soft lookup over every live
+        entry; an integer k (<= capacity): top-k attention over the memory.
+        An empty memory gives zeros, ``lse = -inf`` (ids -1, coverage 0).
+        Returns a :class:`MemoryRead`.
+        """
+        q, squeeze = self._queries(queries)
+        if k is not None:
+            k = api._check_k(k)
+            if k > self.capacity:
+                raise ValueError(f"k = {k} is larger than the memory's capacity {self.capacity}")
+        B, H = q.shape[:2]
+        with self._lock:
+            n = self._size
+            if n == 0:
+                res = self._empty(B, H, k)
+            elif k is None:
+                out, lse = api.attention(q, self._keys[:n], self._values[:n], scale=scale,
+                                         metric=self.metric, return_lse=True)
+                res = MemoryRead(out, lse)
+            else:
+                r = api.topk_attention(q, self._keys[:n], self._values[:n], k=k, scale=scale,
+                                       metric=self.metric)
+                res = MemoryRead(r.out, r.lse, r.ids, r.coverage)
+        if squeeze:
+            res = MemoryRead(*(None if a is None else a[:, 0] for a in res))
+        return res
+
+    def _empty(self, B, H, k):
+        out = np.zeros((B, H, self.value_dim), np.float32)
+        lse = np.full((B, H), -np.inf, np.float32)
+        if k is None:
+            return MemoryRead(out, lse)
+        return MemoryRead(out, lse, np.full((B, H, k), -1, np.int64), np.zeros((B, H), np.float32))
+
+    def save(self, path):
+        """Write the memory to the folder ``path`` atomically (see the module docstring)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        os.makedirs(tmp)
+        try:
+            with self._lock:
+                np.save(os.path.join(tmp, "keys.npy"), self._keys)
+                np.save(os.path.join(tmp, "values.npy"), self._values)
+                meta = {"format": FORMAT, "version": FORMAT_VERSION, "key_dim": self.key_dim,
+                        "value_dim": self.value_dim, "capacity": self.capacity, "heads": self.heads,
+                        "metric": self.metric, "size": self._size, "next": self._next,
+                        "sha256": {name: _sha256(os.path.join(tmp, name))
+                                   for name in ("keys.npy", "values.npy")}}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            old = None
+            if os.path.exists(path):
+                old = f"{path}.old-{uuid.uuid4().hex}"
+                os.rename(path, old)
+            os.rename(tmp, path)
+            if old:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, path):
+        """Read a memory written by :meth:`save`; a damaged one raises ValueError."""
+        path = os.fspath(path)
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: not a saved KNNMemory (no meta.json)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: meta.json is damaged: {exc}") from None
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported format {meta.get('format')!r} "
+                             f"version {meta.get('version')!r} (expected {FORMAT} {FORMAT_VERSION})")
+        try:
+            mem = cls(meta["key_dim"], meta["value_dim"], meta["capacity"], heads=meta["heads"],
+                      metric=meta["metric"])
+            size, nxt = int(meta["size"]), int(meta["next"])
+            sums = meta["sha256"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: meta.json is missing or has a bad field: {exc}") from None
+        if not (0 <= size <= mem.capacity and 0 <= nxt < mem.capacity):
+            raise ValueError(f"{path}: ring position out of range (size {size}, next {nxt})")
+        for name, dim in (("keys.npy", mem.key_dim), ("values.npy", mem.value_dim)):
+            file = os.path.join(path, name)
+            if not os.path.exists(file) or _sha256(file) != sums.get(name):
+                raise ValueError(f"{path}: {name} is missing, truncated or damaged (checksum mismatch)")
+            arr = np.load(file)
+            if arr.dtype != np.float32 or arr.shape != (mem.capacity, mem.heads, dim):
+                raise ValueError(f"{path}: {name} has {arr.dtype} {arr.shape}, expected float32 "
+                                 f"{(mem.capacity, mem.heads, dim)}")
+            (mem._keys if name == "keys.npy" else mem._values)[:] = arr
+        mem._size, mem._next = size, nxt
+        return mem
+
+
+def _sha256(file):
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def memory_attention(q, k, v, memory, *, topk=32, causal=True, gate=None, scale=None):
+    """One step of a memorizing-transformer layer.
+
+    q (T, H, d), k (S, Hkv, d), v (S, Hkv, dv): the sequence's own queries,
+    keys and values; ``memory`` a :class:`KNNMemory` with ``key_dim = d``,
+    ``value_dim = dv`` and ``heads = Hkv``. Local attention (causal,
+    bottom-right aligned) over the sequence's keys and top-k attention over
+    the memory are combined:
+
+    * ``gate=None``: as ONE exact softmax over [memory top-k entries ; local
+      keys], by merging the two online-softmax states (``merge``).
+    * ``gate`` (H,) in [0, 1]: ``gate * memory_out + (1 - gate) * local_out``
+      per head, the Memorizing Transformers mix.
+
+    Returns ``(out (T, H, dv) float32, coverage (T, H) float32)``: coverage is
+    the share of the memory's full softmax mass held by its top-k entries.
+    """
+    if np.ndim(q) != 3:
+        raise ValueError(f"q must have shape (T, H, d), got {np.shape(q)}")
+    if gate is not None:
+        g = np.asarray(gate, np.float64)
+        H = np.shape(q)[1]
+        if g.shape != (H,) or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
+            raise ValueError(f"gate must be {H} values in [0, 1] (one per head), got {g}")
+    local, lse_local = api.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+    mem = memory.read(q, k=topk, scale=scale)
+    if gate is None:
+        with np.errstate(divide="ignore"):
+            lse_top = mem.lse + np.log(mem.coverage)     # log-partition of the top-k entries
+        out, _ = api.merge([local, mem.out], [lse_local, lse_top.astype(np.float32)])
+        return out, mem.coverage
+    g = g[None, :, None]
+    return (g * mem.out + (1 - g) * local).astype(np.float32), mem.coverage
