@@ -13,9 +13,8 @@ from reference import attention_ref, sequence_attention_ref, topk_attention_ref
 
 
 def live(mem):
-    """The live entries (slots 0..len-1), as the reference sees them."""
-    n = len(mem)
-    return mem._keys[:n], mem._values[:n]
+    """The live entries (slots 0..len-1) as (n, heads, dim), as the reference sees them."""
+    return mem._live(len(mem))
 
 
 def test_soft_and_topk_read_before_and_after_wraparound(small_tiles, rng):
@@ -67,7 +66,7 @@ def test_writing_more_than_capacity_keeps_newest(rng):
     keys = rng.standard_normal((10, 3)).astype(np.float32)
     slots = mem.write(keys, np.arange(10, dtype=np.float32)[:, None])
     assert list(slots) == [-1] * 6 + [0, 1, 2, 3]
-    assert sorted(mem._values[:, 0, 0]) == [6, 7, 8, 9]
+    assert sorted(mem._values[0, :, 0]) == [6, 7, 8, 9]
 
 
 def test_memory_attention_exact_equals_concatenation_reference(small_tiles, rng):
@@ -179,7 +178,7 @@ def test_concurrent_writes_and_reads_stay_consistent(rng):
         t.join()
     assert not errors
     assert len(mem) == 64
-    assert sorted(set(mem._values[:, 0, 0])) == [36, 37, 38, 39]
+    assert sorted(set(mem._values[0, :, 0])) == [36, 37, 38, 39]
 
 
 @pytest.mark.parametrize("args,exc,match", [

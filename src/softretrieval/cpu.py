@@ -66,17 +66,11 @@ def _strided(a):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _scores(Qb, Kt, S, simd, kbuf):
-    """S (bq, tn) = Qb (bq, d) . Kt (tn, d)^T: SIMD loops (each key row read
-    once for all queries; best for a few queries) or BLAS. A strided Kt (a
-    KV head of a multi-head array) is first copied into ``kbuf`` (tile, d)."""
+def _scores_packed(Qb, Kt, S, simd):
+    """S (bq, tn) = Qb (bq, d) . Kt (tn, d)^T for packed rows: SIMD loops
+    (each key row read once for all queries; best for a few queries) or BLAS."""
     if not simd:
-        if _strided(Kt):
-            kb = kbuf[: Kt.shape[0]]
-            kb[:] = Kt
-            np.dot(Qb, kb.T, S)
-        else:
-            np.dot(Qb, Kt.T, S)
+        np.dot(Qb, Kt.T, S)
         return
     bq, d = Qb.shape
     for j in range(Kt.shape[0]):
@@ -87,6 +81,44 @@ def _scores(Qb, Kt, S, simd, kbuf):
             for c in range(d):
                 dot += q[c] * k[c]
             S[i, j] = dot
+
+
+@njit(fastmath=_FAST, cache=True)
+def _scores(Qb, Kt, S, simd, kbuf):
+    """As :func:`_scores_packed`; a strided Kt (a KV head of a multi-head
+    array) is first copied into the scratch tile ``kbuf`` so the loops and
+    BLAS see packed rows."""
+    if _strided(Kt):
+        kb = kbuf[: Kt.shape[0]]
+        kb[:] = Kt
+        _scores_packed(Qb, kb, S, simd)
+    else:
+        _scores_packed(Qb, Kt, S, simd)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _accumulate_packed(S, Vt, acc, corr, simd, pv):
+    """acc (bq, dv) = acc * corr + S (bq, tn) . Vt (tn, dv) for packed rows."""
+    bq, dv = acc.shape
+    if simd:
+        for i in range(bq):
+            a = acc[i]
+            for c in range(dv):
+                a[c] *= corr[i]
+        for j in range(Vt.shape[0]):
+            v = Vt[j]
+            for i in range(bq):
+                p = S[i, j]
+                a = acc[i]
+                for c in range(dv):
+                    a[c] += p * v[c]
+        return
+    np.dot(S, Vt, pv)
+    for i in range(bq):
+        a = acc[i]
+        p = pv[i]
+        for c in range(dv):
+            a[c] = a[c] * corr[i] + p[c]
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -315,30 +347,12 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi
         if not want_acc:
             continue
         Vt = V[t0:t1]
-        if simd:
-            for i in range(bq):
-                a = acc[i]
-                for c in range(dv):
-                    a[c] *= corr[i]
-            for j in range(t1 - t0):
-                v = Vt[j]
-                for i in range(bq):
-                    p = S[i, j]
-                    a = acc[i]
-                    for c in range(dv):
-                        a[c] += p * v[c]
+        if _strided(Vt):
+            vb = vbuf[: Vt.shape[0]]
+            vb[:] = Vt
+            _accumulate_packed(S, vb, acc, corr, simd, pv)
         else:
-            if _strided(Vt):
-                vb = vbuf[: Vt.shape[0]]
-                vb[:] = Vt
-                np.dot(S, vb, pv)
-            else:
-                np.dot(S, Vt, pv)
-            for i in range(bq):
-                a = acc[i]
-                p = pv[i]
-                for c in range(dv):
-                    a[c] = a[c] * corr[i] + p[c]
+            _accumulate_packed(S, Vt, acc, corr, simd, pv)
     return bad
 
 

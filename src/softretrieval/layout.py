@@ -59,8 +59,8 @@ def as_heads(queries, keys, values):
         if arr is not None and np.ndim(arr) != ndim:
             raise ValueError(f"{name} must have {ndim} dimensions to match queries of shape "
                              f"{q.shape}, got shape {np.shape(arr)}")
-    k = validate.float_matrix(keys, "keys", ndim=ndim)
-    v = k if values is None else validate.float_matrix(values, "values", ndim=ndim)
+    k = validate.float_matrix(keys, "keys", ndim=ndim, packed_rows=True)
+    v = k if values is None else validate.float_matrix(values, "values", ndim=ndim, packed_rows=True)
     if ndim == 2:
         q4, k4, v4 = q[None, :, None], k[None, :, None], v[None, :, None]
     elif ndim == 3:

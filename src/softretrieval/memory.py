@@ -7,9 +7,10 @@ memorizing-transformer layer: local causal attention plus attention over the
 memory's top-k, combined as one exact softmax (through the merge of their
 online-softmax states) or as the gated mix Memorizing Transformers use.
 
-On-disk format (``save``/``load``): a folder holding ``keys.npy`` and
-``values.npy`` (the live slots of the ring, ``(capacity, heads, dim)``
-float32) and ``meta.json`` (format version, shapes, ring position and the
+Storage is one contiguous ``(capacity, dim)`` block per head, so each head
+is read by the kernels in place. On-disk format (``save``/``load``): a
+folder holding ``keys.npy`` and ``values.npy`` (the ring, ``(heads,
+capacity, dim)`` float32) and ``meta.json`` (format version, shapes, ring position and the
 SHA-256 of each ``.npy``). Saving writes a sibling folder and renames it into
 place, so a crash never leaves a half-written memory that loads; loading
 checks the version, shapes, dtypes and checksums and refuses anything else.
@@ -81,8 +82,8 @@ class KNNMemory:
         if metric not in api.METRICS:
             raise ValueError(f"metric must be one of {api.METRICS}, got {metric!r}")
         self.metric = metric
-        self._keys = np.zeros((self.capacity, self.heads, self.key_dim), np.float32)
-        self._values = np.zeros((self.capacity, self.heads, self.value_dim), np.float32)
+        self._keys = np.zeros((self.heads, self.capacity, self.key_dim), np.float32)
+        self._values = np.zeros((self.heads, self.capacity, self.value_dim), np.float32)
         self._size = 0
         self._next = 0
         self._lock = threading.RLock()
@@ -123,8 +124,10 @@ class KNNMemory:
         keep = min(n, self.capacity)
         with self._lock:
             pos = (self._next + np.arange(keep)) % self.capacity
-            self._keys[pos] = K[n - keep:]
-            self._values[pos] = V[n - keep:]
+            first = min(keep, self.capacity - self._next)   # up to the end of the ring, then from 0
+            for src, dst, width in ((n - keep, self._next, first), (n - keep + first, 0, keep - first)):
+                self._keys[:, dst:dst + width] = K[src:src + width].transpose(1, 0, 2)
+                self._values[:, dst:dst + width] = V[src:src + width].transpose(1, 0, 2)
             slots[n - keep:] = pos
             self._next = int((self._next + keep) % self.capacity)
             self._size = min(self.capacity, self._size + keep)
@@ -169,16 +172,19 @@ class KNNMemory:
             if n == 0:
                 res = self._empty(B, H, k)
             elif k is None:
-                out, lse = api.attention(q, self._keys[:n], self._values[:n], scale=scale,
-                                         metric=self.metric, return_lse=True)
+                out, lse = api.attention(q, *self._live(n), scale=scale, metric=self.metric,
+                                         return_lse=True)
                 res = MemoryRead(out, lse)
             else:
-                r = api.topk_attention(q, self._keys[:n], self._values[:n], k=k, scale=scale,
-                                       metric=self.metric)
+                r = api.topk_attention(q, *self._live(n), k=k, scale=scale, metric=self.metric)
                 res = MemoryRead(r.out, r.lse, r.ids, r.coverage)
         if squeeze:
             res = MemoryRead(*(None if a is None else a[:, 0] for a in res))
         return res
+
+    def _live(self, n):
+        """Keys and values of the n live slots as (n, heads, dim) views."""
+        return self._keys[:, :n].transpose(1, 0, 2), self._values[:, :n].transpose(1, 0, 2)
 
     def _empty(self, B, H, k):
         out = np.zeros((B, H, self.value_dim), np.float32)
@@ -244,9 +250,9 @@ class KNNMemory:
             if not os.path.exists(file) or _sha256(file) != sums.get(name):
                 raise ValueError(f"{path}: {name} is missing, truncated or damaged (checksum mismatch)")
             arr = np.load(file)
-            if arr.dtype != np.float32 or arr.shape != (mem.capacity, mem.heads, dim):
+            if arr.dtype != np.float32 or arr.shape != (mem.heads, mem.capacity, dim):
                 raise ValueError(f"{path}: {name} has {arr.dtype} {arr.shape}, expected float32 "
-                                 f"{(mem.capacity, mem.heads, dim)}")
+                                 f"{(mem.heads, mem.capacity, dim)}")
             (mem._keys if name == "keys.npy" else mem._values)[:] = arr
         mem._size, mem._next = size, nxt
         return mem

@@ -12,11 +12,14 @@ import numbers
 import numpy as np
 
 
-def float_matrix(x, name, ndim=2):
+def float_matrix(x, name, ndim=2, packed_rows=False):
     """``x`` as a C-contiguous float32 array of ``ndim`` dimensions.
 
-    Raises TypeError for non-floating dtypes (integers, booleans, complex,
-    objects) and ValueError for another rank or a zero-length last axis.
+    With ``packed_rows``, a float32 array whose last axis is contiguous is
+    returned as it is (a view such as one head of a multi-head array, which
+    the kernels read in place). Raises TypeError for non-floating dtypes
+    (integers, booleans, complex, objects) and ValueError for another rank or
+    a zero-length last axis.
     """
     try:
         arr = np.asarray(x)
@@ -28,6 +31,8 @@ def float_matrix(x, name, ndim=2):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     if arr.shape[-1] == 0:
         raise ValueError(f"{name} has a zero-length last axis (shape {arr.shape})")
+    if packed_rows and arr.dtype == np.float32 and arr.strides[-1] == arr.itemsize:
+        return arr
     with np.errstate(over="ignore"):  # out-of-range values become inf, refused later
         return np.ascontiguousarray(arr, dtype=np.float32)
 
