@@ -23,6 +23,20 @@ def stats(times):
             "max_s": float(np.max(times)), "runs": len(times)}
 
 
+def interleaved(methods, reps):
+    """Warm each method up, then time them in turn ``reps`` times.
+
+    methods: {name: callable}. Returns {name: [seconds, ...]}.
+    """
+    for fn in methods.values():
+        fn()
+    times = {name: [] for name in methods}
+    for _ in range(reps):
+        for name, fn in methods.items():
+            times[name] += timed(fn, 1)
+    return times
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _read_once(K, V=None):
     """Touch every element of K (and V) once: a memory-bandwidth probe."""

@@ -19,10 +19,9 @@ import json
 import os
 import platform
 import threading
-import time
 
 import numpy as np
-from _bench import print_rows, read_once, stats, subprocess_json, timed
+from _bench import interleaved, print_rows, read_once, stats, subprocess_json, timed
 
 import softretrieval as sr
 
@@ -152,12 +151,7 @@ def main():
             methods["limit: read K+V once"] = lambda: read_once(K, V)
         else:
             methods["limit: bare sgemm QK^T, PV"] = lambda: bare_sgemm(Q, K, V)
-        for fn in methods.values():
-            fn()
-        times = {name: [] for name in methods}
-        for _ in range(args.reps):
-            for name, fn in methods.items():
-                times[name] += timed(fn, 1)
+        times = interleaved(methods, args.reps)
         if use_torch:
             times["torch SDPA (before)"] = torch_before[B]
         res = {name: stats(t) for name, t in times.items()}

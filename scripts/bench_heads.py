@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 import torch
-from _bench import print_rows, stats, timed
+from _bench import interleaved, print_rows, stats
 
 import softretrieval as sr
 
@@ -31,13 +31,7 @@ def sdpa(q, k, v, **kw):
 
 
 def run(methods, reps):
-    for fn in methods.values():
-        fn()
-    times = {name: [] for name in methods}
-    for _ in range(reps):
-        for name, fn in methods.items():
-            times[name] += timed(fn, 1)
-    return {name: stats(t) for name, t in times.items()}
+    return {name: stats(t) for name, t in interleaved(methods, reps).items()}
 
 
 def main():

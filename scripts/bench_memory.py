@@ -14,7 +14,7 @@ import time
 
 import faiss
 import numpy as np
-from _bench import print_rows, stats, timed
+from _bench import interleaved, print_rows, stats
 
 import softretrieval as sr
 
@@ -57,12 +57,7 @@ def main():
             q = rng.standard_normal((B, heads, d), dtype=np.float32)
             methods = {"softretrieval KNNMemory.read": lambda: mem.read(q, k=k, scale=scale),
                        "FAISS search + numpy softmax": lambda: pipeline(indexes, values, q, k, scale)}
-            for fn in methods.values():
-                fn()
-            times = {name: [] for name in methods}
-            for _ in range(args.reps):
-                for name, fn in methods.items():
-                    times[name] += timed(fn, 1)
+            times = interleaved(methods, args.reps)
             res = {name: stats(t) for name, t in times.items()}
             diff = float(np.abs(mem.read(q, k=k, scale=scale).out - pipeline(indexes, values, q, k, scale)).max())
             print(f"\nheads = {heads}, B = {B}, k = {k} (max |difference| of outputs {diff:.1e})")
@@ -70,7 +65,6 @@ def main():
             res["write_entries_per_s"] = rate
             report["results"][f"heads={heads},B={B}"] = res
         print(f"write throughput, heads = {heads}: {rate / 1e6:.2f} M entries/s")
-        del indexes, mem, keys, values
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.out}")

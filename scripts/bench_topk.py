@@ -17,7 +17,7 @@ import os
 
 import faiss
 import numpy as np
-from _bench import print_rows, read_once, stats, timed
+from _bench import interleaved, print_rows, read_once, stats
 
 import softretrieval as sr
 
@@ -68,12 +68,7 @@ def main():
                 methods["limit: bare sgemm QK^T"] = lambda: bare_sgemm_qk(Q, K)
             scores, ids = sr.topk(Q, K, k)
             D, I = faiss_search(index, Q, k, 2)
-            times = {name: [] for name in methods}
-            for fn in methods.values():
-                fn()
-            for _ in range(args.reps):
-                for name, fn in methods.items():
-                    times[name] += timed(fn, 1)
+            times = interleaved(methods, args.reps)
             res = {name: stats(t) for name, t in times.items()}
             res["same_ids_as_faiss"] = float((ids == I).mean())
             res["max_score_diff"] = float(np.abs(scores - D).max())
