@@ -174,7 +174,7 @@ def test_driver_any_split(rng, nqb, nsplit):
     Qs = (Q * (LOG2E / np.sqrt(6))).astype(np.float32)
     none = np.zeros(0, np.int64)
     m, l, acc, _, _, _, bad = runtime.parallel_call(
-        cpu.stream, Qs, K, V, np.zeros(0, np.float32), 0, np.float32(0), none, none, none, none,
+        cpu.stream, Qs, K, V, 0, 0, V.shape[1], np.zeros(0, np.float32), 0, np.float32(0), none, none, none, none,
         nqb, nsplit, 16, 8, 2, True, True, 0)
     out, lse = cpu.merge_states(m, l, acc)
     assert bad == 0

@@ -39,8 +39,11 @@ class _Prepared(NamedTuple):
     """One kernel problem (a batch element and KV head) in the kernels' terms."""
 
     Q: np.ndarray          # (R, d) float32, the kernel's queries (pre-scaled)
-    K: np.ndarray          # (N, d) float32 (may be a strided view)
-    V: np.ndarray          # (N, dv) float32 (may be a strided view)
+    K: np.ndarray          # (N, WK) float32 C-contiguous: the keys are K[:, kcol:kcol + d]
+    V: np.ndarray          # (N, WV) float32 C-contiguous: the values are V[:, vcol:vcol + dv]
+    kcol: int
+    vcol: int
+    dv: int
     values_given: bool
     bias: np.ndarray       # (N,) float32 in logit units, or (0,)
     key_mode: int
@@ -50,14 +53,15 @@ class _Prepared(NamedTuple):
     window: object         # (lo, hi) or None
 
 
-def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax):
+def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax,
+           kcol=0, vcol=0, dv=None):
     """Turn one problem's inputs into the kernels' terms.
 
     With ``softmax`` the kernel logits are base 2 (``log2(e)`` folded into
     the scale and the bias); without, they are the raw similarity
     (``scale`` = 1).
     """
-    d = K.shape[1]
+    d = Q.shape[1]
     unit = LOG2E if softmax else 1.0
     mult = validate.scale_value(scale, d) * unit if softmax else 1.0
     row_const = np.zeros(Q.shape[0])
@@ -74,8 +78,9 @@ def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softm
         Qs = (Q * np.float64(mult)).astype(np.float32)
     if not np.isfinite(Qs).all():
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
-    return _Prepared(Qs, K, V, values_given, _prepare_bias(bias, K.shape[0], unit), key_mode,
-                     key_coef, row_const, exclude, window)
+    return _Prepared(Qs, K, V, kcol, vcol, V.shape[1] if dv is None else dv, values_given,
+                     _prepare_bias(bias, K.shape[0], unit), key_mode, key_coef, row_const, exclude,
+                     window)
 
 
 def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
@@ -102,16 +107,31 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
 
 def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, exclude, causal, window,
                   lens, softmax):
-    """Yield the problems one at a time. A KV head of a multi-head array is a
-    strided view: the kernels read it in place (copying BLAS tiles)."""
+    """Yield the problems one at a time. A KV head of a multi-head array is
+    read in place: either it is contiguous itself, or the kernels take the
+    whole (S, Hkv * d) block and the head's column offset."""
     G = lay.group
     for b in range(lay.batch):
         rows = layout.row_windows(lay, causal, window, lens, b)
         for g in range(lay.Hkv):
             Q = q4[b, :, g * G:(g + 1) * G].reshape(lay.T * G, lay.d)
-            K, V = k4[b, :, g], v4[b, :, g]
+            K, kcol = _head(k4, b, g)
+            V, vcol = _head(v4, b, g) if values_given else (K, kcol)
             yield (b, g), _terms(Q, K, V, values_given, metric=metric, scale=scale, bias=bias_of(g),
-                                 exclude=exclude, window=rows, softmax=softmax)
+                                 exclude=exclude, window=rows, softmax=softmax, kcol=kcol, vcol=vcol,
+                                 dv=lay.dv)
+
+
+def _head(a4, b, g):
+    """Head g of batch element b of a (batch, S, H, dim) array, as
+    ``(C-contiguous 2-D array, column offset)`` without copying when possible."""
+    view = a4[b, :, g]
+    if view.flags.c_contiguous:
+        return view, 0
+    block = a4[b]
+    if block.flags.c_contiguous:
+        return block.reshape(block.shape[0], -1), g * block.shape[2]
+    return np.ascontiguousarray(view), 0
 
 
 def _fill(dest, lay, b, g, rows):
@@ -136,8 +156,8 @@ def _run(p, **mode):
     """Run the kernels on one problem; name the argument behind a NaN/inf."""
     from . import cpu
 
-    res = cpu.run(p.Q, p.K, p.V, p.bias, key_mode=p.key_mode, key_coef=p.key_coef,
-                  exclude=p.exclude, window=p.window, **mode)
+    res = cpu.run(p.Q, p.K, p.V, p.bias, kcol=p.kcol, vcol=p.vcol, dv=p.dv, key_mode=p.key_mode,
+                  key_coef=p.key_coef, exclude=p.exclude, window=p.window, **mode)
     out = res.get("out")
     if res["bad"] or (out is not None and not np.isfinite(out).all()):
         validate.all_finite(p.K, "keys")
@@ -337,7 +357,7 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
         total = w.sum(axis=1)
         wn = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
         wn = wn.astype(np.float32)
-        _fill(out, lay, b, g, cpu.gather_weighted(p.V, top_ids, wn))
+        _fill(out, lay, b, g, cpu.gather_weighted(p.V, p.vcol, p.dv, top_ids, wn))
         with np.errstate(divide="ignore", invalid="ignore"):
             lse_top = (top + np.log2(total)) * LN2   # float64, like the kernel's lse
             cov = np.where(count > 0, np.minimum(np.exp(lse_top - res["lse"]), 1.0), 0.0)

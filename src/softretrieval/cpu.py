@@ -59,16 +59,30 @@ def _row_max_finite(bits):
     return mx, expo != _EXPONENT
 
 
-@njit(cache=True)
-def _strided(a):
-    """Whether the rows of a 2-D array are not packed one after another."""
-    return a.shape[0] > 1 and a.strides[0] != a.shape[1] * a.itemsize
+@njit(fastmath=_FAST, cache=True)
+def _packed_tile(X, col, width, buf):
+    """Rows ``X[:, col:col + width]`` of a tile as a packed (rows, width) array.
+
+    X (rows, W) C-contiguous. When W == width this is X itself; otherwise
+    (one head of a multi-head array, ``col = head * width``) the columns
+    are copied into the scratch ``buf``, row by row from a contiguous row
+    slice, which vectorizes (a strided 2-D view would not).
+    """
+    if X.shape[1] == width:
+        return X
+    out = buf[: X.shape[0]]
+    for j in range(X.shape[0]):
+        seg = X[j, col:col + width]
+        o = out[j]
+        for c in range(width):
+            o[c] = seg[c]
+    return out
 
 
 @njit(fastmath=_FAST, cache=True)
-def _scores_packed(Qb, Kt, S, simd):
-    """S (bq, tn) = Qb (bq, d) . Kt (tn, d)^T for packed rows: SIMD loops
-    (each key row read once for all queries; best for a few queries) or BLAS."""
+def _scores(Qb, Kt, S, simd):
+    """S (bq, tn) = Qb (bq, d) . Kt (tn, d)^T: SIMD loops (each key row read
+    once for all queries; best for a few queries) or BLAS."""
     if not simd:
         np.dot(Qb, Kt.T, S)
         return
@@ -84,21 +98,8 @@ def _scores_packed(Qb, Kt, S, simd):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _scores(Qb, Kt, S, simd, kbuf):
-    """As :func:`_scores_packed`; a strided Kt (a KV head of a multi-head
-    array) is first copied into the scratch tile ``kbuf`` so the loops and
-    BLAS see packed rows."""
-    if _strided(Kt):
-        kb = kbuf[: Kt.shape[0]]
-        kb[:] = Kt
-        _scores_packed(Qb, kb, S, simd)
-    else:
-        _scores_packed(Qb, Kt, S, simd)
-
-
-@njit(fastmath=_FAST, cache=True)
-def _accumulate_packed(S, Vt, acc, corr, simd, pv):
-    """acc (bq, dv) = acc * corr + S (bq, tn) . Vt (tn, dv) for packed rows."""
+def _accumulate(S, Vt, acc, corr, simd, pv):
+    """acc (bq, dv) = acc * corr + S (bq, tn) . Vt (tn, dv)."""
     bq, dv = acc.shape
     if simd:
         for i in range(bq):
@@ -302,12 +303,14 @@ def _topk_row(row, mx, t0, k, bs, bi, count, thr):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi,
+def _stream_range(Qb, K, V, kcol, vcol, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi,
                   k0, k1, ktile, simd, want_soft, want_acc, k,
                   m, l, acc, tk_s, tk_i, tk_n, tk_thr):
     """Stream keys ``k0:k1`` into the states of one query block.
 
-    Qb (bq, d), K (N, d), V (N, dv), bias (N,) or (0,): float32.
+    Qb (bq, d), bias (N,) or (0,): float32. K (N, WK), V (N, WV): the keys
+    are ``K[:, kcol:kcol + d]`` and the values ``V[:, vcol:vcol + dv]`` (a
+    head of a multi-head array; WK = d and kcol = 0 for a plain one).
     m, l (bq,), acc (bq, dv): online-softmax states, updated when
     ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
     tk_thr (bq,): top-k buffers, updated when ``k > 0``. ptr, end (bq,): the
@@ -315,21 +318,21 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi
     key window. Returns the number of rows of score tiles that held a NaN or
     inf.
     """
-    bq = Qb.shape[0]
-    dv = V.shape[1]
+    bq, d = Qb.shape
+    dv = acc.shape[1]
     has_bias = bias.shape[0] > 0
     scores = np.empty(bq * ktile, np.float32)
     terms = np.empty(ktile, np.float32)
     corr = np.ones(bq, np.float32)
     pv = np.empty((bq, dv), np.float32)
-    kbuf = np.empty((ktile if _strided(K) else 0, K.shape[1]), np.float32)
-    vbuf = np.empty((ktile if _strided(V) else 0, dv), np.float32)
+    kbuf = np.empty((ktile if K.shape[1] != d else 0, d), np.float32)
+    vbuf = np.empty((ktile if want_acc and V.shape[1] != dv else 0, dv), np.float32)
     bad = 0
     for t0 in range(k0, k1, ktile):
         t1 = min(t0 + ktile, k1)
         S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
-        Kt = K[t0:t1]
-        _scores(Qb, Kt, S, simd, kbuf)
+        Kt = _packed_tile(K[t0:t1], kcol, d, kbuf)
+        _scores(Qb, Kt, S, simd)
         _key_terms(Kt, bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms)
         _exclude(S, t0, excl_ids, ptr, end)
         if lo.shape[0] > 0:
@@ -346,22 +349,18 @@ def _stream_range(Qb, K, V, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi
                 l[i] = l[i] * corr[i] + total
         if not want_acc:
             continue
-        Vt = V[t0:t1]
-        if _strided(Vt):
-            vb = vbuf[: Vt.shape[0]]
-            vb[:] = Vt
-            _accumulate_packed(S, vb, acc, corr, simd, pv)
-        else:
-            _accumulate_packed(S, Vt, acc, corr, simd, pv)
+        _accumulate(S, _packed_tile(V[t0:t1], vcol, dv, vbuf), acc, corr, simd, pv)
     return bad
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi,
+def stream(Q, K, V, kcol, vcol, dv, bias, key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi,
            nqb, nsplit, ktile, ktile_simd, simd_queries, want_soft, want_acc, k):
     """Stream every key past every query, in ``nqb x nsplit`` parallel items.
 
-    Q (B, d), K (N, d), V (N, dv), bias (N,) or (0,): float32, C-contiguous.
+    Q (B, d), bias (N,) or (0,): float32, C-contiguous. K (N, WK) and V
+    (N, WV) C-contiguous hold the keys in columns ``kcol:kcol + d`` and the
+    values in ``vcol:vcol + dv`` (one head of a multi-head array).
     excl_off (B + 1,) or (0,), excl_ids: int64 CSR exclusion lists, sorted
     per query. row_lo, row_hi (B,) or (0,): int64 key window ``[lo, hi)`` of
     each query (causal and sliding-window modes); key tiles outside every
@@ -383,7 +382,7 @@ def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi
     split = (N + nsplit - 1) // nsplit
     m = np.full((nsplit, B), NEG_INIT, np.float32)
     l = np.zeros((nsplit, B), np.float32)
-    acc = np.zeros((nsplit, B, V.shape[1] if want_acc else 0), np.float32)
+    acc = np.zeros((nsplit, B, dv if want_acc else 0), np.float32)
     cap = 2 * k + TOPK_CHUNK if k > 0 else 0
     tk_s = np.empty((nsplit, B, cap), np.float32)
     tk_i = np.empty((nsplit, B, cap), np.int64)
@@ -414,7 +413,7 @@ def stream(Q, K, V, bias, key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi
                 end[i] = lo + np.searchsorted(excl_ids[lo:hi], k1)
         simd = q1 - q0 <= simd_queries
         bad[w] = _stream_range(
-            Q[q0:q1], K, V, bias, key_mode, key_coef, excl_ids, ptr, end,
+            Q[q0:q1], K, V, kcol, vcol, bias, key_mode, key_coef, excl_ids, ptr, end,
             row_lo[q0:q1], row_hi[q0:q1], k0, k1, ktile_simd if simd else ktile, simd,
             want_soft, want_acc, k, m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
             tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_thr[sp, q0:q1])
@@ -481,14 +480,14 @@ def merge_topk(tk_s, tk_i, tk_n, k):
 
 
 @njit(cache=True)
-def gather_weighted(V, ids, weights):
-    """out[b] = sum_j weights[b, j] * V[ids[b, j]] over the ids >= 0.
+def gather_weighted(V, vcol, dv, ids, weights):
+    """out[b] = sum_j weights[b, j] * V[ids[b, j], vcol:vcol + dv] over the ids >= 0.
 
-    V (N, dv) float32, ids (B, k) int64, weights (B, k) float32.
+    V (N, WV) float32, ids (B, k) int64, weights (B, k) float32.
     Returns (B, dv) float32.
     """
     B, k = ids.shape
-    out = np.zeros((B, V.shape[1]), np.float32)
+    out = np.zeros((B, dv), np.float32)
     for b in range(B):
         o = out[b]
         for j in range(k):
@@ -496,8 +495,8 @@ def gather_weighted(V, ids, weights):
                 continue
             w = weights[b, j]
             v = V[ids[b, j]]
-            for c in range(v.shape[0]):
-                o[c] += w * v[c]
+            for c in range(dv):
+                o[c] += w * v[vcol + c]
     return out
 
 
@@ -521,8 +520,8 @@ def plan(B, N, threads):
 _NONE = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def run(Q, K, V, bias, *, key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None,
-        want_soft=True, want_acc=True, k=0):
+def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, key_mode=KEYS_PLAIN, key_coef=0.0,
+        exclude=None, window=None, want_soft=True, want_acc=True, k=0):
     """Plan, run :func:`stream` under the runtime lock, and merge the splits.
 
     Arguments as :func:`stream`; ``exclude`` is ``(offsets, ids)`` or None,
@@ -536,7 +535,7 @@ def run(Q, K, V, bias, *, key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, windo
     excl_off, excl_ids = _NONE if exclude is None else exclude
     row_lo, row_hi = _NONE if window is None else window
     m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
-        stream, Q, K, V, bias, key_mode, np.float32(key_coef), excl_off, excl_ids,
+        stream, Q, K, V, kcol, vcol, V.shape[1] if dv is None else dv, bias, key_mode, np.float32(key_coef), excl_off, excl_ids,
         row_lo, row_hi, nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
         want_soft, want_acc, k)
     res = {"bad": bad}
