@@ -34,6 +34,14 @@ def run(methods, reps):
     return {name: stats(t) for name, t in interleaved(methods, reps).items()}
 
 
+def show(title, res, ours_name, ours, ref):
+    """Record the largest difference from torch and print the timing rows."""
+    res["max_abs_diff_vs_torch"] = float(np.abs(ours - ref).max())
+    print(f"{title}; medians (min-max) in ms (max |ours - torch| = {res['max_abs_diff_vs_torch']:.1e})")
+    print_rows({n: r for n, r in res.items() if isinstance(r, dict)}, ours=ours_name)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -61,13 +69,9 @@ def main():
         "torch SDPA enable_gqa": lambda: sdpa(tq, tk, tv, enable_gqa=True),
         "torch SDPA heads folded": lambda: sdpa(tq_folded, tk, tv),
     }, args.reps)
-    ours = sr.attention(q, k, v)
-    ref = sdpa(tq, tk, tv, enable_gqa=True)[0].permute(1, 0, 2).numpy()
-    res["max_abs_diff_vs_torch"] = float(np.abs(ours - ref).max())
-    print(f"GQA: B={B}, H={H}, Hkv={Hkv}, N={N:,}, d=dv={d}; medians (min-max) in ms "
-          f"(max |ours - torch| = {res['max_abs_diff_vs_torch']:.1e})")
-    print_rows({n: r for n, r in res.items() if isinstance(r, dict)}, ours="softretrieval GQA")
-    report["gqa"] = res
+    report["gqa"] = show(f"GQA: B={B}, H={H}, Hkv={Hkv}, N={N:,}, d=dv={d}", res, "softretrieval GQA",
+                         sr.attention(q, k, v),
+                         sdpa(tq, tk, tv, enable_gqa=True)[0].permute(1, 0, 2).numpy())
 
     T, H, d = 8192, 8, 64
     q = rng.standard_normal((T, H, d), dtype=np.float32)
@@ -80,13 +84,9 @@ def main():
         "torch SDPA is_causal": lambda: sdpa(tq, tk, tv, is_causal=True),
         "torch SDPA no mask": lambda: sdpa(tq, tk, tv),
     }, args.reps)
-    ours = sr.attention(q, k, v, causal=True)
-    ref = sdpa(tq, tk, tv, is_causal=True)[0].permute(1, 0, 2).numpy()
-    res["max_abs_diff_vs_torch"] = float(np.abs(ours - ref).max())
-    print(f"\nCausal: T=S={T}, H={H}, d=dv={d}; medians (min-max) in ms "
-          f"(max |ours - torch| = {res['max_abs_diff_vs_torch']:.1e})")
-    print_rows({n: r for n, r in res.items() if isinstance(r, dict)}, ours="softretrieval causal")
-    report["causal"] = res
+    report["causal"] = show(f"\nCausal: T=S={T}, H={H}, d=dv={d}", res, "softretrieval causal",
+                            sr.attention(q, k, v, causal=True),
+                            sdpa(tq, tk, tv, is_causal=True)[0].permute(1, 0, 2).numpy())
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.out}")

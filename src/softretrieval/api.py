@@ -53,8 +53,7 @@ class _Prepared(NamedTuple):
     window: object         # (lo, hi) or None
 
 
-def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax,
-           kcol=0, vcol=0, dv=None):
+def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax, kcol, vcol, dv):
     """Turn one problem's inputs into the kernels' terms.
 
     With ``softmax`` the kernel logits are base 2 (``log2(e)`` folded into
@@ -78,7 +77,7 @@ def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softm
         Qs = (Q * np.float64(mult)).astype(np.float32)
     if not np.isfinite(Qs).all():
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
-    return _Prepared(Qs, K, V, kcol, vcol, V.shape[1] if dv is None else dv, values_given,
+    return _Prepared(Qs, K, V, kcol, vcol, dv, values_given,
                      _prepare_bias(bias, K.shape[0], unit), key_mode, key_coef, row_const, exclude,
                      window)
 
@@ -250,14 +249,6 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
 attention.__doc__ += _SHAPES
 
 
-def _check_k(k):
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an integer, got {type(k).__name__}")
-    if k <= 0:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return int(k)
-
-
 def _run_topk(p, k, want_soft):
     """Top-k of one problem: ``(res, logits, ids, count, valid)``, where
     ``valid`` (R, min(k, N)) marks the slots that hold a key."""
@@ -299,7 +290,7 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
         keys are valid the tail holds id -1 and score -inf (+inf for "l2").
     With heads, both are (B, H, k) (sequences: (batch, T, H, k)).
     """
-    k = _check_k(k)
+    k = validate.positive_int(k, "k")
     lay, problems = _problems(queries, keys, None, metric=metric, scale=None, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=False)
@@ -336,7 +327,7 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
     enough. Returns a :class:`TopKAttention` whose fields have the queries'
     leading axes.
     """
-    k = _check_k(k)
+    k = validate.positive_int(k, "k")
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)

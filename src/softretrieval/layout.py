@@ -161,11 +161,7 @@ def check_window(causal, window):
         return None
     if not causal:
         raise ValueError("window needs causal=True")
-    if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)):
-        raise TypeError(f"window must be an integer, got {type(window).__name__}")
-    if window <= 0:
-        raise ValueError(f"window must be >= 1, got {window}")
-    return int(window)
+    return validate.positive_int(window, "window")
 
 
 def stacked_exclude(excl, layout):

@@ -47,14 +47,6 @@ class MemoryRead(NamedTuple):
     coverage: Optional[np.ndarray] = None
 
 
-def _positive_int(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 class KNNMemory:
     """An external memory of ``capacity`` (key, value) pairs per head.
 
@@ -73,10 +65,10 @@ class KNNMemory:
     """
 
     def __init__(self, key_dim, value_dim, capacity, *, heads=1, dtype="float32", metric="ip"):
-        self.key_dim = _positive_int(key_dim, "key_dim")
-        self.value_dim = _positive_int(value_dim, "value_dim")
-        self.capacity = _positive_int(capacity, "capacity")
-        self.heads = _positive_int(heads, "heads")
+        self.key_dim = validate.positive_int(key_dim, "key_dim")
+        self.value_dim = validate.positive_int(value_dim, "value_dim")
+        self.capacity = validate.positive_int(capacity, "capacity")
+        self.heads = validate.positive_int(heads, "heads")
         if dtype not in ("float32", np.float32):
             raise ValueError(f"dtype must be 'float32', got {dtype!r}")
         if metric not in api.METRICS:
@@ -163,7 +155,7 @@ class KNNMemory:
         """
         q, squeeze = self._queries(queries)
         if k is not None:
-            k = api._check_k(k)
+            k = validate.positive_int(k, "k")
             if k > self.capacity:
                 raise ValueError(f"k = {k} is larger than the memory's capacity {self.capacity}")
         B, H = q.shape[:2]

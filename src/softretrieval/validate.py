@@ -43,6 +43,16 @@ def all_finite(arr, name):
         raise ValueError(f"{name} contains NaN or inf (after conversion to float32)")
 
 
+def positive_int(value, name):
+    """``value`` as an int >= 1: TypeError for non-integers (bools included),
+    ValueError below 1."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
 def scale_value(scale, dim):
     """The logit scale: ``1/sqrt(dim)`` for None, else a finite real number."""
     if scale is None:
