@@ -173,9 +173,10 @@ def test_driver_any_split(rng, nqb, nsplit):
     Q, K, V = make(rng, 11, 123, 6, 5)
     Qs = (Q * (LOG2E / np.sqrt(6))).astype(np.float32)
     none = np.zeros(0, np.int64)
+    f32 = np.zeros(0, np.float32)
     m, l, acc, _, _, _, bad = runtime.parallel_call(
-        cpu.stream, Qs, K, V, 0, 0, V.shape[1], np.zeros(0, np.float32), 0, np.float32(0), none, none, none, none,
-        nqb, nsplit, 16, 8, 2, True, True, 0)
+        cpu.stream, Qs, K, 0, f32, V, 0, f32, 0, 0, V.shape[1], f32, 0, np.float32(0),
+        none, none, none, none, nqb, nsplit, 16, 8, 2, True, True, 0)
     out, lse = cpu.merge_states(m, l, acc)
     assert bad == 0
     lse = lse.astype(np.float32)

@@ -6,8 +6,9 @@ exists. Numba kernels are compiled on first use (and cached on disk).
 """
 
 from .api import TopKAttention, attention, merge, topk, topk_attention
+from .index import Index
 from .memory import KNNMemory, MemoryRead, memory_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "merge", "topk", "topk_attention", "TopKAttention", "KNNMemory",
+__all__ = ["attention", "merge", "topk", "topk_attention", "TopKAttention", "Index", "KNNMemory",
            "MemoryRead", "memory_attention", "__version__"]

@@ -12,9 +12,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import layout, validate
-from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
+from .constants import FMT_F32, KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
 
 METRICS = ("ip", "cosine", "l2")
+_NO_SCALE = np.zeros(0, np.float32)
 
 
 class TopKAttention(NamedTuple):
@@ -51,14 +52,20 @@ class _Prepared(NamedTuple):
     row_const: np.ndarray  # (R,) float64, natural-log units: logit = kernel logit + row_const
     exclude: object        # (offsets, ids) or None
     window: object         # (lo, hi) or None
+    kfmt: int = FMT_F32    # storage formats and int8 row scales of K and V (storage.Stored)
+    kscale: np.ndarray = _NO_SCALE
+    vfmt: int = FMT_F32
+    vscale: np.ndarray = _NO_SCALE
 
 
-def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax, kcol, vcol, dv):
+def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax, kcol, vcol, dv,
+           formats=()):
     """Turn one problem's inputs into the kernels' terms.
 
     With ``softmax`` the kernel logits are base 2 (``log2(e)`` folded into
     the scale and the bias); without, they are the raw similarity
-    (``scale`` = 1).
+    (``scale`` = 1). ``formats`` is ``(kfmt, kscale, vfmt, vscale)`` for
+    keys/values in compact storage (:mod:`softretrieval.storage`).
     """
     d = Q.shape[1]
     unit = LOG2E if softmax else 1.0
@@ -79,7 +86,7 @@ def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softm
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
     return _Prepared(Qs, K, V, kcol, vcol, dv, values_given,
                      _prepare_bias(bias, K.shape[0], unit), key_mode, key_coef, row_const, exclude,
-                     window)
+                     window, *formats)
 
 
 def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
@@ -155,7 +162,8 @@ def _run(p, **mode):
     """Run the kernels on one problem; name the argument behind a NaN/inf."""
     from . import cpu
 
-    res = cpu.run(p.Q, p.K, p.V, p.bias, kcol=p.kcol, vcol=p.vcol, dv=p.dv, key_mode=p.key_mode,
+    res = cpu.run(p.Q, p.K, p.V, p.bias, kcol=p.kcol, vcol=p.vcol, dv=p.dv, kfmt=p.kfmt,
+                  kscale=p.kscale, vfmt=p.vfmt, vscale=p.vscale, key_mode=p.key_mode,
                   key_coef=p.key_coef, exclude=p.exclude, window=p.window, **mode)
     out = res.get("out")
     if res["bad"] or (out is not None and not np.isfinite(out).all()):
@@ -234,6 +242,14 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)
+    return solve_attention(lay, problems, return_lse)
+
+
+attention.__doc__ += _SHAPES
+
+
+def solve_attention(lay, problems, return_lse):
+    """Soft retrieval of validated problems (see :func:`_problems`)."""
     out = np.zeros((lay.batch, lay.T, lay.H, lay.dv), np.float32)
     lse = np.full((lay.batch, lay.T, lay.H), -np.inf, np.float32)
     for (b, g), p in problems:
@@ -246,7 +262,15 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
     return (out, lse) if return_lse else out
 
 
-attention.__doc__ += _SHAPES
+def solve_logsumexp(lay, problems):
+    """Log-partition (lse only, no values) of validated problems."""
+    lse = np.full((lay.batch, lay.T, lay.H), -np.inf, np.float32)
+    for (b, g), p in problems:
+        if p.Q.shape[0] == 0:
+            continue
+        res = _run(p, want_soft=True, want_acc=False)
+        _fill(lse, lay, b, g, _with_row_const(res["lse"], p.row_const))
+    return lay.heads_out(lse)
 
 
 def _run_topk(p, k, want_soft):
@@ -294,6 +318,14 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
     lay, problems = _problems(queries, keys, None, metric=metric, scale=None, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=False)
+    return solve_topk(lay, problems, k, metric)
+
+
+topk.__doc__ += _SHAPES
+
+
+def solve_topk(lay, problems, k, metric):
+    """Top-k of validated problems (see :func:`_problems`)."""
     pad = np.inf if metric == "l2" else -np.inf
     scores = np.full((lay.batch, lay.T, lay.H, k), pad, np.float32)
     ids = np.full((lay.batch, lay.T, lay.H, k), -1, np.int64)
@@ -313,9 +345,6 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
     return lay.heads_out(scores), lay.heads_out(ids)
 
 
-topk.__doc__ += _SHAPES
-
-
 def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, metric="ip",
                    exclude=None, causal=False, window=None, seq_lens=None):
     """Top-k attention: softmax over each query's k best keys, in one pass.
@@ -331,6 +360,14 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)
+    return solve_topk_attention(lay, problems, k)
+
+
+topk_attention.__doc__ += _SHAPES
+
+
+def solve_topk_attention(lay, problems, k):
+    """Top-k attention of validated problems (see :func:`_problems`)."""
     from . import cpu
 
     lead = (lay.batch, lay.T, lay.H)
@@ -348,7 +385,7 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
         total = w.sum(axis=1)
         wn = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
         wn = wn.astype(np.float32)
-        _fill(out, lay, b, g, cpu.gather_weighted(p.V, p.vcol, p.dv, top_ids, wn))
+        _fill(out, lay, b, g, cpu.gather_weighted(p.V, p.vfmt, p.vscale, p.vcol, p.dv, top_ids, wn))
         with np.errstate(divide="ignore", invalid="ignore"):
             lse_top = (top + np.log2(total)) * LN2   # float64, like the kernel's lse
             cov = np.where(count > 0, np.minimum(np.exp(lse_top - res["lse"]), 1.0), 0.0)
@@ -357,9 +394,6 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
         _fill(ids, lay, b, g, _pad(top_ids, k, -1))
         _fill(weights, lay, b, g, _pad(wn, k, 0.0))
     return TopKAttention(*(lay.heads_out(a) for a in (out, ids, weights, lse, coverage)))
-
-
-topk_attention.__doc__ += _SHAPES
 
 
 def merge(outs, lses):

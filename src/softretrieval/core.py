@@ -93,6 +93,31 @@ def exp2(x):
     return p * pow2i(np.int32(nf))
 
 
+_TWO112 = np.float32(2.0**112)
+_HALF_SIGN = np.int32(0x8000)
+_HALF_MAGNITUDE = np.int32(0x7FFF)
+
+
+def half_to_float(h):
+    """The float32 value of the finite IEEE half-precision number whose bits
+    are the integer ``h`` (0..65535).
+
+    The half's exponent and mantissa are placed in a float32's low exponent
+    bits (shift by 13) and rebased by a multiply by ``2 ** 112``, which also
+    gets subnormal halves right. No branch, so a loop over it vectorizes.
+    (Storage never holds half inf/NaN: encoding refuses them.)
+    """
+    b = np.int32(h)
+    return float32_from_bits(np.int32(((b & _HALF_SIGN) << np.int32(16))
+                                      | ((b & _HALF_MAGNITUDE) << np.int32(13)))) * _TWO112
+
+
+def bfloat16_to_float(h):
+    """The float32 value of the bfloat16 whose bits are the integer ``h``
+    (0..65535): the top half of a float32's bits."""
+    return float32_from_bits(np.int32(np.int32(h) << np.int32(16)))
+
+
 def rescale(m_old, tile_max):
     """New running max after a tile, and the factor that rescales old sums.
 
@@ -137,7 +162,7 @@ def compile_for(decorator):
     with one attribute per core function.
     """
     compiled = {}
-    for func in (pow2i, exp2, rescale, merge_pair, finalize):
+    for func in (pow2i, exp2, half_to_float, bfloat16_to_float, rescale, merge_pair, finalize):
         scope = dict(func.__globals__, **compiled)
         rebuilt = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__)
         compiled[func.__name__] = decorator(rebuilt)

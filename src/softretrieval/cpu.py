@@ -22,15 +22,19 @@ with the ids of each query sorted.
 
 import numpy as np
 from numba import njit, prange
+from numba import types as nbtypes
+from numba.core.extending import overload
 
 from . import config, core, runtime
-from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
+from .constants import FMT_BF16, FMT_F16, FMT_F32, KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
 from .core import float32_from_bits
 
 exp2 = core.cpu.exp2
 rescale = core.cpu.rescale
 merge_pair = core.cpu.merge_pair
 finalize = core.cpu.finalize
+half_to_float = core.cpu.half_to_float
+bfloat16_to_float = core.cpu.bfloat16_to_float
 
 # Fast-math without 'nnan'/'ninf': NaN and inf flow through to the outputs,
 # where the API detects them (a NaN in the values must not be folded away).
@@ -59,24 +63,53 @@ def _row_max_finite(bits):
     return mx, expo != _EXPONENT
 
 
-@njit(fastmath=_FAST, cache=True)
-def _packed_tile(X, col, width, buf):
-    """Rows ``X[:, col:col + width]`` of a tile as a packed (rows, width) array.
+def _tile(X, col, width, buf, fmt, scale):
+    """Rows ``X[:, col:col + width]`` of a tile as packed float32 (rows, width).
 
-    X (rows, W) C-contiguous. When W == width this is X itself; otherwise
-    (one head of a multi-head array, ``col = head * width``) the columns
-    are copied into the scratch ``buf``, row by row from a contiguous row
-    slice, which vectorizes (a strided 2-D view would not).
+    X (rows, W) C-contiguous, in a storage format (:mod:`softretrieval.storage`):
+    float32; uint16 bits of float16 (``fmt == FMT_F16``) or bfloat16
+    (``FMT_BF16``); or int8 times the per-row ``scale`` (rows,). A plain
+    float32 tile (W == width) is returned as it is; otherwise (one head of a
+    multi-head array, ``col = head * width``, or compact storage) the rows are
+    decoded into the scratch ``buf``, each from a contiguous row slice, which
+    vectorizes. Compiled per storage dtype (see the overload below).
     """
-    if X.shape[1] == width:
-        return X
-    out = buf[: X.shape[0]]
-    for j in range(X.shape[0]):
-        seg = X[j, col:col + width]
-        o = out[j]
-        for c in range(width):
-            o[c] = seg[c]
-    return out
+    raise NotImplementedError("compiled only")
+
+
+@overload(_tile, jit_options={"fastmath": _FAST})
+def _tile_for(X, col, width, buf, fmt, scale):
+    if X.dtype == nbtypes.float32:
+        def impl(X, col, width, buf, fmt, scale):
+            if X.shape[1] == width:
+                return X
+            out = buf[: X.shape[0]]
+            for j in range(X.shape[0]):
+                seg = X[j, col:col + width]
+                o = out[j]
+                for c in range(width):
+                    o[c] = seg[c]
+            return out
+    elif X.dtype in (nbtypes.uint16, nbtypes.int8):
+        def impl(X, col, width, buf, fmt, scale):
+            out = buf[: X.shape[0]]
+            for j in range(X.shape[0]):
+                seg = X[j, col:col + width]
+                o = out[j]
+                if fmt == FMT_F16:
+                    for c in range(width):
+                        o[c] = half_to_float(seg[c])
+                elif fmt == FMT_BF16:
+                    for c in range(width):
+                        o[c] = bfloat16_to_float(seg[c])
+                else:
+                    s = scale[j]
+                    for c in range(width):
+                        o[c] = np.float32(seg[c]) * s
+            return out
+    else:
+        return None
+    return impl
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -303,14 +336,16 @@ def _topk_row(row, mx, t0, k, bs, bi, count, thr):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _stream_range(Qb, K, V, kcol, vcol, bias, key_mode, key_coef, excl_ids, ptr, end, lo, hi,
-                  k0, k1, ktile, simd, want_soft, want_acc, k,
+def _stream_range(Qb, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, bias, key_mode, key_coef,
+                  excl_ids, ptr, end, lo, hi, k0, k1, ktile, simd, want_soft, want_acc, k,
                   m, l, acc, tk_s, tk_i, tk_n, tk_thr):
     """Stream keys ``k0:k1`` into the states of one query block.
 
     Qb (bq, d), bias (N,) or (0,): float32. K (N, WK), V (N, WV): the keys
     are ``K[:, kcol:kcol + d]`` and the values ``V[:, vcol:vcol + dv]`` (a
-    head of a multi-head array; WK = d and kcol = 0 for a plain one).
+    head of a multi-head array; WK = d and kcol = 0 for a plain one), stored
+    in formats ``kfmt`` / ``vfmt`` with per-row scales ``kscale`` /
+    ``vscale`` (N,) for int8, else (0,); see :func:`_tile`.
     m, l (bq,), acc (bq, dv): online-softmax states, updated when
     ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
     tk_thr (bq,): top-k buffers, updated when ``k > 0``. ptr, end (bq,): the
@@ -325,13 +360,17 @@ def _stream_range(Qb, K, V, kcol, vcol, bias, key_mode, key_coef, excl_ids, ptr,
     terms = np.empty(ktile, np.float32)
     corr = np.ones(bq, np.float32)
     pv = np.empty((bq, dv), np.float32)
-    kbuf = np.empty((ktile if K.shape[1] != d else 0, d), np.float32)
-    vbuf = np.empty((ktile if want_acc and V.shape[1] != dv else 0, dv), np.float32)
+    kbuf = np.empty((ktile if K.shape[1] != d or kfmt != FMT_F32 else 0, d), np.float32)
+    vbuf = np.empty((ktile if want_acc and (V.shape[1] != dv or vfmt != FMT_F32) else 0, dv),
+                    np.float32)
+    kscaled = kscale.shape[0] > 0
+    vscaled = vscale.shape[0] > 0
     bad = 0
     for t0 in range(k0, k1, ktile):
         t1 = min(t0 + ktile, k1)
         S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
-        Kt = _packed_tile(K[t0:t1], kcol, d, kbuf)
+        ks = kscale[t0:t1] if kscaled else kscale
+        Kt = _tile(K[t0:t1], kcol, d, kbuf, kfmt, ks)
         _scores(Qb, Kt, S, simd)
         _key_terms(Kt, bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms)
         _exclude(S, t0, excl_ids, ptr, end)
@@ -349,18 +388,23 @@ def _stream_range(Qb, K, V, kcol, vcol, bias, key_mode, key_coef, excl_ids, ptr,
                 l[i] = l[i] * corr[i] + total
         if not want_acc:
             continue
-        _accumulate(S, _packed_tile(V[t0:t1], vcol, dv, vbuf), acc, corr, simd, pv)
+        vs = vscale[t0:t1] if vscaled else vscale
+        Vt = _tile(V[t0:t1], vcol, dv, vbuf, vfmt, vs)
+        _accumulate(S, Vt, acc, corr, simd, pv)
     return bad
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def stream(Q, K, V, kcol, vcol, dv, bias, key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi,
-           nqb, nsplit, ktile, ktile_simd, simd_queries, want_soft, want_acc, k):
+def stream(Q, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
+           excl_off, excl_ids, row_lo, row_hi, nqb, nsplit, ktile, ktile_simd, simd_queries,
+           want_soft, want_acc, k):
     """Stream every key past every query, in ``nqb x nsplit`` parallel items.
 
     Q (B, d), bias (N,) or (0,): float32, C-contiguous. K (N, WK) and V
     (N, WV) C-contiguous hold the keys in columns ``kcol:kcol + d`` and the
-    values in ``vcol:vcol + dv`` (one head of a multi-head array).
+    values in ``vcol:vcol + dv`` (one head of a multi-head array), in the
+    storage formats ``kfmt`` / ``vfmt`` with int8 row scales ``kscale`` /
+    ``vscale`` (N,) or (0,) (see :func:`_tile`).
     excl_off (B + 1,) or (0,), excl_ids: int64 CSR exclusion lists, sorted
     per query. row_lo, row_hi (B,) or (0,): int64 key window ``[lo, hi)`` of
     each query (causal and sliding-window modes); key tiles outside every
@@ -412,9 +456,11 @@ def stream(Q, K, V, kcol, vcol, dv, bias, key_mode, key_coef, excl_off, excl_ids
                 ptr[i] = lo + np.searchsorted(excl_ids[lo:hi], k0)
                 end[i] = lo + np.searchsorted(excl_ids[lo:hi], k1)
         simd = q1 - q0 <= simd_queries
+        tile = ktile_simd if simd else ktile
         bad[w] = _stream_range(
-            Q[q0:q1], K, V, kcol, vcol, bias, key_mode, key_coef, excl_ids, ptr, end,
-            row_lo[q0:q1], row_hi[q0:q1], k0, k1, ktile_simd if simd else ktile, simd,
+            Q[q0:q1], K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, bias, key_mode, key_coef,
+            excl_ids, ptr, end,
+            row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd,
             want_soft, want_acc, k, m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
             tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_thr[sp, q0:q1])
     return m, l, acc, tk_s, tk_i, tk_n, bad.sum()
@@ -480,23 +526,28 @@ def merge_topk(tk_s, tk_i, tk_n, k):
 
 
 @njit(cache=True)
-def gather_weighted(V, vcol, dv, ids, weights):
+def gather_weighted(V, vfmt, vscale, vcol, dv, ids, weights):
     """out[b] = sum_j weights[b, j] * V[ids[b, j], vcol:vcol + dv] over the ids >= 0.
 
-    V (N, WV) float32, ids (B, k) int64, weights (B, k) float32.
+    V (N, WV) in storage format ``vfmt`` (int8 row scales ``vscale`` (N,),
+    else (0,)), ids (B, k) int64, weights (B, k) float32.
     Returns (B, dv) float32.
     """
     B, k = ids.shape
     out = np.zeros((B, dv), np.float32)
+    row = np.empty((1, dv), np.float32)
+    scaled = vscale.shape[0] > 0
     for b in range(B):
         o = out[b]
         for j in range(k):
-            if ids[b, j] < 0:
+            i = ids[b, j]
+            if i < 0:
                 continue
             w = weights[b, j]
-            v = V[ids[b, j]]
+            vs = vscale[i:i + 1] if scaled else vscale
+            v = _tile(V[i:i + 1], vcol, dv, row, vfmt, vs)[0]
             for c in range(dv):
-                o[c] += w * v[vcol + c]
+                o[c] += w * v[c]
     return out
 
 
@@ -520,8 +571,12 @@ def plan(B, N, threads):
 _NONE = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, key_mode=KEYS_PLAIN, key_coef=0.0,
-        exclude=None, window=None, want_soft=True, want_acc=True, k=0):
+_NO_SCALE = np.zeros(0, np.float32)
+
+
+def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kfmt=FMT_F32, kscale=_NO_SCALE, vfmt=FMT_F32,
+        vscale=_NO_SCALE, key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None,
+        want_soft=True, want_acc=True, k=0):
     """Plan, run :func:`stream` under the runtime lock, and merge the splits.
 
     Arguments as :func:`stream`; ``exclude`` is ``(offsets, ids)`` or None,
@@ -535,8 +590,8 @@ def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, key_mode=KEYS_PLAIN, key_coef
     excl_off, excl_ids = _NONE if exclude is None else exclude
     row_lo, row_hi = _NONE if window is None else window
     m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
-        stream, Q, K, V, kcol, vcol, V.shape[1] if dv is None else dv, bias, key_mode, np.float32(key_coef), excl_off, excl_ids,
-        row_lo, row_hi, nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
+        stream, Q, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, V.shape[1] if dv is None else dv,
+        bias, key_mode, np.float32(key_coef), excl_off, excl_ids, row_lo, row_hi, nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
         want_soft, want_acc, k)
     res = {"bad": bad}
     if want_soft:

@@ -8,28 +8,24 @@ memory's top-k, combined as one exact softmax (through the merge of their
 online-softmax states) or as the gated mix Memorizing Transformers use.
 
 Storage is one contiguous ``(capacity, dim)`` block per head, so each head
-is read by the kernels in place. On-disk format (``save``/``load``): a
-folder holding ``keys.npy`` and ``values.npy`` (the ring, ``(heads,
-capacity, dim)`` float32) and ``meta.json`` (format version, shapes, ring position and the
-SHA-256 of each ``.npy``). Saving writes a sibling folder and renames it into
-place, so a crash never leaves a half-written memory that loads; loading
-checks the version, shapes, dtypes and checksums and refuses anything else.
+is read by the kernels in place. On-disk format (``save``/``load``, see
+:mod:`softretrieval.persist`): a folder holding ``keys.npy`` and
+``values.npy`` (the ring, ``(heads, capacity, dim)`` float32) and
+``meta.json`` (format version, shapes, ring position and the SHA-256 of each
+``.npy``). Saving is atomic; loading checks the version, shapes, dtypes and
+checksums and refuses anything else.
 """
 
-import hashlib
-import json
 import os
-import shutil
 import threading
-import uuid
 from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import api, validate
+from . import api, persist, validate
 
 FORMAT = "softretrieval.KNNMemory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class MemoryRead(NamedTuple):
@@ -187,75 +183,36 @@ class KNNMemory:
 
     def save(self, path):
         """Write the memory to the folder ``path`` atomically (see the module docstring)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        os.makedirs(tmp)
-        try:
-            with self._lock:
-                np.save(os.path.join(tmp, "keys.npy"), self._keys)
-                np.save(os.path.join(tmp, "values.npy"), self._values)
-                meta = {"format": FORMAT, "version": FORMAT_VERSION, "key_dim": self.key_dim,
-                        "value_dim": self.value_dim, "capacity": self.capacity, "heads": self.heads,
-                        "metric": self.metric, "size": self._size, "next": self._next,
-                        "sha256": {name: _sha256(os.path.join(tmp, name))
-                                   for name in ("keys.npy", "values.npy")}}
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            old = None
-            if os.path.exists(path):
-                old = f"{path}.old-{uuid.uuid4().hex}"
-                os.rename(path, old)
-            os.rename(tmp, path)
-            if old:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with self._lock:
+            fields = {"key_dim": self.key_dim, "value_dim": self.value_dim,
+                      "capacity": self.capacity, "heads": self.heads, "metric": self.metric,
+                      "size": self._size, "next": self._next}
+            persist.save_folder(path, FORMAT, FORMAT_VERSION,
+                                {"keys": self._keys, "values": self._values}, fields)
 
     @classmethod
     def load(cls, path):
         """Read a memory written by :meth:`save`; a damaged one raises ValueError."""
         path = os.fspath(path)
+        meta, arrays = persist.load_folder(path, FORMAT, FORMAT_VERSION)
         try:
-            with open(os.path.join(path, "meta.json")) as f:
-                meta = json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"{path}: not a saved KNNMemory (no meta.json)") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: meta.json is damaged: {exc}") from None
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported format {meta.get('format')!r} "
-                             f"version {meta.get('version')!r} (expected {FORMAT} {FORMAT_VERSION})")
-        try:
-            mem = cls(meta["key_dim"], meta["value_dim"], meta["capacity"], heads=meta["heads"],
-                      metric=meta["metric"])
-            size, nxt = int(meta["size"]), int(meta["next"])
-            sums = meta["sha256"]
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: meta.json is missing or has a bad field: {exc}") from None
+            mem = cls(*(persist.field(meta, path, n, int)
+                        for n in ("key_dim", "value_dim", "capacity")),
+                      heads=persist.field(meta, path, "heads", int),
+                      metric=persist.field(meta, path, "metric", str))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: meta.json describes no valid memory: {exc}") from None
+        size, nxt = persist.field(meta, path, "size", int), persist.field(meta, path, "next", int)
         if not (0 <= size <= mem.capacity and 0 <= nxt < mem.capacity):
             raise ValueError(f"{path}: ring position out of range (size {size}, next {nxt})")
-        for name, dim in (("keys.npy", mem.key_dim), ("values.npy", mem.value_dim)):
-            file = os.path.join(path, name)
-            if not os.path.exists(file) or _sha256(file) != sums.get(name):
-                raise ValueError(f"{path}: {name} is missing, truncated or damaged (checksum mismatch)")
-            arr = np.load(file)
-            if arr.dtype != np.float32 or arr.shape != (mem.heads, mem.capacity, dim):
-                raise ValueError(f"{path}: {name} has {arr.dtype} {arr.shape}, expected float32 "
-                                 f"{(mem.heads, mem.capacity, dim)}")
-            (mem._keys if name == "keys.npy" else mem._values)[:] = arr
+        for name, dest in (("keys", mem._keys), ("values", mem._values)):
+            arr = arrays.get(name)
+            if arr is None or arr.dtype != np.float32 or arr.shape != dest.shape:
+                got = None if arr is None else (arr.dtype, arr.shape)
+                raise ValueError(f"{path}: {name}.npy holds {got}, expected float32 {dest.shape}")
+            dest[:] = arr
         mem._size, mem._next = size, nxt
         return mem
-
-
-def _sha256(file):
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def memory_attention(q, k, v, memory, *, topk=32, causal=True, gate=None, scale=None):

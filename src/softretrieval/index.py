@@ -1,0 +1,410 @@
+"""The retrieval engine: :class:`Index`, an item store with a FAISS-like face.
+
+An index holds N item keys (in a storage format of :mod:`softretrieval.storage`),
+optional values, optional int64 external ids and an optional per-item bias,
+and serves every mode of the kernels over them: exact top-k
+(:meth:`Index.search`), soft retrieval (:meth:`Index.retrieve`), top-k
+attention (:meth:`Index.retrieve_topk`) and the full-catalog log-partition
+(:meth:`Index.logsumexp`). Its arrays are read by the kernels in place.
+
+On-disk format (:meth:`Index.save`, :meth:`Index.load`; see
+:mod:`softretrieval.persist`), a folder of:
+
+* ``keys.npy``: (N, dim) in the storage dtype (float32, float16, uint16 bit
+  patterns for bfloat16, int8);
+* ``scales.npy``: (N,) float32 row scales (int8 only);
+* ``values.npy``: (N, value_dim) float32 (when the index has values);
+* ``ids.npy``: (N,) int64 external ids (when given);
+* ``bias.npy``: (N,) float64 per-item bias (when set);
+* ``meta.json``: format ``"softretrieval.Index"``, version, ``dim``,
+  ``metric``, ``dtype``, ``value_dim``, ``ntotal`` and each file's dtype,
+  shape and SHA-256.
+"""
+
+import math
+import numbers
+import os
+import threading
+
+import numpy as np
+
+from . import api, layout, persist, storage, validate
+
+FORMAT = "softretrieval.Index"
+FORMAT_VERSION = 1
+
+
+class Index:
+    """An item catalog served by the streaming kernels.
+
+    Parameters
+    ----------
+    dim : int >= 1, the key dimension.
+    metric : "ip" (default), "cosine" or "l2", as in :func:`softretrieval.topk`.
+    value_dim : int >= 1 to store a value vector per item (returned, softmax
+        weighted, by :meth:`retrieve`); None (default): the keys serve as
+        values, so :meth:`retrieve` returns a softmax-weighted mean of keys.
+    dtype : key storage, "float32" (default), "float16", "bfloat16" or "int8"
+        (per-row scale). Keys are decoded to float32 inside the kernels' tile
+        loop and all sums are float32; values are stored as float32.
+
+    Retrieval logits are ``scale * sim(q, k) + bias`` with ``scale = 1`` by
+    default (a two-tower model's logit is the dot product; ``temperature`` is
+    ``1 / scale``), unlike :func:`softretrieval.attention`'s ``1/sqrt(d)``.
+
+    ``bias`` arguments: None (default) uses the index's stored per-item bias
+    (if any); an (N,) array replaces it for the call; ``False`` uses none.
+    ``exclude`` lists hold external ids when the index has them (ids not in
+    the index are ignored), else row numbers in ``[0, N)``.
+
+    Searches may run while another thread adds: each sees the items present
+    when it started.
+    """
+
+    def __init__(self, dim, *, metric="ip", value_dim=None, dtype="float32"):
+        self.dim = validate.positive_int(dim, "dim")
+        if metric not in api.METRICS:
+            raise ValueError(f"metric must be one of {api.METRICS}, got {metric!r}")
+        self.metric = metric
+        self.value_dim = None if value_dim is None else validate.positive_int(value_dim, "value_dim")
+        self.dtype = storage.check_dtype(dtype)
+        self._n = 0
+        self._data = np.empty((0, self.dim), storage.FORMATS[self.dtype][1])
+        self._scales = np.empty(0, np.float32)
+        self._values = None if self.value_dim is None else np.empty((0, self.value_dim), np.float32)
+        self._ids = None
+        self._id_order = None
+        self._bias = None
+        self._bias_cache = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ contents
+
+    @property
+    def ntotal(self):
+        """Number of items."""
+        return self._n
+
+    def __len__(self):
+        return self._n
+
+    def __repr__(self):
+        return (f"Index(dim={self.dim}, metric={self.metric!r}, value_dim={self.value_dim}, "
+                f"dtype={self.dtype!r}, ntotal={self._n})")
+
+    @property
+    def ids(self):
+        """(N,) int64 external ids, or None when items are known by row number."""
+        return None if self._ids is None else self._ids[: self._n]
+
+    @property
+    def bias(self):
+        """(N,) float64 stored per-item bias, or None. Assign an (N,) array
+        (``-inf`` hides an item) or None."""
+        return None if self._bias is None else self._bias[: self._n]
+
+    @bias.setter
+    def bias(self, value):
+        with self._lock:
+            b = validate.bias_vector(value, self._n)
+            if b is None:
+                self._bias = None
+            else:
+                self._bias = np.zeros(self._data.shape[0])
+                self._bias[: self._n] = b
+            self._bias_cache = {}
+
+    def keys(self):
+        """The stored keys decoded to float32 (N, dim), as the kernels see them."""
+        return storage.decode_rows(self._data[: self._n], self.dtype, self._scales[: self._n])
+
+    def add(self, keys, values=None, ids=None, bias=None):
+        """Append items.
+
+        keys (n, dim) float array (any float dtype; read in chunks of
+        ``storage.ENCODE_CHUNK`` rows and encoded straight into storage, so a
+        float64 or memory-mapped input is never copied whole); values
+        (n, value_dim) when the index has values; ids (n,) non-negative
+        integers, unique in the index, given on every add or on none; bias
+        (n,) per-item bias (items added without one get 0 once any is set).
+        Nothing is added when an argument is refused.
+        """
+        K = np.asarray(keys)
+        if K.dtype.kind != "f":
+            raise TypeError(f"keys must be a floating-point array, got dtype {K.dtype}")
+        if K.ndim != 2 or K.shape[1] != self.dim:
+            raise ValueError(f"keys must have shape (n, {self.dim}), got {K.shape}")
+        n = K.shape[0]
+        V = self._check_values(values, n)
+        new_ids = self._check_ids(ids, n)
+        b = None if bias is None else validate.bias_vector(bias, n)
+        with self._lock:
+            self._reserve(self._n + n)
+            lo, hi = self._n, self._n + n
+            storage.encode_rows(K, self.dtype, self._data[lo:hi], self._scales[lo:hi])
+            if V is not None:
+                self._values[lo:hi] = V
+            if new_ids is not None:
+                if self._ids is None:
+                    self._ids = np.empty(self._data.shape[0], np.int64)
+                self._ids[lo:hi] = new_ids
+                self._id_order = None
+            if b is not None and self._bias is None:
+                self._bias = np.zeros(self._data.shape[0])
+            if self._bias is not None:
+                self._bias[lo:hi] = 0.0 if b is None else b
+            self._bias_cache = {}
+            self._n = hi
+
+    def _check_values(self, values, n):
+        if self.value_dim is None:
+            if values is not None:
+                raise ValueError("this index has no values (value_dim=None): pass values=None")
+            return None
+        if values is None:
+            raise ValueError(f"values (n, {self.value_dim}) are required: the index has value_dim")
+        V = validate.float_matrix(values, "values")
+        if V.shape != (n, self.value_dim):
+            raise ValueError(f"values must have shape ({n}, {self.value_dim}), got {V.shape}")
+        validate.all_finite(V, "values")
+        return V
+
+    def _check_ids(self, ids, n):
+        if (ids is None) != (self._ids is None) and self._n > 0:
+            raise ValueError("ids must be given on every add or on none "
+                             f"(this index has {'ids' if self._ids is not None else 'no ids'})")
+        if ids is None:
+            return None
+        arr = np.asarray(ids)
+        if arr.dtype.kind not in "iu" or arr.shape != (n,):
+            raise TypeError(f"ids must be a ({n},) integer array, got {arr.dtype} {arr.shape}")
+        arr = arr.astype(np.int64)
+        if n and arr.min() < 0:
+            raise ValueError("ids must be >= 0 (-1 marks a missing result)")
+        if np.unique(arr).size != n:
+            raise ValueError("ids must be unique")
+        if self._n and np.isin(arr, self.ids).any():
+            raise ValueError("ids already in the index")
+        return arr
+
+    def _reserve(self, total):
+        """Grow the arrays to hold ``total`` items (by at least 1.5x)."""
+        cap = self._data.shape[0]
+        if total <= cap:
+            return
+        cap = max(total, cap + cap // 2)
+        n = self._n
+
+        def grown(a, shape):
+            out = np.empty(shape, a.dtype)
+            out[:n] = a[:n]
+            return out
+
+        self._data = grown(self._data, (cap, self.dim))
+        self._scales = grown(self._scales, (cap,))
+        if self._values is not None:
+            self._values = grown(self._values, (cap, self.value_dim))
+        if self._ids is not None:
+            self._ids = grown(self._ids, (cap,))
+        if self._bias is not None:
+            self._bias = grown(self._bias, (cap,))
+
+    # ------------------------------------------------------------------ queries
+
+    def search(self, queries, k, *, exclude=None, bias=None):
+        """Exact top-k: ``(scores (B, k) float32, ids (B, k) int64)``, with
+        the conventions of :func:`softretrieval.topk` (ids are external ids
+        when the index has them; -1 pads)."""
+        k = validate.positive_int(k, "k")
+        lay, problems = self._problems(queries, softmax=False, scale=None, bias=bias,
+                                       exclude=exclude)
+        scores, rows = api.solve_topk(lay, problems, k, self.metric)
+        return scores, self._external(rows)
+
+    def retrieve(self, queries, *, scale=None, temperature=None, bias=None, exclude=None,
+                 return_lse=False):
+        """Soft retrieval over the whole catalog.
+
+        Returns ``out`` (B, value_dim or dim) float32 — the softmax-weighted
+        sum of values (of keys without values) — and, with ``return_lse``,
+        ``lse`` (B,) float32, as :func:`softretrieval.attention`.
+        """
+        lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
+                                       bias=bias, exclude=exclude)
+        return api.solve_attention(lay, problems, return_lse)
+
+    def retrieve_topk(self, queries, k, *, scale=None, temperature=None, bias=None, exclude=None):
+        """Top-k attention in one pass: a :class:`softretrieval.TopKAttention`
+        (out, ids, weights, full-catalog lse, coverage); ids as in :meth:`search`."""
+        k = validate.positive_int(k, "k")
+        lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
+                                       bias=bias, exclude=exclude)
+        res = api.solve_topk_attention(lay, problems, k)
+        return res._replace(ids=self._external(res.ids))
+
+    def logsumexp(self, queries, *, scale=None, temperature=None, bias=None, exclude=None):
+        """``log sum_n exp(logit(q, k_n) + bias_n)`` over the whole catalog,
+        (B,) float32: the normalizer of an exact full-softmax loss."""
+        lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
+                                       bias=bias, exclude=exclude)
+        return api.solve_logsumexp(lay, problems)
+
+    def _stored(self):
+        """A consistent snapshot: ``(n, keys Stored, values array or None)``."""
+        with self._lock:
+            n = self._n
+            if n == 0:
+                raise ValueError("the index is empty: add items before searching")
+            keys = storage.stored(self._data[:n], self.dtype, self._scales[:n])
+            values = None if self._values is None else self._values[:n]
+            return n, keys, values
+
+    def _problems(self, queries, *, softmax, scale, bias, exclude):
+        """The call as one kernel problem on the stored arrays."""
+        n, keys, values = self._stored()
+        Q = validate.float_matrix(queries, "queries")
+        if Q.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {Q.shape[1]} but the index has {self.dim}")
+        validate.all_finite(Q, "queries")
+        B = Q.shape[0]
+        dv = self.dim if values is None else self.value_dim
+        lay = layout.Layout(2, 1, B, 1, n, 1, self.dim, dv)
+        if values is None:
+            formats = (keys.fmt, keys.scale, keys.fmt, keys.scale)
+            V = keys.data
+        else:
+            formats = (keys.fmt, keys.scale, storage.FORMATS["float32"][0], keys.scale[:0])
+            V = values
+        p = api._terms(Q, keys.data, V, values is not None, metric=self.metric, scale=scale,
+                       bias=None, exclude=self._exclusions(exclude, B, n), window=None,
+                       softmax=softmax, kcol=0, vcol=0, dv=dv, formats=formats)
+        p = p._replace(bias=self._call_bias(bias, n, softmax))
+        return lay, [((0, 0), p)]
+
+    def _call_bias(self, bias, n, softmax):
+        """The kernels' bias for a call (cached for the stored bias)."""
+        unit = api.LOG2E if softmax else 1.0
+        if bias is False:
+            return np.zeros(0, np.float32)
+        if bias is not None:
+            return api._prepare_bias(bias, n, unit)
+        with self._lock:
+            if self._bias is None:
+                return np.zeros(0, np.float32)
+            key = (n, unit)
+            if key not in self._bias_cache:
+                self._bias_cache[key] = api._prepare_bias(self._bias[:n], n, unit)
+            return self._bias_cache[key]
+
+    def _exclusions(self, exclude, B, n):
+        """Exclusion lists as sorted CSR row numbers."""
+        if exclude is None:
+            return None
+        ids = self.ids
+        if ids is None:
+            return validate.exclusion_lists(exclude, B, n)
+        offsets, ext = validate.exclusion_lists(exclude, B, np.iinfo(np.int64).max)
+        with self._lock:
+            if self._id_order is None or self._id_order.shape[0] != n:
+                self._id_order = np.argsort(ids, kind="stable")
+            order = self._id_order
+        sorted_ids = ids[order]
+        pos = np.minimum(np.searchsorted(sorted_ids, ext), n - 1)
+        found = sorted_ids[pos] == ext
+        row_of = np.repeat(np.arange(B), np.diff(offsets))[found]
+        rows = order[pos[found]]
+        keep = np.lexsort((rows, row_of))
+        new_off = np.zeros(B + 1, np.int64)
+        np.cumsum(np.bincount(row_of, minlength=B), out=new_off[1:])
+        return new_off, rows[keep].astype(np.int64)
+
+    def _external(self, rows):
+        """Row numbers (-1 for none) as external ids."""
+        ids = self.ids
+        if ids is None:
+            return rows
+        return np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path):
+        """Write the index to the folder ``path`` atomically (module docstring)."""
+        with self._lock:
+            n = self._n
+            arrays = {"keys": self._data[:n]}
+            if self.dtype == "int8":
+                arrays["scales"] = self._scales[:n]
+            if self._values is not None:
+                arrays["values"] = self._values[:n]
+            if self._ids is not None:
+                arrays["ids"] = self._ids[:n]
+            if self._bias is not None:
+                arrays["bias"] = self._bias[:n]
+            fields = {"dim": self.dim, "metric": self.metric, "dtype": self.dtype,
+                      "value_dim": self.value_dim, "ntotal": n}
+            persist.save_folder(path, FORMAT, FORMAT_VERSION, arrays, fields)
+
+    @classmethod
+    def load(cls, path, mmap=False, verify=True):
+        """Read an index written by :meth:`save`.
+
+        ``mmap=True`` memory-maps the arrays (copy-on-write: never written
+        back), so a catalog larger than RAM streams from disk through the
+        same kernels. ``verify`` checks every file's SHA-256 (one read of the
+        files). A damaged, truncated or inconsistent index raises ValueError.
+        """
+        path = os.fspath(path)
+        meta, arrays = persist.load_folder(path, FORMAT, FORMAT_VERSION, mmap=mmap, verify=verify)
+        value_dim = meta.get("value_dim")
+        try:
+            index = cls(persist.field(meta, path, "dim", int),
+                        metric=persist.field(meta, path, "metric", str),
+                        value_dim=None if value_dim is None else persist.field(meta, path, "value_dim", int),
+                        dtype=persist.field(meta, path, "dtype", str))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: meta.json describes no valid index: {exc}") from None
+        n = persist.field(meta, path, "ntotal", int)
+        expect = {"keys": ((n, index.dim), storage.FORMATS[index.dtype][1])}
+        if index.dtype == "int8":
+            expect["scales"] = ((n,), np.dtype(np.float32))
+        if value_dim is not None:
+            expect["values"] = ((n, value_dim), np.dtype(np.float32))
+        optional = {"ids": ((n,), np.dtype(np.int64)), "bias": ((n,), np.dtype(np.float64))}
+        for name, arr in arrays.items():
+            if name not in expect and name not in optional:
+                raise ValueError(f"{path}: unexpected file {name}.npy")
+        for name, (shape, dtype) in {**expect, **optional}.items():
+            arr = arrays.get(name)
+            if arr is None:
+                if name in expect:
+                    raise ValueError(f"{path}: {name}.npy is missing")
+                continue
+            if arr.shape != shape or arr.dtype != dtype:
+                raise ValueError(f"{path}: {name}.npy holds {arr.dtype} {arr.shape}, "
+                                 f"expected {dtype} {shape}")
+        index._data = np.asarray(arrays["keys"])
+        if "scales" in arrays:
+            index._scales = np.asarray(arrays["scales"])
+        else:
+            index._scales = np.empty(n, np.float32)
+        if "values" in arrays:
+            index._values = np.asarray(arrays["values"])
+        if "ids" in arrays:
+            index._ids = np.asarray(arrays["ids"])
+        if "bias" in arrays:
+            index._bias = validate.bias_vector(np.asarray(arrays["bias"]), n)
+        index._n = n
+        return index
+
+
+def _scale(scale, temperature):
+    """The logit scale from ``scale`` or ``temperature`` (1 when neither)."""
+    if temperature is None:
+        return 1.0 if scale is None else scale
+    if scale is not None:
+        raise ValueError("give scale or temperature, not both")
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return 1.0 / float(temperature)

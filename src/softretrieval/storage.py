@@ -1,0 +1,109 @@
+"""Compact storage of key (and value) rows: float32, float16, bfloat16, int8.
+
+The kernels decode stored rows tile by tile into float32 (see
+``cpu._tile`` and :func:`softretrieval.core.half_to_float`) and accumulate in
+float32, so a compact format halves or quarters the bytes read per key, which
+is what bounds speed when few queries stream over many keys.
+
+========== ==================== ============================================
+name       array (per row)      value of element ``x[j, c]``
+========== ==================== ============================================
+float32    float32              ``x[j, c]``
+float16    float16 (IEEE half)  ``x[j, c]``; the kernels read its uint16 bits
+bfloat16   uint16 (bit pattern) ``float32(bits << 16)``
+int8       int8 + float32 scale ``x[j, c] * scale[j]``
+========== ==================== ============================================
+
+Encoding rounds to nearest (even); int8 uses a symmetric per-row scale
+``max|row| / 127``. Values outside a format's range raise ``ValueError``.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .constants import FMT_BF16, FMT_F16, FMT_F32, FMT_I8
+
+#: Storage name -> (kernel format code, numpy dtype of the stored array).
+FORMATS = {
+    "float32": (FMT_F32, np.dtype(np.float32)),
+    "float16": (FMT_F16, np.dtype(np.float16)),
+    "bfloat16": (FMT_BF16, np.dtype(np.uint16)),
+    "int8": (FMT_I8, np.dtype(np.int8)),
+}
+
+#: Rows encoded at a time, so encoding never holds a float copy of a whole catalog.
+ENCODE_CHUNK = 65536
+
+
+class Stored(NamedTuple):
+    """Rows in a storage format, as the kernels take them."""
+
+    data: np.ndarray   # (N, d): float32, uint16 (float16 / bfloat16 bits) or int8
+    fmt: int           # FMT_* code
+    scale: np.ndarray  # (N,) float32 row scales for int8, else (0,)
+
+
+def check_dtype(dtype):
+    """The storage name for ``dtype`` (a name or numpy dtype); ValueError if unknown."""
+    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", str(dtype))
+    if name not in FORMATS:
+        raise ValueError(f"dtype must be one of {tuple(FORMATS)}, got {dtype!r}")
+    return name
+
+
+def encode_rows(x, dtype, data_out, scale_out):
+    """Encode float rows ``x`` (n, d) into ``data_out`` (n, d) (and, for int8,
+    the row scales into ``scale_out`` (n,)), in chunks of :data:`ENCODE_CHUNK`.
+
+    Raises ValueError for NaN or inf (after conversion to float32) and, naming
+    the format, for a value out of its range (float16: |x| > 65504; bfloat16:
+    rounds to inf). Rows before the offending chunk are already written.
+    """
+    for lo in range(0, x.shape[0], ENCODE_CHUNK):
+        hi = min(lo + ENCODE_CHUNK, x.shape[0])
+        with np.errstate(over="ignore"):
+            chunk = np.asarray(x[lo:hi], dtype=np.float32)
+        if not np.isfinite(chunk).all():
+            raise ValueError("keys contains NaN or inf (after conversion to float32)")
+        if dtype == "float32":
+            data_out[lo:hi] = chunk
+        elif dtype == "float16":
+            if np.abs(chunk).max(initial=0.0) > np.finfo(np.float16).max:
+                raise ValueError("keys exceed the float16 range (|x| <= 65504): "
+                                 "use dtype='bfloat16' or 'float32'")
+            data_out[lo:hi] = chunk
+        elif dtype == "bfloat16":
+            bits = chunk.view(np.uint32)
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+            top = (rounded >> np.uint32(16)).astype(np.uint16)
+            if ((top & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():
+                raise ValueError("keys exceed the bfloat16 range")
+            data_out[lo:hi] = top
+        else:
+            amax = np.abs(chunk).max(axis=1)
+            scale = (amax / np.float32(127.0)).astype(np.float32)
+            inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale > 0)
+            q = np.rint(chunk * inv[:, None])
+            data_out[lo:hi] = np.clip(q, -127, 127).astype(np.int8)
+            scale_out[lo:hi] = scale
+
+
+def decode_rows(data, dtype, scale=None):
+    """Stored rows back to float32 (n, d), as the kernels see them."""
+    if dtype == "float32":
+        return np.asarray(data, np.float32)
+    if dtype == "float16":
+        return np.asarray(data).astype(np.float32)
+    if dtype == "bfloat16":
+        return (np.asarray(data).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.asarray(data).astype(np.float32) * np.asarray(scale, np.float32)[:, None]
+
+
+def stored(data, dtype, scale):
+    """The kernels' view of stored rows: a :class:`Stored`."""
+    fmt, _ = FORMATS[dtype]
+    if dtype == "float16":
+        data = data.view(np.uint16)
+    scale = scale if dtype == "int8" else np.zeros(0, np.float32)
+    return Stored(data, fmt, scale)
