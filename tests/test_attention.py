@@ -175,7 +175,7 @@ def test_driver_any_split(rng, nqb, nsplit):
     none = np.zeros(0, np.int64)
     f32 = np.zeros(0, np.float32)
     m, l, acc, _, _, _, bad = runtime.parallel_call(
-        cpu.stream, Qs, K, 0, f32, V, 0, f32, 0, 0, V.shape[1], f32, 0, np.float32(0),
+        cpu.stream, Qs, K, f32, V, f32, 0, 0, V.shape[1], f32, 0, np.float32(0),
         none, none, none, none, nqb, nsplit, 16, 8, 2, True, True, 0)
     out, lse = cpu.merge_states(m, l, acc)
     assert bad == 0

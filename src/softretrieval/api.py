@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import layout, validate
-from .constants import FMT_F32, KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
+from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
 
 METRICS = ("ip", "cosine", "l2")
 _NO_SCALE = np.zeros(0, np.float32)
@@ -52,20 +52,18 @@ class _Prepared(NamedTuple):
     row_const: np.ndarray  # (R,) float64, natural-log units: logit = kernel logit + row_const
     exclude: object        # (offsets, ids) or None
     window: object         # (lo, hi) or None
-    kfmt: int = FMT_F32    # storage formats and int8 row scales of K and V (storage.Stored)
-    kscale: np.ndarray = _NO_SCALE
-    vfmt: int = FMT_F32
+    kscale: np.ndarray = _NO_SCALE  # (N,) int8 row scales of K and V (storage.Stored), or (0,)
     vscale: np.ndarray = _NO_SCALE
 
 
 def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax, kcol, vcol, dv,
-           formats=()):
+           scales=()):
     """Turn one problem's inputs into the kernels' terms.
 
     With ``softmax`` the kernel logits are base 2 (``log2(e)`` folded into
     the scale and the bias); without, they are the raw similarity
-    (``scale`` = 1). ``formats`` is ``(kfmt, kscale, vfmt, vscale)`` for
-    keys/values in compact storage (:mod:`softretrieval.storage`).
+    (``scale`` = 1). K and V may be in compact storage
+    (:mod:`softretrieval.storage`), with ``scales = (kscale, vscale)``.
     """
     d = Q.shape[1]
     unit = LOG2E if softmax else 1.0
@@ -86,7 +84,7 @@ def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softm
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
     return _Prepared(Qs, K, V, kcol, vcol, dv, values_given,
                      _prepare_bias(bias, K.shape[0], unit), key_mode, key_coef, row_const, exclude,
-                     window, *formats)
+                     window, *scales)
 
 
 def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
@@ -162,8 +160,8 @@ def _run(p, **mode):
     """Run the kernels on one problem; name the argument behind a NaN/inf."""
     from . import cpu
 
-    res = cpu.run(p.Q, p.K, p.V, p.bias, kcol=p.kcol, vcol=p.vcol, dv=p.dv, kfmt=p.kfmt,
-                  kscale=p.kscale, vfmt=p.vfmt, vscale=p.vscale, key_mode=p.key_mode,
+    res = cpu.run(p.Q, p.K, p.V, p.bias, kcol=p.kcol, vcol=p.vcol, dv=p.dv,
+                  kscale=p.kscale, vscale=p.vscale, key_mode=p.key_mode,
                   key_coef=p.key_coef, exclude=p.exclude, window=p.window, **mode)
     out = res.get("out")
     if res["bad"] or (out is not None and not np.isfinite(out).all()):
@@ -385,7 +383,7 @@ def solve_topk_attention(lay, problems, k):
         total = w.sum(axis=1)
         wn = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
         wn = wn.astype(np.float32)
-        _fill(out, lay, b, g, cpu.gather_weighted(p.V, p.vfmt, p.vscale, p.vcol, p.dv, top_ids, wn))
+        _fill(out, lay, b, g, cpu.gather_weighted(p.V, p.vscale, p.vcol, p.dv, top_ids, wn))
         with np.errstate(divide="ignore", invalid="ignore"):
             lse_top = (top + np.log2(total)) * LN2   # float64, like the kernel's lse
             cov = np.where(count > 0, np.minimum(np.exp(lse_top - res["lse"]), 1.0), 0.0)

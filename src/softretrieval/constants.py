@@ -17,9 +17,3 @@ KEYS_PLAIN = 0    # logit = s
 KEYS_SQNORM = 1   # logit = s + key_coef * |k|^2   (l2, up to a per-query constant)
 KEYS_UNIT = 2     # logit = s / |k|                (cosine; a zero key scores 0)
 
-#: Storage formats of keys and values (the kernels' ``kfmt`` / ``vfmt``),
-#: see :mod:`softretrieval.storage`.
-FMT_F32 = 0    # float32
-FMT_F16 = 1    # float16, passed to the kernels as its uint16 bits
-FMT_BF16 = 2   # bfloat16, stored as uint16 bits
-FMT_I8 = 3     # int8 with a float32 scale per row

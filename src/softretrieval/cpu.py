@@ -23,17 +23,17 @@ with the ids of each query sorted.
 import numpy as np
 from numba import njit, prange
 from numba import types as nbtypes
-from numba.core.extending import overload
+from llvmlite import ir
+from numba.core.extending import intrinsic, overload
 
 from . import config, core, runtime
-from .constants import FMT_BF16, FMT_F16, FMT_F32, KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
+from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
 from .core import float32_from_bits
 
 exp2 = core.cpu.exp2
 rescale = core.cpu.rescale
 merge_pair = core.cpu.merge_pair
 finalize = core.cpu.finalize
-half_to_float = core.cpu.half_to_float
 bfloat16_to_float = core.cpu.bfloat16_to_float
 
 # Fast-math without 'nnan'/'ninf': NaN and inf flow through to the outputs,
@@ -42,6 +42,19 @@ _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 _EXPONENT = np.int32(0x7F800000)
 _MAGNITUDE = np.int32(0x7FFFFFFF)
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """float32 of the IEEE half whose bits are the uint16 ``bits``: an LLVM
+    ``fpext``, which becomes the F16C ``vcvtph2ps`` instruction on x86 (3x
+    faster than the portable bit manipulation of ``core.half_to_float``)."""
+    sig = nbtypes.float32(nbtypes.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
 
 
 @njit(cache=True)
@@ -63,52 +76,71 @@ def _row_max_finite(bits):
     return mx, expo != _EXPONENT
 
 
-def _tile(X, col, width, buf, fmt, scale):
+def decode(x):
+    """float32 value of one stored element, by the dtype the kernels see
+    (:mod:`softretrieval.storage`): float32 as is, uint16 the bits of a
+    float16, int16 the bits of a bfloat16, int8 an integer (to be multiplied
+    by its row's scale). Chosen at compile time, so loops stay branch-free."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(decode, inline="always")
+def _decode_for(x):
+    if x == nbtypes.float32:
+        return lambda x: x
+    if x == nbtypes.uint16:
+        return lambda x: half_to_float(x)
+    if x == nbtypes.int16:
+        return lambda x: bfloat16_to_float(x)
+    if x == nbtypes.int8:
+        return lambda x: np.float32(x)
+    return None
+
+
+def is_float32(X):
+    """Whether the array X is float32 (known at compile time)."""
+    return X.dtype == np.float32
+
+
+@overload(is_float32, inline="always")
+def _is_float32_for(X):
+    plain = X.dtype == nbtypes.float32
+    return lambda X: plain
+
+
+def _tile(X, col, width, buf, scale):
     """Rows ``X[:, col:col + width]`` of a tile as packed float32 (rows, width).
 
-    X (rows, W) C-contiguous, in a storage format (:mod:`softretrieval.storage`):
-    float32; uint16 bits of float16 (``fmt == FMT_F16``) or bfloat16
-    (``FMT_BF16``); or int8 times the per-row ``scale`` (rows,). A plain
-    float32 tile (W == width) is returned as it is; otherwise (one head of a
-    multi-head array, ``col = head * width``, or compact storage) the rows are
-    decoded into the scratch ``buf``, each from a contiguous row slice, which
-    vectorizes. Compiled per storage dtype (see the overload below).
+    X (rows, W) C-contiguous in a storage dtype (see :func:`decode`); scale
+    (rows,) the int8 row scales, else (0,). A float32 tile with W == width is
+    returned as it is; otherwise (one head of a multi-head array, ``col =
+    head * width``, or compact storage) the rows are decoded into the scratch
+    ``buf``, each from a contiguous row slice, which vectorizes.
     """
     raise NotImplementedError("compiled only")
 
 
 @overload(_tile, jit_options={"fastmath": _FAST})
-def _tile_for(X, col, width, buf, fmt, scale):
-    if X.dtype == nbtypes.float32:
-        def impl(X, col, width, buf, fmt, scale):
-            if X.shape[1] == width:
-                return X
-            out = buf[: X.shape[0]]
-            for j in range(X.shape[0]):
-                seg = X[j, col:col + width]
-                o = out[j]
+def _tile_for(X, col, width, buf, scale):
+    plain = X.dtype == nbtypes.float32
+
+    def impl(X, col, width, buf, scale):
+        if plain and X.shape[1] == width:
+            return X
+        out = buf[: X.shape[0]]
+        scaled = scale.shape[0] > 0
+        for j in range(X.shape[0]):
+            seg = X[j, col:col + width]
+            o = out[j]
+            if scaled:
+                s = scale[j]
                 for c in range(width):
-                    o[c] = seg[c]
-            return out
-    elif X.dtype in (nbtypes.uint16, nbtypes.int8):
-        def impl(X, col, width, buf, fmt, scale):
-            out = buf[: X.shape[0]]
-            for j in range(X.shape[0]):
-                seg = X[j, col:col + width]
-                o = out[j]
-                if fmt == FMT_F16:
-                    for c in range(width):
-                        o[c] = half_to_float(seg[c])
-                elif fmt == FMT_BF16:
-                    for c in range(width):
-                        o[c] = bfloat16_to_float(seg[c])
-                else:
-                    s = scale[j]
-                    for c in range(width):
-                        o[c] = np.float32(seg[c]) * s
-            return out
-    else:
-        return None
+                    o[c] = decode(seg[c]) * s
+            else:
+                for c in range(width):
+                    o[c] = decode(seg[c])
+        return out
+
     return impl
 
 
@@ -128,6 +160,86 @@ def _scores(Qb, Kt, S, simd):
             for c in range(d):
                 dot += q[c] * k[c]
             S[i, j] = dot
+
+
+@njit(fastmath=_FAST, cache=True)
+def _scores_rows(Qb, Kraw, kcol, ks, S, norms, want_norms):
+    """SIMD scores of a tile of compact keys, S (bq, tn) = Qb . K^T.
+
+    Elements are decoded in registers (decoding into a buffer first costs a
+    store and a reload per element, more than the bytes saved), and every
+    inner loop carries four independent sums so it is not bound by the
+    latency of one chain of FMAs: four queries against one key while at
+    least four queries remain, then one query against four keys. With
+    ``want_norms`` also ``norms[j] = |k_j|^2``.
+
+    Kraw (tn, W) in a storage dtype (:func:`decode`), the keys in columns
+    ``kcol:kcol + d``; ks (tn,) int8 row scales, else (0,).
+    """
+    bq, d = Qb.shape
+    tn = Kraw.shape[0]
+    scaled = ks.shape[0] > 0
+    quads = bq - bq % 4
+    for j in range(tn):
+        k = Kraw[j, kcol:kcol + d]
+        s = ks[j] if scaled else np.float32(1.0)
+        for i0 in range(0, quads, 4):
+            q0 = Qb[i0]
+            q1 = Qb[i0 + 1]
+            q2 = Qb[i0 + 2]
+            q3 = Qb[i0 + 3]
+            d0 = np.float32(0.0)
+            d1 = np.float32(0.0)
+            d2 = np.float32(0.0)
+            d3 = np.float32(0.0)
+            for c in range(d):
+                x = decode(k[c])
+                d0 += q0[c] * x
+                d1 += q1[c] * x
+                d2 += q2[c] * x
+                d3 += q3[c] * x
+            S[i0, j] = d0 * s
+            S[i0 + 1, j] = d1 * s
+            S[i0 + 2, j] = d2 * s
+            S[i0 + 3, j] = d3 * s
+        if want_norms:
+            sq = np.float32(0.0)
+            for c in range(d):
+                x = decode(k[c])
+                sq += x * x
+            norms[j] = sq * s * s
+    if quads == bq:
+        return
+    for j0 in range(0, tn, 4):
+        # The last group of a tile repeats its last key: same sums, same slots.
+        j1 = min(j0 + 1, tn - 1)
+        j2 = min(j0 + 2, tn - 1)
+        j3 = min(j0 + 3, tn - 1)
+        k0 = Kraw[j0, kcol:kcol + d]
+        k1 = Kraw[j1, kcol:kcol + d]
+        k2 = Kraw[j2, kcol:kcol + d]
+        k3 = Kraw[j3, kcol:kcol + d]
+        for i in range(quads, bq):
+            q = Qb[i]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for c in range(d):
+                qc = q[c]
+                a0 += qc * decode(k0[c])
+                a1 += qc * decode(k1[c])
+                a2 += qc * decode(k2[c])
+                a3 += qc * decode(k3[c])
+            if scaled:
+                a0 *= ks[j0]
+                a1 *= ks[j1]
+                a2 *= ks[j2]
+                a3 *= ks[j3]
+            S[i, j3] = a3
+            S[i, j2] = a2
+            S[i, j1] = a1
+            S[i, j0] = a0
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -167,19 +279,18 @@ def _squared_norms(Kt, out):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _key_terms(Kt, bias_t, has_bias, key_mode, key_coef, S, terms):
+def _key_terms(bias_t, has_bias, key_mode, key_coef, S, terms):
     """Turn dot products into logits, in place: the per-key part.
 
-    Kt (tn, d), bias_t (tn,) (read when ``has_bias``), S (bq, tn), terms
-    (>= tn,) scratch. See KEYS_PLAIN, KEYS_SQNORM and KEYS_UNIT.
+    bias_t (tn,) (read when ``has_bias``), S (bq, tn), terms (>= tn,): holds
+    the keys' squared norms on entry unless ``key_mode == KEYS_PLAIN``, then
+    used as scratch. See KEYS_PLAIN, KEYS_SQNORM and KEYS_UNIT.
     """
-    tn = Kt.shape[0]
+    tn = S.shape[1]
     if key_mode == KEYS_PLAIN and not has_bias:
         return
     if key_mode == KEYS_PLAIN:
         terms[:tn] = 0.0
-    else:
-        _squared_norms(Kt, terms)
     if key_mode == KEYS_UNIT:
         for j in range(tn):
             terms[j] = np.float32(1.0) / np.sqrt(terms[j]) if terms[j] > 0 else np.float32(0.0)
@@ -336,16 +447,16 @@ def _topk_row(row, mx, t0, k, bs, bi, count, thr):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _stream_range(Qb, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, bias, key_mode, key_coef,
+def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef,
                   excl_ids, ptr, end, lo, hi, k0, k1, ktile, simd, want_soft, want_acc, k,
                   m, l, acc, tk_s, tk_i, tk_n, tk_thr):
     """Stream keys ``k0:k1`` into the states of one query block.
 
     Qb (bq, d), bias (N,) or (0,): float32. K (N, WK), V (N, WV): the keys
     are ``K[:, kcol:kcol + d]`` and the values ``V[:, vcol:vcol + dv]`` (a
-    head of a multi-head array; WK = d and kcol = 0 for a plain one), stored
-    in formats ``kfmt`` / ``vfmt`` with per-row scales ``kscale`` /
-    ``vscale`` (N,) for int8, else (0,); see :func:`_tile`.
+    head of a multi-head array; WK = d and kcol = 0 for a plain one), in
+    storage dtypes (:func:`decode`) with per-row scales ``kscale`` /
+    ``vscale`` (N,) for int8, else (0,).
     m, l (bq,), acc (bq, dv): online-softmax states, updated when
     ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
     tk_thr (bq,): top-k buffers, updated when ``k > 0``. ptr, end (bq,): the
@@ -360,8 +471,9 @@ def _stream_range(Qb, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, bias, key_mo
     terms = np.empty(ktile, np.float32)
     corr = np.ones(bq, np.float32)
     pv = np.empty((bq, dv), np.float32)
-    kbuf = np.empty((ktile if K.shape[1] != d or kfmt != FMT_F32 else 0, d), np.float32)
-    vbuf = np.empty((ktile if want_acc and (V.shape[1] != dv or vfmt != FMT_F32) else 0, dv),
+    kplain = is_float32(K)
+    kbuf = np.empty((ktile if K.shape[1] != d or not kplain else 0, d), np.float32)
+    vbuf = np.empty((ktile if want_acc and (V.shape[1] != dv or not is_float32(V)) else 0, dv),
                     np.float32)
     kscaled = kscale.shape[0] > 0
     vscaled = vscale.shape[0] > 0
@@ -370,9 +482,14 @@ def _stream_range(Qb, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, bias, key_mo
         t1 = min(t0 + ktile, k1)
         S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
         ks = kscale[t0:t1] if kscaled else kscale
-        Kt = _tile(K[t0:t1], kcol, d, kbuf, kfmt, ks)
-        _scores(Qb, Kt, S, simd)
-        _key_terms(Kt, bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms)
+        if simd and not kplain:
+            _scores_rows(Qb, K[t0:t1], kcol, ks, S, terms, key_mode != KEYS_PLAIN)
+        else:
+            Kt = _tile(K[t0:t1], kcol, d, kbuf, ks)
+            _scores(Qb, Kt, S, simd)
+            if key_mode != KEYS_PLAIN:
+                _squared_norms(Kt, terms)
+        _key_terms(bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms)
         _exclude(S, t0, excl_ids, ptr, end)
         if lo.shape[0] > 0:
             _window(S, t0, lo, hi)
@@ -389,22 +506,22 @@ def _stream_range(Qb, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, bias, key_mo
         if not want_acc:
             continue
         vs = vscale[t0:t1] if vscaled else vscale
-        Vt = _tile(V[t0:t1], vcol, dv, vbuf, vfmt, vs)
+        Vt = _tile(V[t0:t1], vcol, dv, vbuf, vs)
         _accumulate(S, Vt, acc, corr, simd, pv)
     return bad
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def stream(Q, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
+def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
            excl_off, excl_ids, row_lo, row_hi, nqb, nsplit, ktile, ktile_simd, simd_queries,
            want_soft, want_acc, k):
     """Stream every key past every query, in ``nqb x nsplit`` parallel items.
 
     Q (B, d), bias (N,) or (0,): float32, C-contiguous. K (N, WK) and V
     (N, WV) C-contiguous hold the keys in columns ``kcol:kcol + d`` and the
-    values in ``vcol:vcol + dv`` (one head of a multi-head array), in the
-    storage formats ``kfmt`` / ``vfmt`` with int8 row scales ``kscale`` /
-    ``vscale`` (N,) or (0,) (see :func:`_tile`).
+    values in ``vcol:vcol + dv`` (one head of a multi-head array), in
+    storage dtypes (:func:`decode`) with int8 row scales ``kscale`` /
+    ``vscale`` (N,), else (0,).
     excl_off (B + 1,) or (0,), excl_ids: int64 CSR exclusion lists, sorted
     per query. row_lo, row_hi (B,) or (0,): int64 key window ``[lo, hi)`` of
     each query (causal and sliding-window modes); key tiles outside every
@@ -458,7 +575,7 @@ def stream(Q, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, dv, bias, key_mode, 
         simd = q1 - q0 <= simd_queries
         tile = ktile_simd if simd else ktile
         bad[w] = _stream_range(
-            Q[q0:q1], K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, bias, key_mode, key_coef,
+            Q[q0:q1], K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef,
             excl_ids, ptr, end,
             row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd,
             want_soft, want_acc, k, m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
@@ -526,10 +643,10 @@ def merge_topk(tk_s, tk_i, tk_n, k):
 
 
 @njit(cache=True)
-def gather_weighted(V, vfmt, vscale, vcol, dv, ids, weights):
+def gather_weighted(V, vscale, vcol, dv, ids, weights):
     """out[b] = sum_j weights[b, j] * V[ids[b, j], vcol:vcol + dv] over the ids >= 0.
 
-    V (N, WV) in storage format ``vfmt`` (int8 row scales ``vscale`` (N,),
+    V (N, WV) in a storage dtype (:func:`decode`; int8 row scales ``vscale`` (N,),
     else (0,)), ids (B, k) int64, weights (B, k) float32.
     Returns (B, dv) float32.
     """
@@ -545,7 +662,7 @@ def gather_weighted(V, vfmt, vscale, vcol, dv, ids, weights):
                 continue
             w = weights[b, j]
             vs = vscale[i:i + 1] if scaled else vscale
-            v = _tile(V[i:i + 1], vcol, dv, row, vfmt, vs)[0]
+            v = _tile(V[i:i + 1], vcol, dv, row, vs)[0]
             for c in range(dv):
                 o[c] += w * v[c]
     return out
@@ -569,14 +686,12 @@ def plan(B, N, threads):
 
 
 _NONE = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-
-
 _NO_SCALE = np.zeros(0, np.float32)
 
 
-def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kfmt=FMT_F32, kscale=_NO_SCALE, vfmt=FMT_F32,
-        vscale=_NO_SCALE, key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None,
-        want_soft=True, want_acc=True, k=0):
+def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_SCALE,
+        key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None, want_soft=True,
+        want_acc=True, k=0):
     """Plan, run :func:`stream` under the runtime lock, and merge the splits.
 
     Arguments as :func:`stream`; ``exclude`` is ``(offsets, ids)`` or None,
@@ -590,7 +705,7 @@ def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kfmt=FMT_F32, kscale=_NO_SCAL
     excl_off, excl_ids = _NONE if exclude is None else exclude
     row_lo, row_hi = _NONE if window is None else window
     m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
-        stream, Q, K, kfmt, kscale, V, vfmt, vscale, kcol, vcol, V.shape[1] if dv is None else dv,
+        stream, Q, K, kscale, V, vscale, kcol, vcol, V.shape[1] if dv is None else dv,
         bias, key_mode, np.float32(key_coef), excl_off, excl_ids, row_lo, row_hi, nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
         want_soft, want_acc, k)
     res = {"bad": bad}

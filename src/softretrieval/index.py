@@ -69,7 +69,7 @@ class Index:
         self.value_dim = None if value_dim is None else validate.positive_int(value_dim, "value_dim")
         self.dtype = storage.check_dtype(dtype)
         self._n = 0
-        self._data = np.empty((0, self.dim), storage.FORMATS[self.dtype][1])
+        self._data = np.empty((0, self.dim), storage.FORMATS[self.dtype][0])
         self._scales = np.empty(0, np.float32)
         self._values = None if self.value_dim is None else np.empty((0, self.value_dim), np.float32)
         self._ids = None
@@ -269,15 +269,10 @@ class Index:
         B = Q.shape[0]
         dv = self.dim if values is None else self.value_dim
         lay = layout.Layout(2, 1, B, 1, n, 1, self.dim, dv)
-        if values is None:
-            formats = (keys.fmt, keys.scale, keys.fmt, keys.scale)
-            V = keys.data
-        else:
-            formats = (keys.fmt, keys.scale, storage.FORMATS["float32"][0], keys.scale[:0])
-            V = values
+        V, vscale = (keys.data, keys.scale) if values is None else (values, keys.scale[:0])
         p = api._terms(Q, keys.data, V, values is not None, metric=self.metric, scale=scale,
                        bias=None, exclude=self._exclusions(exclude, B, n), window=None,
-                       softmax=softmax, kcol=0, vcol=0, dv=dv, formats=formats)
+                       softmax=softmax, kcol=0, vcol=0, dv=dv, scales=(keys.scale, vscale))
         p = p._replace(bias=self._call_bias(bias, n, softmax))
         return lay, [((0, 0), p)]
 
@@ -364,7 +359,7 @@ class Index:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: meta.json describes no valid index: {exc}") from None
         n = persist.field(meta, path, "ntotal", int)
-        expect = {"keys": ((n, index.dim), storage.FORMATS[index.dtype][1])}
+        expect = {"keys": ((n, index.dim), storage.FORMATS[index.dtype][0])}
         if index.dtype == "int8":
             expect["scales"] = ((n,), np.dtype(np.float32))
         if value_dim is not None:

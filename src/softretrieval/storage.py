@@ -5,14 +5,17 @@ The kernels decode stored rows tile by tile into float32 (see
 float32, so a compact format halves or quarters the bytes read per key, which
 is what bounds speed when few queries stream over many keys.
 
-========== ==================== ============================================
-name       array (per row)      value of element ``x[j, c]``
-========== ==================== ============================================
-float32    float32              ``x[j, c]``
-float16    float16 (IEEE half)  ``x[j, c]``; the kernels read its uint16 bits
-bfloat16   uint16 (bit pattern) ``float32(bits << 16)``
-int8       int8 + float32 scale ``x[j, c] * scale[j]``
-========== ==================== ============================================
+========== ==================== ================= ===========================
+name       stored array         kernels see       value of element ``x[j, c]``
+========== ==================== ================= ===========================
+float32    float32              float32           ``x[j, c]``
+float16    float16 (IEEE half)  uint16 (its bits) ``x[j, c]``
+bfloat16   uint16 (bit pattern) int16 (same bits) ``float32(bits << 16)``
+int8       int8 + float32 scale int8              ``x[j, c] * scale[j]``
+========== ==================== ================= ===========================
+
+The dtype the kernels see selects the decoder at compile time
+(``cpu.decode``), so no format flag travels with the arrays.
 
 Encoding rounds to nearest (even); int8 uses a symmetric per-row scale
 ``max|row| / 127``. Values outside a format's range raise ``ValueError``.
@@ -22,14 +25,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .constants import FMT_BF16, FMT_F16, FMT_F32, FMT_I8
-
-#: Storage name -> (kernel format code, numpy dtype of the stored array).
+#: Storage name -> (numpy dtype of the stored array, dtype the kernels see).
 FORMATS = {
-    "float32": (FMT_F32, np.dtype(np.float32)),
-    "float16": (FMT_F16, np.dtype(np.float16)),
-    "bfloat16": (FMT_BF16, np.dtype(np.uint16)),
-    "int8": (FMT_I8, np.dtype(np.int8)),
+    "float32": (np.dtype(np.float32), np.dtype(np.float32)),
+    "float16": (np.dtype(np.float16), np.dtype(np.uint16)),
+    "bfloat16": (np.dtype(np.uint16), np.dtype(np.int16)),
+    "int8": (np.dtype(np.int8), np.dtype(np.int8)),
 }
 
 #: Rows encoded at a time, so encoding never holds a float copy of a whole catalog.
@@ -39,8 +40,7 @@ ENCODE_CHUNK = 65536
 class Stored(NamedTuple):
     """Rows in a storage format, as the kernels take them."""
 
-    data: np.ndarray   # (N, d): float32, uint16 (float16 / bfloat16 bits) or int8
-    fmt: int           # FMT_* code
+    data: np.ndarray   # (N, d): float32, uint16 (float16 bits), int16 (bfloat16 bits) or int8
     scale: np.ndarray  # (N,) float32 row scales for int8, else (0,)
 
 
@@ -102,8 +102,5 @@ def decode_rows(data, dtype, scale=None):
 
 def stored(data, dtype, scale):
     """The kernels' view of stored rows: a :class:`Stored`."""
-    fmt, _ = FORMATS[dtype]
-    if dtype == "float16":
-        data = data.view(np.uint16)
     scale = scale if dtype == "int8" else np.zeros(0, np.float32)
-    return Stored(data, fmt, scale)
+    return Stored(data.view(FORMATS[dtype][1]), scale)
