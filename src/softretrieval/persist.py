@@ -80,12 +80,14 @@ def load_folder(path, fmt, version, *, mmap=False, verify=True):
         if not os.path.exists(file):
             raise ValueError(f"{path}: {name}.npy is missing")
         try:
-            if verify and sha256(file) != info["sha256"]:
-                raise ValueError(f"{path}: {name}.npy is damaged or truncated (checksum mismatch)")
-            arr = np.load(file, mmap_mode="c" if mmap else None, allow_pickle=False)
+            expected = info["sha256"]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: meta.json has a bad entry for {name}: {exc}") from None
-        except (OSError, EOFError) as exc:
+        if verify and sha256(file) != expected:
+            raise ValueError(f"{path}: {name}.npy is damaged or truncated (checksum mismatch)")
+        try:
+            arr = np.load(file, mmap_mode="c" if mmap else None, allow_pickle=False)
+        except (OSError, EOFError, ValueError) as exc:
             raise ValueError(f"{path}: {name}.npy cannot be read (truncated?): {exc}") from None
         if arr.dtype.str != info.get("dtype") or list(arr.shape) != info.get("shape"):
             raise ValueError(f"{path}: {name}.npy holds {arr.dtype.str} {list(arr.shape)}, "
