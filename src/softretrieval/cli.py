@@ -1,0 +1,263 @@
+"""The ``softretrieval`` command: build, score, validate, info, demo.
+
+Every failure (a missing or damaged file, mismatched dimensions, a bad
+option) prints one line ``softretrieval: error: ...`` and exits with status 2;
+an interrupted run exits with 130 and writes nothing.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import io
+
+MODES = ("soft", "topk", "topk-attention")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _Fail(message)
+
+
+class _Fail(Exception):
+    pass
+
+
+def _vectors(path, what, dataset):
+    arr = io.read_vectors(path, dataset)
+    if arr.shape[0] == 0:
+        raise _Fail(f"{path}: no {what} in the file")
+    return arr
+
+
+def _column(path, what, dataset=None):
+    """A per-row file (ids, bias) as a 1-D array: (n,) .npy or (n, 1) vecs."""
+    arr = io.read_vectors(path, dataset) if not path.endswith(".npy") else np.load(path)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise _Fail(f"{path}: {what} must be one value per row, got shape {arr.shape}")
+    return arr
+
+
+def _build(args):
+    from .index import Index
+
+    keys = _vectors(args.keys, "keys", "train")
+    values = None if args.values is None else _vectors(args.values, "values", None)
+    index = Index(keys.shape[1], metric=args.metric, dtype=args.dtype,
+                  value_dim=None if values is None else values.shape[1])
+    ids = None if args.ids is None else _column(args.ids, "ids")
+    bias = None if args.bias is None else _column(args.bias, "bias")
+    index.add(keys, values, ids=ids, bias=bias)
+    index.save(args.out)
+    print(f"built {index!r} -> {args.out}")
+
+
+def _open_index(args):
+    from .index import Index
+
+    if (args.index is None) == (args.keys is None):
+        raise _Fail("give --index DIR or --keys FILE (not both)")
+    if args.index is not None:
+        return Index.load(args.index, mmap=args.mmap)
+    keys = _vectors(args.keys, "keys", "train")
+    values = None if args.values is None else _vectors(args.values, "values", None)
+    index = Index(keys.shape[1], metric=args.metric, dtype=args.dtype,
+                  value_dim=None if values is None else values.shape[1])
+    index.add(keys, values)
+    return index
+
+
+def score_batches(index, queries, mode, k, *, scale=None, temperature=None, batch_size=4096,
+                  progress=True):
+    """Run ``mode`` over ``queries`` in batches; returns a dict of (B, ...) arrays.
+
+    soft: ``out``, ``lse``; topk: ``ids``, ``scores``; topk-attention:
+    ``out``, ``ids``, ``weights``, ``lse``, ``coverage``.
+    """
+    from tqdm import tqdm
+
+    B = queries.shape[0]
+    result = {}
+    bar = tqdm(total=B, unit="rows", unit_scale=True, disable=not progress, file=sys.stderr,
+               desc=f"score {mode}")
+    try:
+        for lo in range(0, B, batch_size):
+            q = queries[lo:lo + batch_size]
+            if mode == "topk":
+                scores, ids = index.search(q, k)
+                part = {"ids": ids, "scores": scores}
+            elif mode == "soft":
+                out, lse = index.retrieve(q, scale=scale, temperature=temperature, return_lse=True)
+                part = {"out": out, "lse": lse}
+            else:
+                res = index.retrieve_topk(q, k, scale=scale, temperature=temperature)
+                part = res._asdict()
+            for name, arr in part.items():
+                if name not in result:
+                    result[name] = np.empty((B,) + arr.shape[1:], arr.dtype)
+                result[name][lo:lo + arr.shape[0]] = arr
+            bar.update(q.shape[0])
+    finally:
+        bar.close()
+    return result
+
+
+def _recall(ids, gt, k):
+    """Mean recall@k of (B, >=k) ids against (B, >=k) ground-truth ids."""
+    k = min(k, ids.shape[1], gt.shape[1])
+    return float(np.mean([np.intersect1d(a[:k], b[:k]).size / k for a, b in zip(ids, gt)]))
+
+
+def _score(args):
+    index = _open_index(args)
+    queries = _vectors(args.queries, "queries", "test")
+    if queries.shape[1] != index.dim:
+        raise _Fail(f"queries have dimension {queries.shape[1]} but the index has {index.dim}")
+    if args.k < 1 or args.batch_size < 1:
+        raise _Fail("-k and --batch-size must be >= 1")
+    ext = os.path.splitext(args.out)[1].lower()
+    primary = {"soft": {".npy": "out", ".fvecs": "out", ".npz": None},
+               "topk": {".npy": "ids", ".ivecs": "ids", ".fvecs": "scores", ".npz": None},
+               "topk-attention": {".npy": "out", ".fvecs": "out", ".ivecs": "ids", ".npz": None}}
+    if ext not in primary[args.mode]:
+        raise _Fail(f"--out {args.out}: mode {args.mode} writes {sorted(primary[args.mode])}")
+    start = time.perf_counter()
+    result = score_batches(index, queries, args.mode, args.k, scale=args.scale,
+                           temperature=args.temperature, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    took = time.perf_counter() - start
+    name = primary[args.mode][ext]
+    io.write_output(args.out, result if name is None else {name: result[name]})
+    print(f"scored {queries.shape[0]} queries x {len(index)} items ({args.mode}) in {took:.2f} s "
+          f"({queries.shape[0] / took:,.0f} rows/s) -> {args.out}")
+    if args.groundtruth is not None and "ids" in result:
+        gt = _vectors(args.groundtruth, "ground truth", "neighbors")
+        if gt.shape[0] != queries.shape[0]:
+            raise _Fail(f"{args.groundtruth}: {gt.shape[0]} rows for {queries.shape[0]} queries")
+        print(f"recall@{args.k} against {args.groundtruth}: {_recall(result['ids'], gt, args.k):.4f}")
+
+
+def _validate(args):
+    import faiss
+
+    from .index import Index
+
+    base = _vectors(args.base, "base vectors", "train").astype(np.float32)
+    queries = _vectors(args.queries, "queries", "test").astype(np.float32)
+    if queries.shape[1] != base.shape[1]:
+        raise _Fail(f"queries have dimension {queries.shape[1]} but the base has {base.shape[1]}")
+    index = Index(base.shape[1], metric=args.metric)
+    index.add(base)
+    scores, ids = index.search(queries, args.k)
+    flat = (faiss.IndexFlatL2 if args.metric == "l2" else faiss.IndexFlatIP)(base.shape[1])
+    flat.add(base)
+    fs, fi = flat.search(queries, args.k)
+    print(f"recall@{args.k} against FAISS {type(flat).__name__}: {_recall(ids, fi, args.k):.4f}; "
+          f"max |score difference|: {np.abs(scores - fs).max():.3g}")
+    if args.groundtruth is not None:
+        gt = _vectors(args.groundtruth, "ground truth", "neighbors")
+        print(f"recall@{args.k} against {args.groundtruth}: {_recall(ids, gt, args.k):.4f} "
+              f"(FAISS: {_recall(fi, gt, args.k):.4f})")
+
+
+def _info(args):
+    import json
+
+    from .index import FORMAT, FORMAT_VERSION
+    from .persist import load_folder
+
+    meta, arrays = load_folder(args.index, FORMAT, FORMAT_VERSION, mmap=True, verify=not args.fast)
+    size = sum(os.path.getsize(os.path.join(args.index, f"{n}.npy")) for n in arrays)
+    fields = {k: v for k, v in meta.items() if k != "files"}
+    fields["files"] = {n: f"{a.dtype} {list(a.shape)}" for n, a in arrays.items()}
+    fields["bytes"] = size
+    fields["checksums"] = "skipped" if args.fast else "ok"
+    print(json.dumps(fields, indent=2))
+
+
+def _demo(args):
+    from . import datasets
+
+    paths = datasets.minilm_paths(args.root)
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    common = ["--keys", paths["base"], "--queries", paths["query"], "-k", "10"]
+    main(["score", *common, "--mode", "topk", "--groundtruth", paths["groundtruth"],
+          "--out", os.path.join(out, "minilm_top10.npz"), *(["--quiet"] if args.quiet else [])])
+    main(["score", *common, "--mode", "soft", "--temperature", "0.05",
+          "--out", os.path.join(out, "minilm_soft.npz"), *(["--quiet"] if args.quiet else [])])
+
+
+def parser():
+    p = _Parser(prog="softretrieval", description="Streaming softmax retrieval over item catalogs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", help="build an index folder from vector files")
+    b.add_argument("--keys", required=True, help=".npy, .fvecs, .bvecs or FILE.hdf5[:train]")
+    b.add_argument("--values", help="(n, dv) values, same formats")
+    b.add_argument("--ids", help="(n,) int64 .npy or (n, 1) .ivecs external ids")
+    b.add_argument("--bias", help="(n,) .npy or (n, 1) .fvecs per-item bias")
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"])
+    b.add_argument("--metric", default="ip", choices=["ip", "cosine", "l2"])
+    b.add_argument("--out", required=True, help="index folder to write")
+    b.set_defaults(run=_build)
+
+    s = sub.add_parser("score", help="score queries against an index or a key file")
+    s.add_argument("--index", help="index folder (from build)")
+    s.add_argument("--keys", help="or a key file, indexed in memory")
+    s.add_argument("--values", help="values for --keys")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
+                   help="storage for --keys")
+    s.add_argument("--metric", default="ip", choices=["ip", "cosine", "l2"], help="for --keys")
+    s.add_argument("--mmap", action="store_true", help="memory-map the index")
+    s.add_argument("--queries", required=True, help=".npy, .fvecs, .bvecs or FILE.hdf5[:test]")
+    s.add_argument("--mode", required=True, choices=MODES)
+    s.add_argument("-k", type=int, default=10)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--scale", type=float)
+    g.add_argument("--temperature", type=float)
+    s.add_argument("--batch-size", type=int, default=4096)
+    s.add_argument("--groundtruth", help="ground-truth ids (.ivecs, .npy, FILE.hdf5[:neighbors]): print recall")
+    s.add_argument("--out", required=True,
+                   help=".npz (every array) or .npy/.fvecs/.ivecs (soft: out; topk: ids, "
+                        ".fvecs scores; topk-attention: out, .ivecs ids)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(run=_score)
+
+    v = sub.add_parser("validate", help="recall and score agreement against FAISS")
+    v.add_argument("--base", required=True)
+    v.add_argument("--queries", required=True)
+    v.add_argument("--groundtruth")
+    v.add_argument("-k", type=int, default=10)
+    v.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    v.set_defaults(run=_validate)
+
+    i = sub.add_parser("info", help="describe an index folder (and verify its checksums)")
+    i.add_argument("index")
+    i.add_argument("--fast", action="store_true", help="skip the checksums")
+    i.set_defaults(run=_info)
+
+    d = sub.add_parser("demo", help="score the shipped MiniLM queries: top-10 with recall, and soft")
+    d.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
+    d.add_argument("--root", help="the datasets folder (default: the repository's)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(run=_demo)
+    return p
+
+
+def main(argv=None):
+    """Entry point of the ``softretrieval`` console script."""
+    try:
+        args = parser().parse_args(argv)
+        args.run(args)
+    except (_Fail, ValueError, TypeError, OSError) as exc:
+        print(f"softretrieval: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("softretrieval: interrupted; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
