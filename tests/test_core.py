@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit
 
-from softretrieval import core
+from softretrieval import core, cpu
 from softretrieval.constants import MASKED, NEG_INIT
 
 exp2_cpu = core.cpu.exp2
@@ -58,3 +58,27 @@ def test_import_does_not_load_numba_or_compile():
     code = "import sys, softretrieval; print('numba' in sys.modules, 'softretrieval.cpu' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@njit
+def _decode_all(bits):
+    """Every decoder on every 16-bit pattern: the portable core ones and the CPU's F16C one."""
+    out = np.empty((3, bits.shape[0]), np.float32)
+    for i in range(bits.shape[0]):
+        out[0, i] = core.cpu.half_to_float(bits[i])
+        out[1, i] = core.cpu.bfloat16_to_float(bits[i])
+        out[2, i] = cpu.half_to_float(bits[i])
+    return out
+
+
+def test_16_bit_decoders_on_every_pattern():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    finite = np.isfinite(bits.view(np.float16))
+    got = _decode_all(bits)
+    want_half = bits.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got[0][finite], want_half[finite])     # subnormals included
+    np.testing.assert_array_equal(got[2][finite], want_half[finite])
+    want_bf16 = (bits.astype(np.uint32) << 16).view(np.float32)
+    same = np.isfinite(want_bf16)
+    np.testing.assert_array_equal(got[1][same], want_bf16[same])
+    assert core.half_to_float(np.uint16(0x0001)) == np.float32(2.0**-24)   # plain Python too
