@@ -60,14 +60,19 @@ def test_import_does_not_load_numba_or_compile():
     assert out.stdout.split() == ["False", "False"]
 
 
+half_core = core.cpu.half_to_float
+bf16_core = core.cpu.bfloat16_to_float
+half_f16c = cpu.half_to_float
+
+
 @njit
 def _decode_all(bits):
     """Every decoder on every 16-bit pattern: the portable core ones and the CPU's F16C one."""
     out = np.empty((3, bits.shape[0]), np.float32)
     for i in range(bits.shape[0]):
-        out[0, i] = core.cpu.half_to_float(bits[i])
-        out[1, i] = core.cpu.bfloat16_to_float(bits[i])
-        out[2, i] = cpu.half_to_float(bits[i])
+        out[0, i] = half_core(bits[i])
+        out[1, i] = bf16_core(bits[i])
+        out[2, i] = half_f16c(bits[i])
     return out
 
 

@@ -27,3 +27,17 @@ MIN_KEYS_PER_SPLIT = 2048
 
 #: Threads for the CPU kernels; ``None`` means every thread Numba has.
 NUM_THREADS = None
+
+#: CUDA: threads per block, one query row each.
+CUDA_QUERY_BLOCK = 64
+
+#: CUDA: keys per tile staged in shared memory (a compile-time size of the
+#: kernel's local logits array: each value gets its own compiled kernel).
+CUDA_KEY_TILE = 32
+
+#: CUDA: key splits are added until the grid has about this many blocks
+#: (2 per SM of an H100/H200), so a single query still fills the GPU.
+CUDA_MIN_BLOCKS = 264
+
+#: CUDA: a key split never gets fewer keys than this.
+CUDA_MIN_KEYS_PER_SPLIT = 4096

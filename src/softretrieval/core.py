@@ -76,21 +76,23 @@ def pow2i(n):
 def exp2(x):
     """``2 ** x`` for float32 ``x <= 127``; exactly 0 for ``x < -126.5``.
 
-    Range reduction ``x = n + r`` with ``|r| <= 0.5``, a degree-6 polynomial
-    for ``2 ** r``, and the exponent ``n`` put in with :func:`pow2i`; clamping
-    ``x`` at -127 makes ``n = -127``, whose power of two is 0. No branch, so a
-    loop over it vectorizes. Relative error < 3e-7 (subnormals flush to 0).
+    Range reduction ``x = n + r`` with ``|r| <= 0.5`` (``n`` by truncating
+    ``x + 127.5``, positive after the clamp: no ``floor``, which the CUDA
+    target lacks), a degree-6 polynomial for ``2 ** r``, and the exponent
+    ``n`` put in with :func:`pow2i`; clamping ``x`` at -127 makes
+    ``n = -127``, whose power of two is 0. No branch, so a loop over it
+    vectorizes. Relative error < 3e-7 (subnormals flush to 0).
     """
     xc = max(x, np.float32(-127.0))
-    nf = np.floor(xc + np.float32(0.5))
-    r = xc - nf
+    ni = np.int32(xc + np.float32(127.5))      # round(xc) + 127: truncation of a positive number
+    r = xc - (np.float32(ni) - np.float32(127.0))
     p = _C6 * r + _C5
     p = p * r + _C4
     p = p * r + _C3
     p = p * r + _C2
     p = p * r + _C1
     p = p * r + np.float32(1.0)
-    return p * pow2i(np.int32(nf))
+    return p * pow2i(ni - np.int32(127))
 
 
 _TWO112 = np.float32(2.0**112)
@@ -153,16 +155,18 @@ def finalize(m, l):
     return 0.0, -math.inf
 
 
-def compile_for(decorator):
-    """Compile the core functions with ``decorator``, e.g. a target's jit.
+def compile_for(decorator, funcs=None):
+    """Compile plain functions with ``decorator``, e.g. a target's jit.
 
-    Each function is rebuilt with globals in which the core functions it
-    calls are the already compiled ones, so the single source above becomes a
-    set of functions that call each other on the target. Returns a namespace
-    with one attribute per core function.
+    Each function is rebuilt with globals in which the functions it calls
+    (earlier in ``funcs``) are the already compiled ones, so a single source
+    becomes a set of functions that call each other on the target.
+    ``funcs`` defaults to the core functions of this module. Returns a
+    namespace with one attribute per function.
     """
     compiled = {}
-    for func in (pow2i, exp2, half_to_float, bfloat16_to_float, rescale, merge_pair, finalize):
+    for func in funcs or (pow2i, exp2, half_to_float, bfloat16_to_float, rescale, merge_pair,
+                          finalize):
         scope = dict(func.__globals__, **compiled)
         rebuilt = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__)
         compiled[func.__name__] = decorator(rebuilt)

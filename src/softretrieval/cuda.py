@@ -1,0 +1,283 @@
+"""CUDA drivers (numba-cuda): the streaming kernel of :mod:`softretrieval.cpu`
+for the GPU, built on the same core compiled as device functions.
+
+Imported only when a call asks for ``device="cuda"`` (or ``"auto"`` finds a
+GPU); needs the ``cuda`` extra (``numba-cuda[cu13]``).
+
+Work is a grid of ``(query blocks, key splits)``. A block of
+``config.CUDA_QUERY_BLOCK`` threads holds one query row per thread: its
+online-softmax state ``(m, l)`` in registers, its accumulator row in global
+memory and its top-k in a bounded heap (:mod:`softretrieval.topk_heap`). Each
+key tile of ``config.CUDA_KEY_TILE`` keys is decoded by the whole block into
+shared memory (keys, values and, for l2/cosine, their squared norms); every
+thread then writes its logits for the tile into a local array (per-key terms,
+bias, exclusions, key window), takes their max, and updates its state with
+``core.rescale`` / ``core.exp2`` once per tile, as the CPU kernel does. Key
+tiles outside every row's window of a block are skipped. The states of the
+key splits are merged with ``core.merge_pair`` / ``core.finalize`` in a second
+kernel (flash-decoding: a single query still spreads over many blocks), the
+heaps in a third. Inputs and outputs are the same as :func:`cpu.run`'s.
+"""
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32, int64
+
+from . import config, core, topk_heap
+from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
+
+#: The shared core, compiled as CUDA device functions.
+dev = core.compile_for(cuda.jit(device=True))
+#: The bounded top-k heap, compiled as CUDA device functions.
+heap = core.compile_for(cuda.jit(device=True),
+                        (topk_heap.worse, topk_heap.sift_down, topk_heap.offer,
+                         topk_heap.sort_best_first))
+merge_pair = dev.merge_pair
+finalize = dev.finalize
+heap_offer = heap.offer
+heap_sort = heap.sort_best_first
+
+
+@cuda.jit(device=True)
+def _same(x):
+    return x
+
+
+@cuda.jit(device=True)
+def _integer(x):
+    return float32(x)
+
+
+#: Decoder of one stored element per storage dtype (see :mod:`softretrieval.storage`).
+DECODERS = {np.dtype(np.float32): _same, np.dtype(np.uint16): dev.half_to_float,
+            np.dtype(np.int16): dev.bfloat16_to_float, np.dtype(np.int8): _integer}
+
+
+def available():
+    """Whether a CUDA GPU (or the simulator) can run the kernels."""
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver install reads as no GPU
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def stream_kernel(kdtype, vdtype, tile):
+    """The streaming kernel for keys/values stored as ``kdtype``/``vdtype``
+    with key tiles of ``tile`` keys (compiled on first launch)."""
+    kdec = DECODERS[np.dtype(kdtype)]
+    vdec = DECODERS[np.dtype(vdtype)]
+    rescale = dev.rescale
+    exp2 = dev.exp2
+    offer = heap_offer
+
+    @cuda.jit
+    def kernel(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef, excl_off,
+               excl_ids, row_lo, row_hi, want_soft, want_acc, k, m_out, l_out, acc_out, tk_s,
+               tk_i, tk_n, bad):
+        B, d = Q.shape
+        N = K.shape[0]
+        vd = dv if want_acc else 0
+        nthreads = cuda.blockDim.x
+        tid = cuda.threadIdx.x
+        row = cuda.blockIdx.x * nthreads + tid
+        sp = cuda.blockIdx.y
+        split = (N + cuda.gridDim.y - 1) // cuda.gridDim.y
+        active = row < B
+        shared = cuda.shared.array(0, float32)
+        ktile = shared[: tile * d]
+        vtile = shared[tile * d: tile * (d + vd)]
+        norms = shared[tile * (d + vd): tile * (d + vd + 1)]
+        limits = cuda.shared.array(2, int64)
+        logits = cuda.local.array(tile, float32)
+        lo = 0
+        hi = N
+        if row_lo.shape[0] > 0 and active:
+            lo = row_lo[row]
+            hi = row_hi[row]
+        if tid == 0:
+            limits[0] = N
+            limits[1] = 0
+        cuda.syncthreads()
+        if active:
+            cuda.atomic.min(limits, 0, lo)
+            cuda.atomic.max(limits, 1, hi)
+        cuda.syncthreads()
+        k0 = max(sp * split, limits[0])
+        k1 = min(min(N, sp * split + split), limits[1])
+        p = 0
+        pend = 0
+        if excl_off.shape[0] > 0 and active:
+            p = excl_off[row]
+            pend = excl_off[row + 1]
+            while p < pend and excl_ids[p] < k0:
+                p += 1
+        m = NEG_INIT
+        l = float32(0.0)
+        count = 0
+        nbad = 0
+        for t0 in range(k0, k1, tile):
+            tn = min(tile, k1 - t0)
+            cuda.syncthreads()
+            for idx in range(tid, tn * d, nthreads):
+                j = idx // d
+                x = kdec(K[t0 + j, kcol + idx - j * d])
+                ktile[idx] = x * kscale[t0 + j] if kscale.shape[0] > 0 else x
+            for idx in range(tid, tn * vd, nthreads):
+                j = idx // vd
+                x = vdec(V[t0 + j, vcol + idx - j * vd])
+                vtile[idx] = x * vscale[t0 + j] if vscale.shape[0] > 0 else x
+            cuda.syncthreads()
+            if key_mode != KEYS_PLAIN:
+                for j in range(tid, tn, nthreads):
+                    sq = float32(0.0)
+                    for c in range(d):
+                        sq += ktile[j * d + c] * ktile[j * d + c]
+                    norms[j] = sq
+                cuda.syncthreads()
+            if not active:
+                continue
+            mx = MASKED
+            for j in range(tn):
+                s = float32(0.0)
+                for c in range(d):
+                    s += Q[row, c] * ktile[j * d + c]
+                if key_mode == KEYS_UNIT:
+                    s = s / math.sqrt(norms[j]) if norms[j] > 0 else float32(0.0)
+                elif key_mode == KEYS_SQNORM:
+                    s += key_coef * norms[j]
+                if bias.shape[0] > 0:
+                    s += bias[t0 + j]
+                key = t0 + j
+                while p < pend and excl_ids[p] < key:
+                    p += 1
+                if (p < pend and excl_ids[p] == key) or key < lo or key >= hi:
+                    s = MASKED
+                if not math.isfinite(s):
+                    nbad += 1
+                logits[j] = s
+                mx = max(mx, s)
+            if k > 0 and mx > NEG_INIT:
+                for j in range(tn):
+                    if logits[j] > NEG_INIT:
+                        count = offer(tk_s[sp, row], tk_i[sp, row], count, k, logits[j], t0 + j)
+            if want_soft:
+                m_new, corr = rescale(m, mx)
+                total = float32(0.0)
+                for c in range(vd):
+                    acc_out[sp, row, c] *= corr
+                for j in range(tn):
+                    w = exp2(logits[j] - m_new)
+                    total += w
+                    for c in range(vd):
+                        acc_out[sp, row, c] += w * vtile[j * vd + c]
+                l = l * corr + total
+                m = m_new
+        if active:
+            m_out[sp, row] = m
+            l_out[sp, row] = l
+            tk_n[sp, row] = count
+            if nbad > 0:
+                cuda.atomic.add(bad, 0, nbad)
+
+    return kernel
+
+
+@cuda.jit
+def merge_states_kernel(m, l, acc, out, lse):
+    """One thread per query: merge the key splits' states and normalize
+    (the CUDA twin of :func:`cpu.merge_states`)."""
+    b = cuda.grid(1)
+    if b >= m.shape[1]:
+        return
+    dv = acc.shape[2]
+    mb = m[0, b]
+    lb = l[0, b]
+    for c in range(dv):
+        out[b, c] = acc[0, b, c]
+    for p in range(1, m.shape[0]):
+        mb, lb, c1, c2 = merge_pair(mb, lb, m[p, b], l[p, b])
+        for c in range(dv):
+            out[b, c] = out[b, c] * c1 + acc[p, b, c] * c2
+    inv_l, lse[b] = finalize(mb, lb)
+    for c in range(dv):
+        out[b, c] *= inv_l
+
+
+@cuda.jit
+def merge_topk_kernel(tk_s, tk_i, tk_n, k, scores, ids, count):
+    """One thread per query: the best k of every split's heap, best first."""
+    b = cuda.grid(1)
+    if b >= tk_n.shape[1]:
+        return
+    n = 0
+    for p in range(tk_n.shape[0]):
+        for j in range(tk_n[p, b]):
+            n = heap_offer(scores[b], ids[b], n, k, tk_s[p, b, j], tk_i[p, b, j])
+    heap_sort(scores[b], ids[b], n)
+    count[b] = n
+
+
+def plan(B, N):
+    """``(nqb, nsplit, threads)``: query blocks of ``config.CUDA_QUERY_BLOCK``
+    threads, and enough key splits that the grid holds about
+    ``config.CUDA_MIN_BLOCKS`` blocks, each split at least
+    ``config.CUDA_MIN_KEYS_PER_SPLIT`` keys."""
+    threads = config.CUDA_QUERY_BLOCK
+    nqb = -(-B // threads)
+    nsplit = max(1, min(-(-config.CUDA_MIN_BLOCKS // nqb), N // config.CUDA_MIN_KEYS_PER_SPLIT))
+    return nqb, nsplit, threads
+
+
+_NONE = np.zeros(0, np.int64)
+_NO_SCALE = np.zeros(0, np.float32)
+
+
+def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_SCALE,
+        key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None, want_soft=True,
+        want_acc=True, k=0):
+    """:func:`cpu.run` on the GPU: same arguments (host arrays, copied to the
+    device), same results (host arrays)."""
+    B, d = Q.shape
+    N = K.shape[0]
+    dv = V.shape[1] if dv is None else dv
+    vd = dv if want_acc else 0
+    nqb, nsplit, threads = plan(B, N)
+    tile = config.CUDA_KEY_TILE
+    excl_off, excl_ids = (_NONE, _NONE) if exclude is None else exclude
+    row_lo, row_hi = (_NONE, _NONE) if window is None else window
+    to = cuda.to_device
+    kk = max(k, 1)
+    m = cuda.device_array((nsplit, B), np.float32)
+    l = cuda.device_array((nsplit, B), np.float32)
+    acc = to(np.zeros((nsplit, B, vd), np.float32))
+    tk_s = cuda.device_array((nsplit, B, kk), np.float32)
+    tk_i = cuda.device_array((nsplit, B, kk), np.int64)
+    tk_n = cuda.device_array((nsplit, B), np.int64)
+    bad = to(np.zeros(1, np.int64))
+    kernel = stream_kernel(K.dtype, V.dtype, tile)
+    shared = 4 * tile * (d + vd + 1)
+    dK = to(K)
+    dV = dK if V is K else to(V)
+    kernel[(nqb, nsplit), threads, 0, shared](
+        to(Q), dK, to(kscale), dV, to(vscale), kcol, vcol, dv,
+        to(bias), key_mode, np.float32(key_coef), to(excl_off), to(excl_ids), to(row_lo),
+        to(row_hi), want_soft, want_acc, k, m, l, acc, tk_s, tk_i, tk_n, bad)
+    res = {"bad": int(bad.copy_to_host()[0])}
+    rows = -(-B // threads)
+    if want_soft:
+        out = cuda.device_array((B, vd), np.float32)
+        lse = cuda.device_array(B, np.float64)
+        merge_states_kernel[rows, threads](m, l, acc, out, lse)
+        res["out"], res["lse"] = out.copy_to_host(), lse.copy_to_host()
+    if k > 0:
+        scores = to(np.full((B, k), NEG_INIT, np.float32))
+        ids = to(np.full((B, k), -1, np.int64))
+        count = cuda.device_array(B, np.int64)
+        merge_topk_kernel[rows, threads](tk_s, tk_i, tk_n, k, scores, ids, count)
+        res["topk_logits"] = scores.copy_to_host()
+        res["topk_ids"] = ids.copy_to_host()
+        res["topk_count"] = count.copy_to_host()
+    return res
