@@ -5,6 +5,10 @@ import pytest
 
 from softretrieval import config
 
+# The CUDA simulator tests need NUMBA_ENABLE_CUDASIM=1 from process start:
+# tests/test_cuda.py runs them in a subprocess so set.
+collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else ["cudasim"]
+
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets")
 
 

@@ -315,3 +315,17 @@ def test_values_overflowing_float32(rng):
     V[:] = 3e38
     with pytest.raises(ValueError, match="overflow"):
         sr.attention(Q, K, V, scale=0.0)
+
+
+def test_device_cuda_without_numba_cuda_says_how_to_install(monkeypatch):
+    """Without the cuda extra, CPU paths work, "auto" falls back to the CPU,
+    and device="cuda" raises a ValueError naming the extra."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "softretrieval.cuda", None)   # import fails as if missing
+    Q, K = np.ones((2, 3)), np.arange(12.0).reshape(4, 3)
+    np.testing.assert_allclose(sr.attention(Q, K, device="auto"), sr.attention(Q, K))
+    with pytest.raises(ValueError, match=r"needs numba-cuda.*softretrieval\[cuda\]"):
+        sr.attention(Q, K, device="cuda")
+    with pytest.raises(ValueError, match="device must be one of"):
+        sr.topk(Q, K, 1, device="tpu")

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import layout, validate
+from . import devices, layout, validate
 from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
 
 METRICS = ("ip", "cosine", "l2")
@@ -156,11 +156,10 @@ def _prepare_bias(bias, n, unit):
     return np.maximum(b2, MASKED)
 
 
-def _run(p, **mode):
-    """Run the kernels on one problem; name the argument behind a NaN/inf."""
-    from . import cpu
-
-    res = cpu.run(p.Q, p.K, p.V, p.bias, kcol=p.kcol, vcol=p.vcol, dv=p.dv,
+def _run(p, kernels, **mode):
+    """Run the kernels (:mod:`cpu` or :mod:`cuda`) on one problem; name the
+    argument behind a NaN/inf."""
+    res = kernels.run(p.Q, p.K, p.V, p.bias, kcol=p.kcol, vcol=p.vcol, dv=p.dv,
                   kscale=p.kscale, vscale=p.vscale, key_mode=p.key_mode,
                   key_coef=p.key_coef, exclude=p.exclude, window=p.window, **mode)
     out = res.get("out")
@@ -203,7 +202,8 @@ _SHAPES = """
 
 
 def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
-              exclude=None, return_lse=False, causal=False, window=None, seq_lens=None):
+              exclude=None, return_lse=False, causal=False, window=None, seq_lens=None,
+              device="cpu"):
     """Soft retrieval: softmax attention of every query over all keys.
 
     ``out[b] = sum_n softmax_n(logit(q_b, k_n) + bias_n) * v_n``, streamed
@@ -226,6 +226,7 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
     return_lse : bool
         Also return ``lse[b] = log sum_n exp(logit + bias_n)``.
     causal, window, seq_lens : sequence modes, below.
+    device : "cpu" (default), "cuda" or "auto" (CUDA when a GPU is there).
 
     Returns
     -------
@@ -240,41 +241,43 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)
-    return solve_attention(lay, problems, return_lse)
+    return solve_attention(lay, problems, return_lse, device)
 
 
 attention.__doc__ += _SHAPES
 
 
-def solve_attention(lay, problems, return_lse):
+def solve_attention(lay, problems, return_lse, device="cpu"):
     """Soft retrieval of validated problems (see :func:`_problems`)."""
+    kernels = devices.kernels(device)
     out = np.zeros((lay.batch, lay.T, lay.H, lay.dv), np.float32)
     lse = np.full((lay.batch, lay.T, lay.H), -np.inf, np.float32)
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res = _run(p, want_soft=True, want_acc=True)
+        res = _run(p, kernels, want_soft=True, want_acc=True)
         _fill(out, lay, b, g, res["out"])
         _fill(lse, lay, b, g, _with_row_const(res["lse"], p.row_const))
     out, lse = lay.heads_out(out), lay.heads_out(lse)
     return (out, lse) if return_lse else out
 
 
-def solve_logsumexp(lay, problems):
+def solve_logsumexp(lay, problems, device="cpu"):
     """Log-partition (lse only, no values) of validated problems."""
+    kernels = devices.kernels(device)
     lse = np.full((lay.batch, lay.T, lay.H), -np.inf, np.float32)
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res = _run(p, want_soft=True, want_acc=False)
+        res = _run(p, kernels, want_soft=True, want_acc=False)
         _fill(lse, lay, b, g, _with_row_const(res["lse"], p.row_const))
     return lay.heads_out(lse)
 
 
-def _run_topk(p, k, want_soft):
+def _run_topk(p, kernels, k, want_soft):
     """Top-k of one problem: ``(res, logits, ids, count, valid)``, where
     ``valid`` (R, min(k, N)) marks the slots that hold a key."""
-    res = _run(p, want_soft=want_soft, want_acc=False, k=min(k, p.K.shape[0]))
+    res = _run(p, kernels, want_soft=want_soft, want_acc=False, k=min(k, p.K.shape[0]))
     logits, ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
     valid = np.arange(logits.shape[1])[None, :] < count[:, None]
     return res, logits, ids, count, valid
@@ -289,7 +292,7 @@ def _pad(a, k, fill):
 
 
 def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False, window=None,
-         seq_lens=None):
+         seq_lens=None, device="cpu"):
     """Exact top-k retrieval, with FAISS's conventions.
 
     Parameters
@@ -303,6 +306,7 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
     bias : (N,) real array, optional: added to the similarity ("ip",
         "cosine") or subtracted from the distance ("l2"); ``-inf`` excludes.
     exclude : per-query ids to skip, as in :func:`attention`.
+    device : "cpu" (default), "cuda" or "auto", as in :func:`attention`.
 
     Returns
     -------
@@ -316,21 +320,22 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
     lay, problems = _problems(queries, keys, None, metric=metric, scale=None, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=False)
-    return solve_topk(lay, problems, k, metric)
+    return solve_topk(lay, problems, k, metric, device)
 
 
 topk.__doc__ += _SHAPES
 
 
-def solve_topk(lay, problems, k, metric):
+def solve_topk(lay, problems, k, metric, device="cpu"):
     """Top-k of validated problems (see :func:`_problems`)."""
+    kernels = devices.kernels(device)
     pad = np.inf if metric == "l2" else -np.inf
     scores = np.full((lay.batch, lay.T, lay.H, k), pad, np.float32)
     ids = np.full((lay.batch, lay.T, lay.H, k), -1, np.int64)
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        _, logits, top_ids, count, valid = _run_topk(p, k, want_soft=False)
+        _, logits, top_ids, count, valid = _run_topk(p, kernels, k, want_soft=False)
         if metric == "l2":
             sc = (-p.row_const[:, None] - logits).astype(np.float32)
             if p.bias.shape[0] == 0:
@@ -344,10 +349,11 @@ def solve_topk(lay, problems, k, metric):
 
 
 def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, metric="ip",
-                   exclude=None, causal=False, window=None, seq_lens=None):
+                   exclude=None, causal=False, window=None, seq_lens=None, device="cpu"):
     """Top-k attention: softmax over each query's k best keys, in one pass.
 
-    Arguments as :func:`attention`, plus ``k`` (int >= 1; k > N is allowed).
+    Arguments as :func:`attention` (``device`` too), plus ``k`` (int >= 1;
+    k > N is allowed); the gather of the top-k values runs on the host.
     One pass over the keys finds the top-k by logit and the full-catalog
     log-partition, so ``coverage`` (the share of the full softmax mass that
     the top-k keys hold) costs nothing extra: it tells whether k was large
@@ -358,15 +364,17 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)
-    return solve_topk_attention(lay, problems, k)
+    return solve_topk_attention(lay, problems, k, device)
 
 
 topk_attention.__doc__ += _SHAPES
 
 
-def solve_topk_attention(lay, problems, k):
+def solve_topk_attention(lay, problems, k, device="cpu"):
     """Top-k attention of validated problems (see :func:`_problems`)."""
     from . import cpu
+
+    kernels = devices.kernels(device)
 
     lead = (lay.batch, lay.T, lay.H)
     out = np.zeros(lead + (lay.dv,), np.float32)
@@ -377,7 +385,7 @@ def solve_topk_attention(lay, problems, k):
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res, logits, top_ids, count, valid = _run_topk(p, k, want_soft=True)
+        res, logits, top_ids, count, valid = _run_topk(p, kernels, k, want_soft=True)
         top = np.where(count > 0, logits[:, 0], 0.0).astype(np.float64)
         w = np.where(valid, np.exp2(logits - top[:, None]), 0.0)
         total = w.sum(axis=1)

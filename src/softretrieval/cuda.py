@@ -32,7 +32,7 @@ from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
 dev = core.compile_for(cuda.jit(device=True))
 #: The bounded top-k heap, compiled as CUDA device functions.
 heap = core.compile_for(cuda.jit(device=True),
-                        (topk_heap.worse, topk_heap.sift_down, topk_heap.offer,
+                        (topk_heap.worse, topk_heap.swap, topk_heap.sift_down, topk_heap.offer,
                          topk_heap.sort_best_first))
 merge_pair = dev.merge_pair
 finalize = dev.finalize

@@ -58,7 +58,8 @@ class Index:
     the index are ignored), else row numbers in ``[0, N)``.
 
     Searches may run while another thread adds: each sees the items present
-    when it started.
+    when it started. Every query method takes ``device="cpu" | "cuda" |
+    "auto"`` (see :func:`softretrieval.attention`).
     """
 
     def __init__(self, dim, *, metric="ip", value_dim=None, dtype="float32"):
@@ -211,18 +212,18 @@ class Index:
 
     # ------------------------------------------------------------------ queries
 
-    def search(self, queries, k, *, exclude=None, bias=None):
+    def search(self, queries, k, *, exclude=None, bias=None, device="cpu"):
         """Exact top-k: ``(scores (B, k) float32, ids (B, k) int64)``, with
         the conventions of :func:`softretrieval.topk` (ids are external ids
         when the index has them; -1 pads)."""
         k = validate.positive_int(k, "k")
         lay, problems = self._problems(queries, softmax=False, scale=None, bias=bias,
                                        exclude=exclude)
-        scores, rows = api.solve_topk(lay, problems, k, self.metric)
+        scores, rows = api.solve_topk(lay, problems, k, self.metric, device)
         return scores, self._external(rows)
 
     def retrieve(self, queries, *, scale=None, temperature=None, bias=None, exclude=None,
-                 return_lse=False):
+                 return_lse=False, device="cpu"):
         """Soft retrieval over the whole catalog.
 
         Returns ``out`` (B, value_dim or dim) float32 — the softmax-weighted
@@ -231,23 +232,25 @@ class Index:
         """
         lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
                                        bias=bias, exclude=exclude)
-        return api.solve_attention(lay, problems, return_lse)
+        return api.solve_attention(lay, problems, return_lse, device)
 
-    def retrieve_topk(self, queries, k, *, scale=None, temperature=None, bias=None, exclude=None):
+    def retrieve_topk(self, queries, k, *, scale=None, temperature=None, bias=None, exclude=None,
+                      device="cpu"):
         """Top-k attention in one pass: a :class:`softretrieval.TopKAttention`
         (out, ids, weights, full-catalog lse, coverage); ids as in :meth:`search`."""
         k = validate.positive_int(k, "k")
         lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
                                        bias=bias, exclude=exclude)
-        res = api.solve_topk_attention(lay, problems, k)
+        res = api.solve_topk_attention(lay, problems, k, device)
         return res._replace(ids=self._external(res.ids))
 
-    def logsumexp(self, queries, *, scale=None, temperature=None, bias=None, exclude=None):
+    def logsumexp(self, queries, *, scale=None, temperature=None, bias=None, exclude=None,
+                  device="cpu"):
         """``log sum_n exp(logit(q, k_n) + bias_n)`` over the whole catalog,
         (B,) float32: the normalizer of an exact full-softmax loss."""
         lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
                                        bias=bias, exclude=exclude)
-        return api.solve_logsumexp(lay, problems)
+        return api.solve_logsumexp(lay, problems, device)
 
     def _stored(self):
         """A consistent snapshot: ``(n, keys Stored, values array or None)``."""

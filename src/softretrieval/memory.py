@@ -140,14 +140,14 @@ class KNNMemory:
                              f"{self.heads} heads, got {np.shape(queries)}")
         return q, squeeze
 
-    def read(self, queries, *, k=None, scale=None):
+    def read(self, queries, *, k=None, scale=None, device="cpu"):
         """Look up the memory.
 
         queries (B, H, key_dim), H a multiple of ``heads`` (or (B, key_dim)
         for a one-head memory). ``k=None``: exact soft lookup over every live
         entry; an integer k (<= capacity): top-k attention over the memory.
         An empty memory gives zeros, ``lse = -inf`` (ids -1, coverage 0).
-        Returns a :class:`MemoryRead`.
+        ``device``: "cpu", "cuda" or "auto". Returns a :class:`MemoryRead`.
         """
         q, squeeze = self._queries(queries)
         if k is not None:
@@ -161,10 +161,11 @@ class KNNMemory:
                 res = self._empty(B, H, k)
             elif k is None:
                 out, lse = api.attention(q, *self._live(n), scale=scale, metric=self.metric,
-                                         return_lse=True)
+                                         return_lse=True, device=device)
                 res = MemoryRead(out, lse)
             else:
-                r = api.topk_attention(q, *self._live(n), k=k, scale=scale, metric=self.metric)
+                r = api.topk_attention(q, *self._live(n), k=k, scale=scale, metric=self.metric,
+                                       device=device)
                 res = MemoryRead(r.out, r.lse, r.ids, r.coverage)
         if squeeze:
             res = MemoryRead(*(None if a is None else a[:, 0] for a in res))
@@ -215,7 +216,8 @@ class KNNMemory:
         return mem
 
 
-def memory_attention(q, k, v, memory, *, topk=32, causal=True, gate=None, scale=None):
+def memory_attention(q, k, v, memory, *, topk=32, causal=True, gate=None, scale=None,
+                     device="cpu"):
     """One step of a memorizing-transformer layer.
 
     q (T, H, d), k (S, Hkv, d), v (S, Hkv, dv): the sequence's own queries,
@@ -231,6 +233,7 @@ def memory_attention(q, k, v, memory, *, topk=32, causal=True, gate=None, scale=
 
     Returns ``(out (T, H, dv) float32, coverage (T, H) float32)``: coverage is
     the share of the memory's full softmax mass held by its top-k entries.
+    ``device``: "cpu", "cuda" or "auto" for both attentions.
     """
     if np.ndim(q) != 3:
         raise ValueError(f"q must have shape (T, H, d), got {np.shape(q)}")
@@ -239,8 +242,9 @@ def memory_attention(q, k, v, memory, *, topk=32, causal=True, gate=None, scale=
         H = np.shape(q)[1]
         if g.shape != (H,) or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
             raise ValueError(f"gate must be {H} values in [0, 1] (one per head), got {g}")
-    local, lse_local = api.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
-    mem = memory.read(q, k=topk, scale=scale)
+    local, lse_local = api.attention(q, k, v, scale=scale, causal=causal, return_lse=True,
+                                     device=device)
+    mem = memory.read(q, k=topk, scale=scale, device=device)
     if gate is None:
         with np.errstate(divide="ignore"):
             lse_top = mem.lse + np.log(mem.coverage)     # log-partition of the top-k entries

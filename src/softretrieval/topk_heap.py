@@ -14,6 +14,16 @@ def worse(s1, i1, s2, i2):
     return s1 < s2 or (s1 == s2 and i1 > i2)
 
 
+def swap(hs, hi, a, b):
+    """Exchange entries a and b."""
+    ts = hs[a]
+    ti = hi[a]
+    hs[a] = hs[b]
+    hi[a] = hi[b]
+    hs[b] = ts
+    hi[b] = ti
+
+
 def sift_down(hs, hi, count, pos):
     """Restore the heap below ``pos`` (hs scores, hi ids, ``count`` entries)."""
     while True:
@@ -24,12 +34,7 @@ def sift_down(hs, hi, count, pos):
             child += 1
         if not worse(hs[child], hi[child], hs[pos], hi[pos]):
             return
-        ts = hs[pos]
-        ti = hi[pos]
-        hs[pos] = hs[child]
-        hi[pos] = hi[child]
-        hs[child] = ts
-        hi[child] = ti
+        swap(hs, hi, pos, child)
         pos = child
 
 
@@ -44,12 +49,7 @@ def offer(hs, hi, count, k, s, i):
             parent = (pos - 1) // 2
             if not worse(hs[pos], hi[pos], hs[parent], hi[parent]):
                 break
-            ts = hs[pos]
-            ti = hi[pos]
-            hs[pos] = hs[parent]
-            hi[pos] = hi[parent]
-            hs[parent] = ts
-            hi[parent] = ti
+            swap(hs, hi, pos, parent)
             pos = parent
         return count + 1
     if worse(hs[0], hi[0], s, i):
@@ -64,10 +64,5 @@ def sort_best_first(hs, hi, count):
     n = count
     while n > 1:
         n -= 1
-        ts = hs[0]
-        ti = hi[0]
-        hs[0] = hs[n]
-        hi[0] = hi[n]
-        hs[n] = ts
-        hi[n] = ti
+        swap(hs, hi, 0, n)
         sift_down(hs, hi, n, 0)

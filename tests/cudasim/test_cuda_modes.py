@@ -1,0 +1,119 @@
+"""Every mode on the CUDA kernels (simulator) against the float64 references."""
+
+import numpy as np
+import pytest
+
+import softretrieval as sr
+
+from reference import attention_ref, sequence_attention_ref, topk_attention_ref, topk_ref
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("B,N,d", [(1, 37, 5), (7, 50, 3), (9, 5, 4)])
+def test_soft_retrieval_with_lse_bias_and_exclusions(rng, B, N, d):
+    """B crosses query blocks of 4, N tiles of 8 and splits of 8; N < tile."""
+    Q, K, V = (rng.standard_normal(s) for s in ((B, d), (N, d), (N, 2)))
+    bias = rng.standard_normal(N)
+    bias[0] = -np.inf
+    out, lse = sr.attention(Q, K, V, scale=0.7, bias=bias, return_lse=True, device="cuda")
+    ref_out, ref_lse = attention_ref(Q, K, V, scale=0.7, bias=bias)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    np.testing.assert_allclose(lse, ref_lse, **TOL)
+    excl = [np.arange(N)] + [np.array([j % N, (3 * j) % N]) for j in range(1, B)]
+    out, lse = sr.attention(Q, K, V, exclude=excl, return_lse=True, device="cuda")
+    b = np.zeros((B, N))
+    for i, e in enumerate(excl):
+        b[i, e] = -np.inf
+    for i in range(B):
+        o, l_ = attention_ref(Q[i:i + 1], K, V, bias=b[i])
+        np.testing.assert_allclose(out[i], o[0], **TOL)
+        assert lse[i] == l_[0] if np.isneginf(l_[0]) else abs(lse[i] - l_[0]) < 2e-5
+    assert (out[0] == 0).all()
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("k", [1, 6, 60])
+def test_topk_and_topk_attention(rng, metric, k):
+    Q, K = rng.standard_normal((6, 5)), rng.standard_normal((45, 5))
+    bias = rng.standard_normal(45)
+    excl = [np.array([1, 2]), np.array([], int), np.array([44]), np.arange(45), np.array([0]), np.array([7])]
+    scores, ids = sr.topk(Q, K, k, metric=metric, bias=bias, exclude=excl, device="cuda")
+    ref_s, ref_i = topk_ref(Q, K, k, metric, bias=bias, exclude=excl)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(scores, ref_s, **TOL)
+    res = sr.topk_attention(Q, K, None, min(k, 10), scale=0.5, metric=metric, exclude=excl,
+                            device="cuda")
+    out, r_ids, w, lse, cov = topk_attention_ref(Q, K, None, min(k, 10), scale=0.5, exclude=excl,
+                                                 metric=metric)
+    np.testing.assert_array_equal(res.ids, r_ids)
+    np.testing.assert_allclose(res.out, out, **TOL)
+    np.testing.assert_allclose(res.weights, w, **TOL)
+    np.testing.assert_allclose(res.coverage, cov, **TOL)
+
+
+def test_topk_ties_go_to_the_lower_id(rng):
+    K = np.repeat(rng.standard_normal((3, 4)), 7, axis=0)      # 7 copies of each key
+    Q = rng.standard_normal((3, 4))
+    _, ids = sr.topk(Q, K, 9, device="cuda")
+    np.testing.assert_array_equal(ids, topk_ref(Q, K, 9)[1])
+
+
+def test_large_k(rng):
+    Q, K = rng.standard_normal((2, 3)), rng.standard_normal((1100, 3))
+    scores, ids = sr.topk(Q, K, 1024, device="cuda")
+    ref_s, ref_i = topk_ref(Q, K, 1024)
+    np.testing.assert_allclose(scores, ref_s, **TOL)
+    assert (ids == ref_i).mean() > 0.999 and ids.dtype == np.int64
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (2, 2), (3, 1)])
+def test_multi_head_causal_window_and_lengths(rng, H, Hkv):
+    q = rng.standard_normal((2, 6, H, 5))
+    k = rng.standard_normal((2, 9, Hkv, 5))
+    v = rng.standard_normal((2, 9, Hkv, 3))
+    lens = (np.array([6, 4]), np.array([9, 7]))
+    out, lse = sr.attention(q, k, v, causal=True, window=4, seq_lens=lens, return_lse=True,
+                            device="cuda")
+    ref_out, ref_lse = sequence_attention_ref(q, k, v, causal=True, window=4, q_lens=lens[0],
+                                              k_lens=lens[1])
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[fin], ref_lse[fin], **TOL)
+    assert np.isneginf(lse[~fin]).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_index_compact_storage(rng, dtype):
+    K, V, Q = rng.standard_normal((30, 6)), rng.standard_normal((30, 2)), rng.standard_normal((5, 6))
+    index = sr.Index(6, dtype=dtype, value_dim=2)
+    index.add(K, V)
+    Kd = index.keys().astype(np.float64)
+    out, lse = index.retrieve(Q, return_lse=True, device="cuda")
+    ref_out, ref_lse = attention_ref(Q, Kd, V, scale=1.0)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    np.testing.assert_allclose(index.logsumexp(Q, device="cuda"), ref_lse, **TOL)
+    np.testing.assert_array_equal(index.search(Q, 4, device="cuda")[1], topk_ref(Q, Kd, 4)[1])
+    keys_only = sr.Index(6, dtype=dtype)
+    keys_only.add(K)
+    np.testing.assert_allclose(keys_only.retrieve(Q, device="cuda"),
+                               attention_ref(Q, Kd, Kd, scale=1.0)[0], **TOL)
+
+
+def test_memory_and_auto_device(rng):
+    mem = sr.KNNMemory(4, 3, capacity=20, heads=2)
+    mem.write(rng.standard_normal((25, 2, 4)), rng.standard_normal((25, 2, 3)))
+    q = rng.standard_normal((3, 4, 4))
+    for k in (None, 5):
+        a = mem.read(q, k=k, device="cuda")
+        b = mem.read(q, k=k)
+        np.testing.assert_allclose(a.out, b.out, **TOL)
+    np.testing.assert_allclose(sr.attention(q[:, 0], q[:, 1], device="auto"),
+                               attention_ref(q[:, 0], q[:, 1])[0], **TOL)
+
+
+def test_non_finite_logits_are_reported(rng):
+    Q, K = np.ones((2, 3)) * 1e10, rng.standard_normal((12, 3)) * 1e30   # q.k overflows float32
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="non-finite"):
+            sr.attention(Q, K, scale=1.0, device=device)

@@ -1,0 +1,99 @@
+"""The CUDA target without a GPU: the simulator suite, PTX for real GPUs, and
+the errors of device="cuda" where no GPU is."""
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import softretrieval as sr
+from softretrieval import devices
+
+numba_cuda = pytest.importorskip("numba_cuda", reason="the cuda extra (numba-cuda) is not installed")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_simulator_suite():
+    """tests/cudasim: every mode on the CUDA kernels against the float64
+    references, run by numba-cuda's simulator (a fresh process: the simulator
+    is chosen when numba starts)."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join(HERE, "cudasim")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout
+
+
+def _signature(kdtype, vdtype):
+    from numba import types as t
+
+    def arr(dt, nd):
+        return t.Array(dt, nd, "C")
+
+    f32, i64 = t.float32, t.int64
+    return (arr(f32, 2), arr(kdtype, 2), arr(f32, 1), arr(vdtype, 2), arr(f32, 1), i64, i64, i64,
+            arr(f32, 1), i64, f32, arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(i64, 1), t.boolean,
+            t.boolean, i64, arr(f32, 2), arr(f32, 2), arr(f32, 3), arr(f32, 3), arr(i64, 3),
+            arr(i64, 2), arr(i64, 1))
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """compile_ptx of a kernel calling device functions asks the current
+    device for its compute capability; stand in for the missing GPU."""
+    import numba.cuda.dispatcher as dispatcher
+
+    def use(cc):
+        monkeypatch.setattr(dispatcher, "get_current_device",
+                            lambda: SimpleNamespace(compute_capability=cc))
+    return use
+
+
+@pytest.mark.parametrize("cc,dtypes", [((9, 0), ("float32", "uint16", "int16", "int8")),
+                                       ((8, 0), ("float32",))])
+def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
+    """Every kernel lowers to PTX for compute capabilities 8.0 and 9.0 (each
+    storage dtype on 9.0), on this GPU-less machine."""
+    from numba import cuda
+    from numba import types as t
+
+    from softretrieval import config
+    from softretrieval import cuda as gpu
+
+    fake_device(cc)
+    target = f".target sm_{cc[0]}{cc[1]}"
+    for dtype in dtypes:
+        kernel = gpu.stream_kernel(np.dtype(dtype), np.dtype(dtype), config.CUDA_KEY_TILE)
+        nbt = getattr(t, dtype)
+        ptx, _ = cuda.compile_ptx(kernel.py_func, _signature(nbt, nbt), cc=cc)
+        assert target in ptx and ".shared" in ptx
+    arr = lambda dt, nd: t.Array(dt, nd, "C")  # noqa: E731
+    f32, i64 = t.float32, t.int64
+    ptx, _ = cuda.compile_ptx(gpu.merge_states_kernel.py_func,
+                              (arr(f32, 2), arr(f32, 2), arr(f32, 3), arr(f32, 2), arr(t.float64, 1)),
+                              cc=cc)
+    assert target in ptx
+    ptx, _ = cuda.compile_ptx(gpu.merge_topk_kernel.py_func,
+                              (arr(f32, 3), arr(i64, 3), arr(i64, 2), i64, arr(f32, 2), arr(i64, 2),
+                               arr(i64, 1)), cc=cc)
+    assert target in ptx
+
+
+def test_device_argument_errors():
+    Q, K = np.ones((2, 3)), np.ones((4, 3))
+    with pytest.raises(ValueError, match="device must be one of"):
+        sr.attention(Q, K, device="gpu")
+    from softretrieval import cuda as gpu
+
+    if gpu.available():
+        pytest.skip("a GPU is present: device='cuda' works here")
+    for call in (lambda: sr.attention(Q, K, device="cuda"), lambda: sr.topk(Q, K, 1, device="cuda"),
+                 lambda: sr.topk_attention(Q, K, k=1, device="cuda")):
+        with pytest.raises(ValueError, match=r"softretrieval\[cuda\]"):
+            call()
+    assert devices.kernels("auto").__name__ == "softretrieval.cpu"
+    np.testing.assert_allclose(sr.attention(Q, K, device="auto"), sr.attention(Q, K))
