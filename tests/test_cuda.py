@@ -35,10 +35,10 @@ def _signature(kdtype, vdtype):
         return t.Array(dt, nd, "C")
 
     f32, i64 = t.float32, t.int64
-    return (arr(f32, 2), arr(kdtype, 2), arr(f32, 1), arr(vdtype, 2), arr(f32, 1), i64, i64, i64,
-            arr(f32, 1), i64, f32, arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(i64, 1), t.boolean,
-            t.boolean, i64, arr(f32, 2), arr(f32, 2), arr(f32, 3), arr(f32, 3), arr(i64, 3),
-            arr(i64, 2), arr(i64, 1))
+    return (arr(f32, 2), f32, t.boolean, f32, arr(kdtype, 2), arr(f32, 1), arr(vdtype, 2),
+            arr(f32, 1), i64, i64, i64, arr(f32, 1), f32, i64, f32, arr(i64, 1), arr(i64, 1),
+            arr(i64, 1), arr(i64, 1), t.boolean, t.boolean, i64, arr(f32, 2), arr(f32, 2),
+            arr(f32, 3), arr(f32, 3), arr(i64, 3), arr(i64, 2), arr(i64, 1))
 
 
 @pytest.fixture
@@ -80,6 +80,14 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
     ptx, _ = cuda.compile_ptx(gpu.merge_topk_kernel.py_func,
                               (arr(f32, 3), arr(i64, 3), arr(i64, 2), i64, arr(f32, 2), arr(i64, 2),
                                arr(i64, 1)), cc=cc)
+    assert target in ptx
+    ptx, _ = cuda.compile_ptx(gpu.finish_topk_kernel.py_func,
+                              (arr(f32, 2), arr(i64, 2), arr(i64, 1), f32, t.boolean, f32,
+                               arr(f32, 2), arr(i64, 2)), cc=cc)
+    assert target in ptx
+    ptx, _ = cuda.compile_ptx(gpu.finish_topk_attention_kernel.py_func,
+                              (arr(f32, 2), arr(i64, 2), arr(i64, 1), arr(f32, 1), arr(f32, 2),
+                               arr(f32, 2), arr(i64, 2), arr(f32, 2), arr(f32, 1)), cc=cc)
     assert target in ptx
 
 

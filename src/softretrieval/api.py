@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import devices, layout, validate
+from . import devices, gpu_api, layout, validate
 from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
 
 METRICS = ("ip", "cosine", "l2")
@@ -227,6 +227,10 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
         Also return ``lse[b] = log sum_n exp(logit + bias_n)``.
     causal, window, seq_lens : sequence modes, below.
     device : "cpu" (default), "cuda" or "auto" (CUDA when a GPU is there).
+        Inputs already on the GPU (numba device arrays, CuPy, torch CUDA
+        tensors: ``__cuda_array_interface__``) are read in place with
+        "cuda"/"auto", and the outputs stay on the GPU (see
+        :mod:`softretrieval.gpu_api`).
 
     Returns
     -------
@@ -238,6 +242,10 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
     below about -1e30 count as excluded. Non-contiguous inputs are copied.
     NaN or inf in any input raises ``ValueError`` naming it.
     """
+    if gpu_api.on_device(queries, keys, values, bias):
+        gpu_api.check_call(device, causal or window is not None or seq_lens is not None)
+        return gpu_api.attention(queries, keys, values, scale=scale, bias=bias, metric=metric,
+                                 exclude=exclude, return_lse=return_lse)
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)
@@ -317,6 +325,9 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
     With heads, both are (B, H, k) (sequences: (batch, T, H, k)).
     """
     k = validate.positive_int(k, "k")
+    if gpu_api.on_device(queries, keys, bias):
+        gpu_api.check_call(device, causal or window is not None or seq_lens is not None)
+        return gpu_api.topk(queries, keys, k, metric=metric, bias=bias, exclude=exclude)
     lay, problems = _problems(queries, keys, None, metric=metric, scale=None, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=False)
@@ -361,6 +372,10 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
     leading axes.
     """
     k = validate.positive_int(k, "k")
+    if gpu_api.on_device(queries, keys, values, bias):
+        gpu_api.check_call(device, causal or window is not None or seq_lens is not None)
+        return gpu_api.topk_attention(queries, keys, values, k, scale=scale, bias=bias,
+                                      metric=metric, exclude=exclude)
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)

@@ -26,7 +26,7 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from . import config, core, topk_heap
-from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
+from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, MASKED, NEG_INIT
 
 #: The shared core, compiled as CUDA device functions.
 dev = core.compile_for(cuda.jit(device=True))
@@ -34,6 +34,7 @@ dev = core.compile_for(cuda.jit(device=True))
 heap = core.compile_for(cuda.jit(device=True),
                         (topk_heap.worse, topk_heap.swap, topk_heap.sift_down, topk_heap.offer,
                          topk_heap.sort_best_first))
+exp2 = dev.exp2
 merge_pair = dev.merge_pair
 finalize = dev.finalize
 heap_offer = heap.offer
@@ -70,13 +71,12 @@ def stream_kernel(kdtype, vdtype, tile):
     kdec = DECODERS[np.dtype(kdtype)]
     vdec = DECODERS[np.dtype(vdtype)]
     rescale = dev.rescale
-    exp2 = dev.exp2
     offer = heap_offer
 
     @cuda.jit
-    def kernel(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef, excl_off,
-               excl_ids, row_lo, row_hi, want_soft, want_acc, k, m_out, l_out, acc_out, tk_s,
-               tk_i, tk_n, bad):
+    def kernel(Q, qmult, qunit, qsq_coef, K, kscale, V, vscale, kcol, vcol, dv, bias, bias_mult,
+               key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi, want_soft, want_acc, k,
+               m_out, l_out, acc_out, tk_s, tk_i, tk_n, bad):
         B, d = Q.shape
         N = K.shape[0]
         vd = dv if want_acc else 0
@@ -114,6 +114,16 @@ def stream_kernel(kdtype, vdtype, tile):
             pend = excl_off[row + 1]
             while p < pend and excl_ids[p] < k0:
                 p += 1
+        qs = float32(0.0)
+        rowc = float32(0.0)
+        if active:
+            qn2 = float32(0.0)
+            for c in range(d):
+                qn2 += Q[row, c] * Q[row, c]
+            qs = qmult
+            if qunit:
+                qs = qmult / math.sqrt(qn2) if qn2 > 0 else float32(0.0)
+            rowc = qsq_coef * qn2
         m = NEG_INIT
         l = float32(0.0)
         count = 0
@@ -144,12 +154,15 @@ def stream_kernel(kdtype, vdtype, tile):
                 s = float32(0.0)
                 for c in range(d):
                     s += Q[row, c] * ktile[j * d + c]
+                s *= qs
                 if key_mode == KEYS_UNIT:
                     s = s / math.sqrt(norms[j]) if norms[j] > 0 else float32(0.0)
                 elif key_mode == KEYS_SQNORM:
-                    s += key_coef * norms[j]
+                    s += key_coef * norms[j] + rowc
                 if bias.shape[0] > 0:
-                    s += bias[t0 + j]
+                    s += bias[t0 + j] * bias_mult
+                    if s < MASKED:       # a -inf bias excludes the key
+                        s = MASKED
                 key = t0 + j
                 while p < pend and excl_ids[p] < key:
                     p += 1
@@ -235,11 +248,18 @@ _NONE = np.zeros(0, np.int64)
 _NO_SCALE = np.zeros(0, np.float32)
 
 
-def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_SCALE,
-        key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None, want_soft=True,
-        want_acc=True, k=0):
-    """:func:`cpu.run` on the GPU: same arguments (host arrays, copied to the
-    device), same results (host arrays)."""
+def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_SCALE,
+           key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None, want_soft=True,
+           want_acc=True, k=0, qmult=1.0, qunit=False, qsq_coef=0.0, bias_mult=1.0,
+           lse_dtype=np.float64):
+    """Run the kernels on arrays already on the device (or host arrays, which
+    are copied). Arguments as :func:`cpu.run`, plus the query terms the
+    kernel can apply itself (for inputs that never visit the host): logits
+    are ``qmult * q.k`` (divided by ``|q|`` with ``qunit``) ``+ qsq_coef *
+    |q|^2`` ``+ bias_mult * bias``. Returns device arrays: ``out``, ``lse``,
+    ``topk_logits``, ``topk_ids``, ``topk_count`` as asked, and ``bad``
+    (host int: logits that were NaN or inf).
+    """
     B, d = Q.shape
     N = K.shape[0]
     dv = V.shape[1] if dv is None else dv
@@ -248,7 +268,7 @@ def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_
     tile = config.CUDA_KEY_TILE
     excl_off, excl_ids = (_NONE, _NONE) if exclude is None else exclude
     row_lo, row_hi = (_NONE, _NONE) if window is None else window
-    to = cuda.to_device
+    to = _device
     kk = max(k, 1)
     m = cuda.device_array((nsplit, B), np.float32)
     l = cuda.device_array((nsplit, B), np.float32)
@@ -257,27 +277,91 @@ def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_
     tk_i = cuda.device_array((nsplit, B, kk), np.int64)
     tk_n = cuda.device_array((nsplit, B), np.int64)
     bad = to(np.zeros(1, np.int64))
-    kernel = stream_kernel(K.dtype, V.dtype, tile)
-    shared = 4 * tile * (d + vd + 1)
     dK = to(K)
     dV = dK if V is K else to(V)
+    kernel = stream_kernel(np.dtype(dK.dtype), np.dtype(dV.dtype), tile)
+    shared = 4 * tile * (d + vd + 1)
     kernel[(nqb, nsplit), threads, 0, shared](
-        to(Q), dK, to(kscale), dV, to(vscale), kcol, vcol, dv,
-        to(bias), key_mode, np.float32(key_coef), to(excl_off), to(excl_ids), to(row_lo),
-        to(row_hi), want_soft, want_acc, k, m, l, acc, tk_s, tk_i, tk_n, bad)
+        to(Q), np.float32(qmult), qunit, np.float32(qsq_coef), dK, to(kscale), dV, to(vscale),
+        kcol, vcol, dv, to(bias), np.float32(bias_mult), key_mode, np.float32(key_coef),
+        to(excl_off), to(excl_ids), to(row_lo), to(row_hi), want_soft, want_acc, k, m, l, acc,
+        tk_s, tk_i, tk_n, bad)
     res = {"bad": int(bad.copy_to_host()[0])}
     rows = -(-B // threads)
     if want_soft:
-        out = cuda.device_array((B, vd), np.float32)
-        lse = cuda.device_array(B, np.float64)
-        merge_states_kernel[rows, threads](m, l, acc, out, lse)
-        res["out"], res["lse"] = out.copy_to_host(), lse.copy_to_host()
+        res["out"] = cuda.device_array((B, vd), np.float32)
+        res["lse"] = cuda.device_array(B, lse_dtype)
+        merge_states_kernel[rows, threads](m, l, acc, res["out"], res["lse"])
     if k > 0:
-        scores = to(np.full((B, k), NEG_INIT, np.float32))
-        ids = to(np.full((B, k), -1, np.int64))
-        count = cuda.device_array(B, np.int64)
-        merge_topk_kernel[rows, threads](tk_s, tk_i, tk_n, k, scores, ids, count)
-        res["topk_logits"] = scores.copy_to_host()
-        res["topk_ids"] = ids.copy_to_host()
-        res["topk_count"] = count.copy_to_host()
+        res["topk_logits"] = to(np.full((B, k), NEG_INIT, np.float32))
+        res["topk_ids"] = to(np.full((B, k), -1, np.int64))
+        res["topk_count"] = cuda.device_array(B, np.int64)
+        merge_topk_kernel[rows, threads](tk_s, tk_i, tk_n, k, res["topk_logits"], res["topk_ids"],
+                                         res["topk_count"])
     return res
+
+
+def _device(a):
+    """A device view of ``a``: device arrays and ``__cuda_array_interface__``
+    objects in place, host arrays copied."""
+    if isinstance(a, np.ndarray):
+        return cuda.to_device(a)
+    if hasattr(a, "__cuda_array_interface__"):     # CuPy, torch, numba device arrays
+        return cuda.as_cuda_array(a)
+    return a                                      # the simulator's device arrays
+
+
+def run(Q, K, V, bias, **kw):
+    """:func:`cpu.run` on the GPU: same arguments (host arrays, copied to the
+    device), same results (host arrays)."""
+    res = launch(Q, K, V, bias, **kw)
+    return {name: a if name == "bad" else a.copy_to_host() for name, a in res.items()}
+
+
+@cuda.jit
+def finish_topk_kernel(logits, ids, count, sign, clamp, pad, scores_out, ids_out):
+    """One thread per query: kernel logits (B, k') to ``(scores, ids)`` (B, k)
+    with FAISS's conventions: ``sign * logit`` (floored at 0 with ``clamp``),
+    then ``pad`` and id -1 past ``count``."""
+    b = cuda.grid(1)
+    if b >= logits.shape[0]:
+        return
+    for j in range(scores_out.shape[1]):
+        if j < count[b]:
+            s = sign * logits[b, j]
+            scores_out[b, j] = max(s, float32(0.0)) if clamp else s
+            ids_out[b, j] = ids[b, j]
+        else:
+            scores_out[b, j] = pad
+            ids_out[b, j] = -1
+
+
+@cuda.jit
+def finish_topk_attention_kernel(logits, ids, count, lse, V, out, ids_out, weights, coverage):
+    """One thread per query: softmax over the top-k base-2 logits, the
+    weighted sum of their values, and the share of the full softmax mass
+    (natural-log ``lse``) they hold; slots past ``count`` get id -1, weight 0."""
+    b = cuda.grid(1)
+    if b >= logits.shape[0]:
+        return
+    n = count[b]
+    for c in range(out.shape[1]):
+        out[b, c] = float32(0.0)
+    for j in range(weights.shape[1]):
+        weights[b, j] = float32(0.0)
+        ids_out[b, j] = -1
+    coverage[b] = float32(0.0)
+    if n == 0:
+        return
+    top = logits[b, 0]
+    total = float32(0.0)
+    for j in range(n):
+        total += exp2(logits[b, j] - top)
+    for j in range(n):
+        w = exp2(logits[b, j] - top) / total
+        weights[b, j] = w
+        ids_out[b, j] = ids[b, j]
+        for c in range(out.shape[1]):
+            out[b, c] += w * V[ids[b, j], c]
+    lse_top = (top + math.log2(total)) * LN2
+    coverage[b] = min(math.exp(lse_top - lse[b]), 1.0)

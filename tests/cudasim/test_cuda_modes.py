@@ -117,3 +117,43 @@ def test_non_finite_logits_are_reported(rng):
     for device in ("cpu", "cuda"):
         with pytest.raises(ValueError, match="non-finite"):
             sr.attention(Q, K, scale=1.0, device=device)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_device_arrays_in_place_outputs_on_device(rng, metric):
+    """Inputs already on the device are read in place and every output stays there."""
+    from numba import cuda
+
+    Q, K, V = (rng.standard_normal(s).astype(np.float32) for s in ((6, 5), (40, 5), (40, 3)))
+    bias = rng.standard_normal(40).astype(np.float32)
+    bias[2] = -np.inf
+    dQ, dK, dV, dbias = (cuda.to_device(a) for a in (Q, K, V, bias))
+    out, lse = sr.attention(dQ, dK, dV, scale=0.5, bias=dbias, metric=metric, return_lse=True,
+                            device="cuda")
+    assert hasattr(out, "copy_to_host") and hasattr(lse, "copy_to_host")
+    ref_out, ref_lse = sr.attention(Q, K, V, scale=0.5, bias=bias, metric=metric, return_lse=True)
+    np.testing.assert_allclose(out.copy_to_host(), ref_out, **TOL)
+    np.testing.assert_allclose(lse.copy_to_host(), ref_lse, **TOL)
+    excl = [np.array([1]), np.array([], int), np.arange(40), np.array([5]), np.array([0]), np.array([9])]
+    scores, ids = sr.topk(dQ, dK, 45, metric=metric, exclude=excl, device="auto")
+    ref_s, ref_i = topk_ref(Q, K, 45, metric, exclude=excl)
+    np.testing.assert_array_equal(ids.copy_to_host(), ref_i)
+    np.testing.assert_allclose(scores.copy_to_host(), ref_s, **TOL)
+    res = sr.topk_attention(dQ, dK, dV, 4, scale=0.5, metric=metric, bias=bias, device="cuda")
+    want = sr.topk_attention(Q, K, V, 4, scale=0.5, metric=metric, bias=bias)
+    for got, ref in zip(res, want):
+        np.testing.assert_allclose(got.copy_to_host(), ref, **TOL)
+
+
+def test_device_array_errors(rng):
+    from numba import cuda
+
+    dQ = cuda.to_device(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="pass device='cuda'"):
+        sr.attention(dQ, dQ)
+    with pytest.raises(TypeError, match="float32"):
+        sr.attention(cuda.to_device(np.ones((2, 3))), dQ, device="cuda")
+    with pytest.raises(ValueError, match="dimension"):
+        sr.topk(dQ, cuda.to_device(np.ones((4, 2), np.float32)), 1, device="cuda")
+    with pytest.raises(ValueError, match="retrieval shapes"):
+        sr.attention(dQ, dQ, causal=True, device="cuda")
