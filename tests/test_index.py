@@ -114,10 +114,12 @@ def test_modes_match_float64_reference(small_tiles, rng, dtype, metric, B, N, d)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_keys_as_values_are_decoded(small_tiles, rng, dtype):
-    """Without values the softmax-weighted mean of the (decoded) keys."""
+@pytest.mark.parametrize("B", [1, 2, 5])
+def test_keys_as_values_are_decoded(small_tiles, rng, dtype, B):
+    """Without values the softmax-weighted mean of the (decoded) keys; B <= 2
+    takes the SIMD path (fused decoding), B = 5 the BLAS one."""
     K = rng.standard_normal((45, 9))
-    Q = rng.standard_normal((5, 9))
+    Q = rng.standard_normal((B, 9))
     index = sr.Index(9, dtype=dtype)
     index.add(K)
     Kd = decoded_ref(index)

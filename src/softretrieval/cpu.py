@@ -268,6 +268,46 @@ def _accumulate(S, Vt, acc, corr, simd, pv):
 
 
 @njit(fastmath=_FAST, cache=True)
+def _accumulate_rows(S, Vraw, vcol, vs, acc, corr):
+    """acc (bq, dv) = acc * corr + S (bq, tn) . V for a tile of compact values
+    (the SIMD path), each element decoded in registers next to its
+    multiply-add, four value rows per pass over an accumulator row (a quarter
+    of its loads and stores). Vraw (tn, W) in a storage dtype
+    (:func:`decode`), values in columns ``vcol:vcol + dv``; vs (tn,) int8 row
+    scales, else (0,)."""
+    bq, dv = acc.shape
+    tn = Vraw.shape[0]
+    scaled = vs.shape[0] > 0
+    for i in range(bq):
+        a = acc[i]
+        for c in range(dv):
+            a[c] *= corr[i]
+    for j0 in range(0, tn, 4):
+        # Past the tile's end a group repeats its last row with weight 0.
+        j1 = min(j0 + 1, tn - 1)
+        j2 = min(j0 + 2, tn - 1)
+        j3 = min(j0 + 3, tn - 1)
+        v0 = Vraw[j0, vcol:vcol + dv]
+        v1 = Vraw[j1, vcol:vcol + dv]
+        v2 = Vraw[j2, vcol:vcol + dv]
+        v3 = Vraw[j3, vcol:vcol + dv]
+        for i in range(bq):
+            p0 = S[i, j0]
+            p1 = S[i, j1] if j0 + 1 < tn else np.float32(0.0)
+            p2 = S[i, j2] if j0 + 2 < tn else np.float32(0.0)
+            p3 = S[i, j3] if j0 + 3 < tn else np.float32(0.0)
+            if scaled:
+                p0 *= vs[j0]
+                p1 *= vs[j1]
+                p2 *= vs[j2]
+                p3 *= vs[j3]
+            a = acc[i]
+            for c in range(dv):
+                a[c] += (p0 * decode(v0[c]) + p1 * decode(v1[c])
+                         + p2 * decode(v2[c]) + p3 * decode(v3[c]))
+
+
+@njit(fastmath=_FAST, cache=True)
 def _squared_norms(Kt, out):
     """out[j] = |Kt[j]|^2 for the rows of a key tile."""
     for j in range(Kt.shape[0]):
@@ -506,8 +546,10 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
         if not want_acc:
             continue
         vs = vscale[t0:t1] if vscaled else vscale
-        Vt = _tile(V[t0:t1], vcol, dv, vbuf, vs)
-        _accumulate(S, Vt, acc, corr, simd, pv)
+        if simd and not is_float32(V):
+            _accumulate_rows(S, V[t0:t1], vcol, vs, acc, corr)
+        else:
+            _accumulate(S, _tile(V[t0:t1], vcol, dv, vbuf, vs), acc, corr, simd, pv)
     return bad
 
 
