@@ -162,6 +162,18 @@ def _scores(Qb, Kt, S, simd):
             S[i, j] = dot
 
 
+@njit(cache=True, inline="always")
+def _four_rows(X, j0, col, width):
+    """Rows j0..j0+3 of a tile (columns ``col:col + width``) and their
+    indices; past the tile's end the last row repeats."""
+    last = X.shape[0] - 1
+    j1 = min(j0 + 1, last)
+    j2 = min(j0 + 2, last)
+    j3 = min(j0 + 3, last)
+    return (j1, j2, j3, X[j0, col:col + width], X[j1, col:col + width],
+            X[j2, col:col + width], X[j3, col:col + width])
+
+
 @njit(fastmath=_FAST, cache=True)
 def _scores_rows(Qb, Kraw, kcol, ks, S, norms, want_norms):
     """SIMD scores of a tile of compact keys, S (bq, tn) = Qb . K^T.
@@ -212,13 +224,7 @@ def _scores_rows(Qb, Kraw, kcol, ks, S, norms, want_norms):
         return
     for j0 in range(0, tn, 4):
         # The last group of a tile repeats its last key: same sums, same slots.
-        j1 = min(j0 + 1, tn - 1)
-        j2 = min(j0 + 2, tn - 1)
-        j3 = min(j0 + 3, tn - 1)
-        k0 = Kraw[j0, kcol:kcol + d]
-        k1 = Kraw[j1, kcol:kcol + d]
-        k2 = Kraw[j2, kcol:kcol + d]
-        k3 = Kraw[j3, kcol:kcol + d]
+        j1, j2, j3, k0, k1, k2, k3 = _four_rows(Kraw, j0, kcol, d)
         for i in range(quads, bq):
             q = Qb[i]
             a0 = np.float32(0.0)
@@ -284,13 +290,7 @@ def _accumulate_rows(S, Vraw, vcol, vs, acc, corr):
             a[c] *= corr[i]
     for j0 in range(0, tn, 4):
         # Past the tile's end a group repeats its last row with weight 0.
-        j1 = min(j0 + 1, tn - 1)
-        j2 = min(j0 + 2, tn - 1)
-        j3 = min(j0 + 3, tn - 1)
-        v0 = Vraw[j0, vcol:vcol + dv]
-        v1 = Vraw[j1, vcol:vcol + dv]
-        v2 = Vraw[j2, vcol:vcol + dv]
-        v3 = Vraw[j3, vcol:vcol + dv]
+        j1, j2, j3, v0, v1, v2, v3 = _four_rows(Vraw, j0, vcol, dv)
         for i in range(bq):
             p0 = S[i, j0]
             p1 = S[i, j1] if j0 + 1 < tn else np.float32(0.0)
