@@ -72,7 +72,8 @@ def test_build_info_and_score_match_the_api(capsys, files):
         else:
             got = {"out": np.load(dest)}
         for name, arr in got.items():
-            np.testing.assert_allclose(arr, want[name], rtol=1e-6, atol=1e-6)
+            # batches of 10 take the SIMD path, the API's 37 queries BLAS: float32 rounding
+            np.testing.assert_allclose(arr, want[name], rtol=1e-5, atol=1e-5)
     assert not [f for f in os.listdir(tmp) if ".tmp-" in f]
 
 

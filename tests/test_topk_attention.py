@@ -53,7 +53,8 @@ def test_k_equals_n_is_full_attention(small_tiles, rng):
     Q, K, V = make(rng, 10, 90, 5, 4)
     res = sr.topk_attention(Q, K, V, k=90, scale=0.5)
     out, lse = sr.attention(Q, K, V, scale=0.5, return_lse=True)
-    np.testing.assert_allclose(res.coverage, 1.0, atol=1e-6)
+    # coverage = exp(lse_topk - lse): two float32 sums of 90 weights, ~1e-6 apart
+    np.testing.assert_allclose(res.coverage, 1.0, atol=1e-5)
     np.testing.assert_allclose(res.out, out, atol=1e-5)
     np.testing.assert_allclose(res.lse, lse, rtol=1e-6)
 
