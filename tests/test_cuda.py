@@ -89,6 +89,12 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
                               (arr(f32, 2), arr(i64, 2), arr(i64, 1), arr(f32, 1), arr(f32, 2),
                                arr(f32, 2), arr(i64, 2), arr(f32, 2), arr(f32, 1)), cc=cc)
     assert target in ptx
+    strided = lambda nd: t.Array(f32, nd, "A")  # noqa: E731  (head views of device arrays)
+    for kernel, sig in ((gpu.gather_rows_kernel, (strided(3), arr(f32, 2))),
+                        (gpu.scatter_rows_kernel, (arr(f32, 2), strided(3))),
+                        (gpu.scatter_values_kernel, (arr(f32, 1), strided(2)))):
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
+        assert target in ptx
 
 
 def test_device_argument_errors():

@@ -243,9 +243,10 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
     NaN or inf in any input raises ``ValueError`` naming it.
     """
     if gpu_api.on_device(queries, keys, values, bias):
-        gpu_api.check_call(device, causal or window is not None or seq_lens is not None)
+        gpu_api.check_device(device)
         return gpu_api.attention(queries, keys, values, scale=scale, bias=bias, metric=metric,
-                                 exclude=exclude, return_lse=return_lse)
+                                 exclude=exclude, return_lse=return_lse, causal=causal,
+                                 window=window, seq_lens=seq_lens)
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)
@@ -326,8 +327,9 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
     """
     k = validate.positive_int(k, "k")
     if gpu_api.on_device(queries, keys, bias):
-        gpu_api.check_call(device, causal or window is not None or seq_lens is not None)
-        return gpu_api.topk(queries, keys, k, metric=metric, bias=bias, exclude=exclude)
+        gpu_api.check_device(device)
+        return gpu_api.topk(queries, keys, k, metric=metric, bias=bias, exclude=exclude,
+                            causal=causal, window=window, seq_lens=seq_lens)
     lay, problems = _problems(queries, keys, None, metric=metric, scale=None, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=False)
@@ -373,9 +375,10 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
     """
     k = validate.positive_int(k, "k")
     if gpu_api.on_device(queries, keys, values, bias):
-        gpu_api.check_call(device, causal or window is not None or seq_lens is not None)
+        gpu_api.check_device(device)
         return gpu_api.topk_attention(queries, keys, values, k, scale=scale, bias=bias,
-                                      metric=metric, exclude=exclude)
+                                      metric=metric, exclude=exclude, causal=causal,
+                                      window=window, seq_lens=seq_lens)
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
                               softmax=True)

@@ -365,3 +365,35 @@ def finish_topk_attention_kernel(logits, ids, count, lse, V, out, ids_out, weigh
             out[b, c] += w * V[ids[b, j], c]
     lse_top = (top + math.log2(total)) * LN2
     coverage[b] = min(math.exp(lse_top - lse[b]), 1.0)
+
+
+@cuda.jit
+def gather_rows_kernel(src, dst):
+    """dst (T * G, X) = src (T, G, X) row by row: the stacked query heads of a
+    KV head as one contiguous block (src may be any strided view)."""
+    r = cuda.grid(1)
+    G = src.shape[1]
+    if r >= dst.shape[0]:
+        return
+    for c in range(dst.shape[1]):
+        dst[r, c] = src[r // G, r - (r // G) * G, c]
+
+
+@cuda.jit
+def scatter_rows_kernel(src, dst):
+    """dst (T, G, X) = src (T * G, X): a problem's rows back into the heads."""
+    r = cuda.grid(1)
+    G = dst.shape[1]
+    if r >= src.shape[0]:
+        return
+    for c in range(src.shape[1]):
+        dst[r // G, r - (r // G) * G, c] = src[r, c]
+
+
+@cuda.jit
+def scatter_values_kernel(src, dst):
+    """dst (T, G) = src (T * G,): one value per row back into the heads."""
+    r = cuda.grid(1)
+    G = dst.shape[1]
+    if r < src.shape[0]:
+        dst[r // G, r - (r // G) * G] = src[r]

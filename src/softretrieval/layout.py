@@ -61,27 +61,34 @@ def as_heads(queries, keys, values):
                              f"{q.shape}, got shape {np.shape(arr)}")
     k = validate.float_matrix(keys, "keys", ndim=ndim, packed_rows=True)
     v = k if values is None else validate.float_matrix(values, "values", ndim=ndim, packed_rows=True)
-    if ndim == 2:
-        q4, k4, v4 = q[None, :, None], k[None, :, None], v[None, :, None]
-    elif ndim == 3:
-        q4, k4, v4 = q[None], k[None], v[None]
-    else:
-        q4, k4, v4 = q, k, v
-    batch, T, H, d = q4.shape
-    _, S, Hkv, dk = k4.shape
+    lay = layout_of(q.shape, k.shape, v.shape)
+    q4, k4, v4 = (a.reshape(lay_shape) for a, lay_shape in
+                  ((q, (lay.batch, lay.T, lay.H, lay.d)), (k, (lay.batch, lay.S, lay.Hkv, lay.d)),
+                   (v, (lay.batch, lay.S, lay.Hkv, lay.dv))))
+    validate.all_finite(q4, "queries")
+    return q4, k4, v4, lay
+
+
+def layout_of(qshape, kshape, vshape):
+    """The :class:`Layout` of queries, keys and values of these shapes (all
+    of one rank, 2, 3 or 4); ValueError for shapes that do not fit."""
+    ndim = len(qshape)
+    lead = {2: lambda s: (1, s[0], 1), 3: lambda s: (1,) + tuple(s[:2]), 4: lambda s: tuple(s[:3])}
+    batch, T, H = lead[ndim](qshape)
+    kb, S, Hkv = lead[ndim](kshape)
+    d, dk, dv = qshape[-1], kshape[-1], vshape[-1]
     if S == 0:
         raise ValueError("keys is empty: at least one key is needed")
     if dk != d:
         raise ValueError(f"queries have dimension {d} but keys have {dk}")
-    if k4.shape[0] != batch:
-        raise ValueError(f"queries have batch {batch} but keys have {k4.shape[0]}")
-    if v4.shape[:3] != k4.shape[:3]:
+    if kb != batch:
+        raise ValueError(f"queries have batch {batch} but keys have {kb}")
+    if tuple(vshape[:-1]) != tuple(kshape[:-1]):
         what = "rows" if ndim == 2 else "leading shape"
-        raise ValueError(f"values have {what} {v.shape[:-1]} but keys have {k.shape[:-1]}")
+        raise ValueError(f"values have {what} {tuple(vshape[:-1])} but keys have {tuple(kshape[:-1])}")
     if H % Hkv:
         raise ValueError(f"queries have {H} heads, not a multiple of the keys' {Hkv} heads")
-    validate.all_finite(q4, "queries")
-    return q4, k4, v4, Layout(ndim, batch, T, H, S, Hkv, d, v4.shape[3])
+    return Layout(ndim, batch, T, H, S, Hkv, d, dv)
 
 
 def head_bias(bias, layout):

@@ -155,5 +155,32 @@ def test_device_array_errors(rng):
         sr.attention(cuda.to_device(np.ones((2, 3))), dQ, device="cuda")
     with pytest.raises(ValueError, match="dimension"):
         sr.topk(dQ, cuda.to_device(np.ones((4, 2), np.float32)), 1, device="cuda")
-    with pytest.raises(ValueError, match="retrieval shapes"):
-        sr.attention(dQ, dQ, causal=True, device="cuda")
+    with pytest.raises(ValueError, match="4 heads, not a multiple"):
+        sr.attention(cuda.to_device(np.ones((2, 4, 3), np.float32)),
+                     cuda.to_device(np.ones((5, 3, 3), np.float32)), device="cuda")
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (2, 2), (3, 1)])
+def test_device_arrays_multi_head_and_sequences(rng, H, Hkv):
+    """Batched sequences on the device, read in place: gathered query heads,
+    strided KV heads, causal with a prefix, a window and uneven lengths."""
+    from numba import cuda
+
+    q = rng.standard_normal((2, 6, H, 5)).astype(np.float32)
+    k = rng.standard_normal((2, 9, Hkv, 5)).astype(np.float32)
+    v = rng.standard_normal((2, 9, Hkv, 3)).astype(np.float32)
+    lens = (np.array([6, 4]), np.array([9, 7]))
+    dq, dk, dv = (cuda.to_device(a) for a in (q, k, v))
+    out, lse = sr.attention(dq, dk, dv, causal=True, window=4, seq_lens=lens, return_lse=True,
+                            device="cuda")
+    ref_out, ref_lse = sr.attention(q, k, v, causal=True, window=4, seq_lens=lens, return_lse=True)
+    np.testing.assert_allclose(out.copy_to_host(), ref_out, **TOL)
+    np.testing.assert_allclose(lse.copy_to_host(), ref_lse, **TOL)
+    s1, i1 = sr.topk(dq, dk, 3, causal=True, seq_lens=lens, device="cuda")
+    s2, i2 = sr.topk(q, k, 3, causal=True, seq_lens=lens)
+    np.testing.assert_array_equal(i1.copy_to_host(), i2)
+    np.testing.assert_allclose(s1.copy_to_host(), s2, **TOL)
+    r1 = sr.topk_attention(dq[0], dk[0], dv[0], 4, causal=True, device="cuda")   # (T, H, d)
+    r2 = sr.topk_attention(q[0], k[0], v[0], 4, causal=True)
+    for got, ref in zip(r1, r2):
+        np.testing.assert_allclose(got.copy_to_host(), ref, **TOL)
