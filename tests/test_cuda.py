@@ -36,8 +36,8 @@ def _signature(kdtype, vdtype):
 
     f32, i64 = t.float32, t.int64
     return (arr(f32, 2), f32, t.boolean, f32, arr(kdtype, 2), arr(f32, 1), arr(vdtype, 2),
-            arr(f32, 1), i64, i64, i64, arr(f32, 1), f32, i64, f32, arr(i64, 1), arr(i64, 1),
-            arr(i64, 1), arr(i64, 1), t.boolean, t.boolean, i64, arr(f32, 2), arr(f32, 2),
+            arr(f32, 1), i64, i64, arr(f32, 1), f32, i64, f32, arr(i64, 1), arr(i64, 1),
+            arr(i64, 1), arr(i64, 1), t.boolean, i64, arr(f32, 2), arr(f32, 2),
             arr(f32, 3), arr(f32, 3), arr(i64, 3), arr(i64, 2), arr(i64, 1))
 
 
@@ -67,7 +67,7 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
     fake_device(cc)
     target = f".target sm_{cc[0]}{cc[1]}"
     for dtype in dtypes:
-        kernel = gpu.stream_kernel(np.dtype(dtype), np.dtype(dtype), config.CUDA_KEY_TILE)
+        kernel = gpu.stream_kernel(np.dtype(dtype), np.dtype(dtype), config.CUDA_KEY_TILE, 64)
         nbt = getattr(t, dtype)
         ptx, _ = cuda.compile_ptx(kernel.py_func, _signature(nbt, nbt), cc=cc)
         assert target in ptx and ".shared" in ptx

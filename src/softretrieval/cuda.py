@@ -6,8 +6,8 @@ GPU); needs the ``cuda`` extra (``numba-cuda[cu13]``).
 
 Work is a grid of ``(query blocks, key splits)``. A block of
 ``config.CUDA_QUERY_BLOCK`` threads holds one query row per thread: its
-online-softmax state ``(m, l)`` in registers, its accumulator row in global
-memory and its top-k in a bounded heap (:mod:`softretrieval.topk_heap`). Each
+online-softmax state ``(m, l)`` in registers, its accumulator row in a
+per-thread local array (sized at compile time) and its top-k in a bounded heap (:mod:`softretrieval.topk_heap`). Each
 key tile of ``config.CUDA_KEY_TILE`` keys is decoded by the whole block into
 shared memory (keys, values and, for l2/cosine, their squared norms); every
 thread then writes its logits for the tile into a local array (per-key terms,
@@ -65,21 +65,23 @@ def available():
 
 
 @functools.lru_cache(maxsize=None)
-def stream_kernel(kdtype, vdtype, tile):
-    """The streaming kernel for keys/values stored as ``kdtype``/``vdtype``
-    with key tiles of ``tile`` keys (compiled on first launch)."""
+def stream_kernel(kdtype, vdtype, tile, vd):
+    """The streaming kernel for keys/values stored as ``kdtype``/``vdtype``,
+    key tiles of ``tile`` keys and ``vd`` value columns accumulated (0: no
+    value pass); ``tile`` and ``vd`` size per-thread local arrays, so each
+    combination is its own kernel (compiled on first launch)."""
     kdec = DECODERS[np.dtype(kdtype)]
     vdec = DECODERS[np.dtype(vdtype)]
     rescale = dev.rescale
     offer = heap_offer
+    acc_size = max(vd, 1)
 
     @cuda.jit
-    def kernel(Q, qmult, qunit, qsq_coef, K, kscale, V, vscale, kcol, vcol, dv, bias, bias_mult,
-               key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi, want_soft, want_acc, k,
+    def kernel(Q, qmult, qunit, qsq_coef, K, kscale, V, vscale, kcol, vcol, bias, bias_mult,
+               key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi, want_soft, k,
                m_out, l_out, acc_out, tk_s, tk_i, tk_n, bad):
         B, d = Q.shape
         N = K.shape[0]
-        vd = dv if want_acc else 0
         nthreads = cuda.blockDim.x
         tid = cuda.threadIdx.x
         row = cuda.blockIdx.x * nthreads + tid
@@ -92,6 +94,9 @@ def stream_kernel(kdtype, vdtype, tile):
         norms = shared[tile * (d + vd): tile * (d + vd + 1)]
         limits = cuda.shared.array(2, int64)
         logits = cuda.local.array(tile, float32)
+        acc = cuda.local.array(acc_size, float32)
+        for c in range(vd):
+            acc[c] = float32(0.0)
         lo = 0
         hi = N
         if row_lo.shape[0] > 0 and active:
@@ -180,17 +185,19 @@ def stream_kernel(kdtype, vdtype, tile):
                 m_new, corr = rescale(m, mx)
                 total = float32(0.0)
                 for c in range(vd):
-                    acc_out[sp, row, c] *= corr
+                    acc[c] *= corr
                 for j in range(tn):
                     w = exp2(logits[j] - m_new)
                     total += w
                     for c in range(vd):
-                        acc_out[sp, row, c] += w * vtile[j * vd + c]
+                        acc[c] += w * vtile[j * vd + c]
                 l = l * corr + total
                 m = m_new
         if active:
             m_out[sp, row] = m
             l_out[sp, row] = l
+            for c in range(vd):
+                acc_out[sp, row, c] = acc[c]
             tk_n[sp, row] = count
             if nbad > 0:
                 cuda.atomic.add(bad, 0, nbad)
@@ -272,19 +279,19 @@ def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_
     kk = max(k, 1)
     m = cuda.device_array((nsplit, B), np.float32)
     l = cuda.device_array((nsplit, B), np.float32)
-    acc = to(np.zeros((nsplit, B, vd), np.float32))
+    acc = cuda.device_array((nsplit, B, vd), np.float32)
     tk_s = cuda.device_array((nsplit, B, kk), np.float32)
     tk_i = cuda.device_array((nsplit, B, kk), np.int64)
     tk_n = cuda.device_array((nsplit, B), np.int64)
     bad = to(np.zeros(1, np.int64))
     dK = to(K)
     dV = dK if V is K else to(V)
-    kernel = stream_kernel(np.dtype(dK.dtype), np.dtype(dV.dtype), tile)
+    kernel = stream_kernel(np.dtype(dK.dtype), np.dtype(dV.dtype), tile, vd)
     shared = 4 * tile * (d + vd + 1)
     kernel[(nqb, nsplit), threads, 0, shared](
         to(Q), np.float32(qmult), qunit, np.float32(qsq_coef), dK, to(kscale), dV, to(vscale),
-        kcol, vcol, dv, to(bias), np.float32(bias_mult), key_mode, np.float32(key_coef),
-        to(excl_off), to(excl_ids), to(row_lo), to(row_hi), want_soft, want_acc, k, m, l, acc,
+        kcol, vcol, to(bias), np.float32(bias_mult), key_mode, np.float32(key_coef),
+        to(excl_off), to(excl_ids), to(row_lo), to(row_hi), want_soft, k, m, l, acc,
         tk_s, tk_i, tk_n, bad)
     res = {"bad": int(bad.copy_to_host()[0])}
     rows = -(-B // threads)
