@@ -1,7 +1,7 @@
 """The retrieval engine: storage dtypes, memory mapping, and the score command.
 
     python scripts/bench_engine.py [--n 1000000] [--d 128] [--batches 1 1024]
-                                   [--score-queries 100000] [--reps 5]
+                                   [--score-queries 100000] [--score-runs 2] [--reps 5]
 
 On a seeded clustered catalog (unit vectors, ``softretrieval.datasets.catalog``):
 
@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 1024])
     ap.add_argument("--score-queries", type=int, default=100_000)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--score-runs", type=int, default=2)
     ap.add_argument("--out", default="bench_engine.json")
     args = ap.parse_args()
     N, d = args.n, args.d
@@ -130,7 +131,7 @@ def main():
            "--out", os.path.join(tmp, "out.npz")]
     loaded = sr.Index.load(index32)
     timings = {"softretrieval score (subprocess)": [], "Python API, same batches": []}
-    for _ in range(2):
+    for _ in range(args.score_runs):
         t = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         timings["softretrieval score (subprocess)"].append(time.perf_counter() - t)
@@ -138,7 +139,7 @@ def main():
         cli.score_batches(loaded, np.load(qfile, mmap_mode="r"), "topk", 10, progress=False)
         timings["Python API, same batches"].append(time.perf_counter() - t)
     res = {name: stats(t) for name, t in timings.items()}
-    print(f"\nscore: {nq:,} queries x {N:,} items, top-10 (2 runs each)")
+    print(f"\nscore: {nq:,} queries x {N:,} items, top-10 ({args.score_runs} runs each)")
     print_rows(res, ours="Python API, same batches")
     report["score"] = {"queries": nq, "times": res}
     with open(args.out, "w") as f:
