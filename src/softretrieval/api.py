@@ -56,8 +56,8 @@ class _Prepared(NamedTuple):
     vscale: np.ndarray = _NO_SCALE
 
 
-def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax, kcol, vcol, dv,
-           scales=()):
+def problem_terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax, kcol,
+                  vcol, dv, scales=()):
     """Turn one problem's inputs into the kernels' terms.
 
     With ``softmax`` the kernel logits are base 2 (``log2(e)`` folded into
@@ -83,7 +83,7 @@ def _terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softm
     if not np.isfinite(Qs).all():
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
     return _Prepared(Qs, K, V, kcol, vcol, dv, values_given,
-                     _prepare_bias(bias, K.shape[0], unit), key_mode, key_coef, row_const, exclude,
+                     prepare_bias(bias, K.shape[0], unit), key_mode, key_coef, row_const, exclude,
                      window, *scales)
 
 
@@ -121,9 +121,9 @@ def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, excl
             Q = q4[b, :, g * G:(g + 1) * G].reshape(lay.T * G, lay.d)
             K, kcol = _head(k4, b, g)
             V, vcol = _head(v4, b, g) if values_given else (K, kcol)
-            yield (b, g), _terms(Q, K, V, values_given, metric=metric, scale=scale, bias=bias_of(g),
-                                 exclude=exclude, window=rows, softmax=softmax, kcol=kcol, vcol=vcol,
-                                 dv=lay.dv)
+            yield (b, g), problem_terms(Q, K, V, values_given, metric=metric, scale=scale,
+                                        bias=bias_of(g), exclude=exclude, window=rows,
+                                        softmax=softmax, kcol=kcol, vcol=vcol, dv=lay.dv)
 
 
 def _head(a4, b, g):
@@ -144,7 +144,7 @@ def _fill(dest, lay, b, g, rows):
     dest[b, :, g * G:(g + 1) * G] = rows.reshape((lay.T, G) + rows.shape[1:])
 
 
-def _prepare_bias(bias, n, unit):
+def prepare_bias(bias, n, unit):
     """Bias in logit units as float32 (n,), excluded keys at MASKED; (0,) for none."""
     b = validate.bias_vector(bias, n)
     if b is None:

@@ -222,7 +222,8 @@ def parser():
     g.add_argument("--scale", type=float)
     g.add_argument("--temperature", type=float)
     s.add_argument("--batch-size", type=int, default=4096)
-    s.add_argument("--groundtruth", help="ground-truth ids (.ivecs, .npy, FILE.hdf5[:neighbors]): print recall")
+    s.add_argument("--groundtruth",
+                   help="ground-truth ids (.ivecs, .npy, FILE.hdf5[:neighbors]): print recall")
     s.add_argument("--out", required=True,
                    help=".npz (every array) or .npy/.fvecs/.ivecs (soft: out; topk: ids, "
                         ".fvecs scores; topk-attention: out, .ivecs ids)")

@@ -569,7 +569,8 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
     each query (causal and sliding-window modes); key tiles outside every
     window of a block are skipped, tiles that cross a window edge masked.
     Query blocks are visited in zigzag order (first, last, second, ...) so
-    each thread's share mixes cheap and costly causal blocks. Query blocks of at most ``simd_queries`` use SIMD loops over
+    each thread's share mixes cheap and costly causal blocks. Query blocks of
+    at most ``simd_queries`` use SIMD loops over
     tiles of ``ktile_simd`` keys, larger ones BLAS over tiles of ``ktile``.
 
     Returns ``(m, l, acc, tk_s, tk_i, tk_n, bad)``, one entry per key range:

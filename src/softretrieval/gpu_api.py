@@ -93,7 +93,7 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
         bias_of = lambda g: dbias  # noqa: E731
     else:
         rows = layout.head_bias(bias, lay)
-        bias_of = lambda g: api._prepare_bias(rows(g), lay.S, unit)  # noqa: E731
+        bias_of = lambda g: api.prepare_bias(rows(g), lay.S, unit)  # noqa: E731
 
     def each():
         G = lay.group

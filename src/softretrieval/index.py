@@ -273,7 +273,7 @@ class Index:
         dv = self.dim if values is None else self.value_dim
         lay = layout.Layout(2, 1, B, 1, n, 1, self.dim, dv)
         V, vscale = (keys.data, keys.scale) if values is None else (values, keys.scale[:0])
-        p = api._terms(Q, keys.data, V, values is not None, metric=self.metric, scale=scale,
+        p = api.problem_terms(Q, keys.data, V, values is not None, metric=self.metric, scale=scale,
                        bias=None, exclude=self._exclusions(exclude, B, n), window=None,
                        softmax=softmax, kcol=0, vcol=0, dv=dv, scales=(keys.scale, vscale))
         p = p._replace(bias=self._call_bias(bias, n, softmax))
@@ -285,13 +285,13 @@ class Index:
         if bias is False:
             return np.zeros(0, np.float32)
         if bias is not None:
-            return api._prepare_bias(bias, n, unit)
+            return api.prepare_bias(bias, n, unit)
         with self._lock:
             if self._bias is None:
                 return np.zeros(0, np.float32)
             key = (n, unit)
             if key not in self._bias_cache:
-                self._bias_cache[key] = api._prepare_bias(self._bias[:n], n, unit)
+                self._bias_cache[key] = api.prepare_bias(self._bias[:n], n, unit)
             return self._bias_cache[key]
 
     def _exclusions(self, exclude, B, n):
