@@ -43,16 +43,21 @@ def _column(path, what, dataset=None):
     return arr
 
 
-def _build(args):
+def _index_from_files(args, ids=None, bias=None):
+    """An in-memory Index of ``--keys`` (and ``--values``) with the options' metric and dtype."""
     from .index import Index
 
     keys = _vectors(args.keys, "keys", "train")
     values = None if args.values is None else _vectors(args.values, "values", None)
     index = Index(keys.shape[1], metric=args.metric, dtype=args.dtype,
                   value_dim=None if values is None else values.shape[1])
-    ids = None if args.ids is None else _column(args.ids, "ids")
-    bias = None if args.bias is None else _column(args.bias, "bias")
     index.add(keys, values, ids=ids, bias=bias)
+    return index
+
+
+def _build(args):
+    index = _index_from_files(args, ids=None if args.ids is None else _column(args.ids, "ids"),
+                              bias=None if args.bias is None else _column(args.bias, "bias"))
     index.save(args.out)
     print(f"built {index!r} -> {args.out}")
 
@@ -64,12 +69,7 @@ def _open_index(args):
         raise _Fail("give --index DIR or --keys FILE (not both)")
     if args.index is not None:
         return Index.load(args.index, mmap=args.mmap)
-    keys = _vectors(args.keys, "keys", "train")
-    values = None if args.values is None else _vectors(args.values, "values", None)
-    index = Index(keys.shape[1], metric=args.metric, dtype=args.dtype,
-                  value_dim=None if values is None else values.shape[1])
-    index.add(keys, values)
-    return index
+    return _index_from_files(args)
 
 
 def score_batches(index, queries, mode, k, *, scale=None, temperature=None, batch_size=4096,

@@ -192,7 +192,7 @@ def _scores_rows(Qb, Kraw, kcol, ks, S, norms, want_norms):
     tn = Kraw.shape[0]
     scaled = ks.shape[0] > 0
     quads = bq - bq % 4
-    for j in range(tn):
+    for j in range(tn if quads > 0 or want_norms else 0):   # nothing to do for < 4 plain queries
         k = Kraw[j, kcol:kcol + d]
         s = ks[j] if scaled else np.float32(1.0)
         for i0 in range(0, quads, 4):
@@ -512,7 +512,9 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
     corr = np.ones(bq, np.float32)
     pv = np.empty((bq, dv), np.float32)
     kplain = is_float32(K)
-    kbuf = np.empty((ktile if K.shape[1] != d or not kplain else 0, d), np.float32)
+    # Scratch for decoded or head-packed key tiles (compact keys on the SIMD
+    # path decode in registers instead).
+    kbuf = np.empty((ktile if (K.shape[1] != d if kplain else not simd) else 0, d), np.float32)
     vbuf = np.empty((ktile if want_acc and (V.shape[1] != dv or not is_float32(V)) else 0, dv),
                     np.float32)
     kscaled = kscale.shape[0] > 0
@@ -749,7 +751,8 @@ def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_
     row_lo, row_hi = _NONE if window is None else window
     m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
         stream, Q, K, kscale, V, vscale, kcol, vcol, V.shape[1] if dv is None else dv,
-        bias, key_mode, np.float32(key_coef), excl_off, excl_ids, row_lo, row_hi, nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
+        bias, key_mode, np.float32(key_coef), excl_off, excl_ids, row_lo, row_hi, nqb, nsplit,
+        config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
         want_soft, want_acc, k)
     res = {"bad": bad}
     if want_soft:

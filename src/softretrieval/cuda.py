@@ -7,8 +7,8 @@ GPU); needs the ``cuda`` extra (``numba-cuda[cu13]``).
 Work is a grid of ``(query blocks, key splits)``. A block of
 ``config.CUDA_QUERY_BLOCK`` threads holds one query row per thread: its
 online-softmax state ``(m, l)`` in registers, its accumulator row in a
-per-thread local array (sized at compile time) and its top-k in a bounded heap (:mod:`softretrieval.topk_heap`). Each
-key tile of ``config.CUDA_KEY_TILE`` keys is decoded by the whole block into
+per-thread local array (sized at compile time) and its top-k in a bounded
+heap (:mod:`softretrieval.topk_heap`). Each key tile of ``config.CUDA_KEY_TILE`` keys is decoded by the whole block into
 shared memory (keys, values and, for l2/cosine, their squared norms); every
 thread then writes its logits for the tile into a local array (per-key terms,
 bias, exclusions, key window), takes their max, and updates its state with
@@ -275,7 +275,7 @@ def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_
     tile = config.CUDA_KEY_TILE
     excl_off, excl_ids = (_NONE, _NONE) if exclude is None else exclude
     row_lo, row_hi = (_NONE, _NONE) if window is None else window
-    to = _device
+    to = device_view
     kk = max(k, 1)
     m = cuda.device_array((nsplit, B), np.float32)
     l = cuda.device_array((nsplit, B), np.float32)
@@ -308,7 +308,7 @@ def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_
     return res
 
 
-def _device(a):
+def device_view(a):
     """A device view of ``a``: device arrays and ``__cuda_array_interface__``
     objects in place, host arrays copied."""
     if isinstance(a, np.ndarray):

@@ -36,7 +36,7 @@ def check_device(device):
 def _array(a, name, ndim):
     from . import cuda as gpu
 
-    arr = gpu._device(a if on_device(a) else np.ascontiguousarray(a, np.float32))
+    arr = gpu.device_view(a if on_device(a) else np.ascontiguousarray(a, np.float32))
     if np.dtype(arr.dtype) != np.float32:
         raise TypeError(f"{name} on the device must be float32, got {arr.dtype}")
     shape = tuple(arr.shape)

@@ -71,7 +71,7 @@ class Index:
         self.dtype = storage.check_dtype(dtype)
         self._n = 0
         self._data = np.empty((0, self.dim), storage.FORMATS[self.dtype][0])
-        self._scales = np.empty(0, np.float32)
+        self._scales = np.empty(0, np.float32)   # int8 row scales (grown for int8 only)
         self._values = None if self.value_dim is None else np.empty((0, self.value_dim), np.float32)
         self._ids = None
         self._id_order = None
@@ -202,7 +202,8 @@ class Index:
             return out
 
         self._data = grown(self._data, (cap, self.dim))
-        self._scales = grown(self._scales, (cap,))
+        if self.dtype == "int8":
+            self._scales = grown(self._scales, (cap,))
         if self._values is not None:
             self._values = grown(self._values, (cap, self.value_dim))
         if self._ids is not None:
@@ -383,8 +384,6 @@ class Index:
         index._data = np.asarray(arrays["keys"])
         if "scales" in arrays:
             index._scales = np.asarray(arrays["scales"])
-        else:
-            index._scales = np.empty(n, np.float32)
         if "values" in arrays:
             index._values = np.asarray(arrays["values"])
         if "ids" in arrays:
