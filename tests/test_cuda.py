@@ -79,7 +79,7 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
     assert target in ptx
     ptx, _ = cuda.compile_ptx(gpu.merge_topk_kernel.py_func,
                               (arr(f32, 3), arr(i64, 3), arr(i64, 2), i64, arr(f32, 2), arr(i64, 2),
-                               arr(i64, 1)), cc=cc)
+                               arr(f32, 2), arr(i64, 2), arr(i64, 1)), cc=cc)
     assert target in ptx
     ptx, _ = cuda.compile_ptx(gpu.finish_topk_kernel.py_func,
                               (arr(f32, 2), arr(i64, 2), arr(i64, 1), f32, t.boolean, f32,

@@ -8,7 +8,8 @@ mode asks for:
 
 * the online-softmax state per query (``m``, ``l``) and, for soft retrieval,
   the weighted sum of values ``acc`` (see :mod:`softretrieval.core`);
-* a top-k buffer per query (a threshold buffer with partial selection).
+* a top-k buffer per query (:mod:`softretrieval.topk_buffer`, shared with
+  the CUDA kernels).
 
 The states of the key ranges are then merged (:func:`merge_states`,
 :func:`merge_topk`). The B x N score matrix never exists.
@@ -26,7 +27,7 @@ from numba import types as nbtypes
 from llvmlite import ir
 from numba.core.extending import intrinsic, overload
 
-from . import config, core, runtime
+from . import config, core, runtime, topk_buffer
 from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
 from .core import float32_from_bits
 
@@ -35,6 +36,10 @@ rescale = core.cpu.rescale
 merge_pair = core.cpu.merge_pair
 finalize = core.cpu.finalize
 bfloat16_to_float = core.cpu.bfloat16_to_float
+_topk = core.compile_for(njit(inline="always"), topk_buffer.FUNCTIONS)
+topk_offer = _topk.offer
+topk_finish = _topk.finish
+topk_capacity = _topk.capacity
 
 # Fast-math without 'nnan'/'ninf': NaN and inf flow through to the outputs,
 # where the API detects them (a NaN in the values must not be folded away).
@@ -405,91 +410,42 @@ def _softmax_row(row, m_old, mx, store):
     return m_new, c, total
 
 
-@njit(cache=True)
-def _sort_best_first(bs, bi, cnt):
-    """Sort the first cnt candidates: higher score first, lower id on ties."""
-    by_id = np.argsort(bi[:cnt])
-    order = by_id[np.argsort(-bs[:cnt][by_id], kind="mergesort")]
-    bs[:cnt] = bs[:cnt][order]
-    bi[:cnt] = bi[:cnt][order]
-
-
-@njit(cache=True)
-def _compact(bs, bi, cnt, k):
-    """Keep the best k of the cnt buffered candidates (in no particular order).
-
-    Best means higher score, then lower id. A partial selection finds the
-    k-th best score in O(cnt); ties at that score keep the lowest ids.
-    Returns the new count and the threshold a later key (higher id) must
-    beat: the k-th best score, or NEG_INIT while fewer than k are held.
-    """
-    if cnt < k:
-        return cnt, NEG_INIT
-    kth = np.partition(bs[:cnt], cnt - k)[cnt - k]
-    ties = 0
-    for j in range(cnt):
-        if bs[j] == kth:
-            ties += 1
-    tie_ids = np.empty(ties, np.int64)
-    t = 0
-    for j in range(cnt):
-        if bs[j] == kth:
-            tie_ids[t] = bi[j]
-            t += 1
-    n = 0
-    for j in range(cnt):
-        if bs[j] > kth:
-            bs[n] = bs[j]
-            bi[n] = bi[j]
-            n += 1
-    tie_ids.sort()
-    for j in range(k - n):
-        bs[n + j] = kth
-        bi[n + j] = tie_ids[j]
-    return k, kth
-
-
-#: Keys per chunk of a top-k scan; a top-k buffer holds 2k + TOPK_CHUNK.
+#: Keys per chunk of a top-k scan: a chunk without a key at or above the
+#: buffer's threshold is skipped after one vectorized count.
 TOPK_CHUNK = 32
 
 
 @njit(cache=True)
-def _topk_row(row, mx, t0, k, bs, bi, count, thr):
+def _topk_row(row, mx, t0, k, bs, bi, count, ts, ti):
     """Offer one row of logits (keys t0, t0+1, ...) to a top-k buffer.
 
-    bs (2k + TOPK_CHUNK,) float32 and bi (same,) int64 hold ``count``
-    candidates, all better than any key rejected so far; a key enters when
-    its logit beats ``thr``. The row is scanned in chunks: a vectorized count
-    of hits skips empty chunks, and a chunk with hits is appended without
-    branches (each key is written, and the count advances only for a hit).
-    The buffer is compacted to k before a chunk could overflow it.
-    Returns the new ``(count, thr)``.
+    bs (capacity(k),) float32 and bi (same,) int64 hold ``count`` candidates
+    and ``(ts, ti)`` is the buffer's threshold (:mod:`softretrieval.topk_buffer`).
+    Keys arrive in increasing id order, so a logit below ``ts`` cannot enter:
+    chunks of the row with none at or above it are skipped after a
+    vectorized count, and only the rest are offered one by one.
+    Returns the new ``(count, ts, ti)``.
     """
-    if not mx > thr:
-        return count, thr
-    limit = bs.shape[0] - TOPK_CHUNK
+    if mx < ts:
+        return count, ts, ti
     n = row.shape[0]
     for c0 in range(0, n, TOPK_CHUNK):
-        chunk = row[c0:min(n, c0 + TOPK_CHUNK)]
+        c1 = min(n, c0 + TOPK_CHUNK)
         hits = 0
-        for j in range(chunk.shape[0]):
-            hits += chunk[j] > thr
+        for j in range(c0, c1):
+            hits += row[j] >= ts
         if hits == 0:
             continue
-        if count > limit:
-            count, thr = _compact(bs, bi, count, k)
-        for j in range(chunk.shape[0]):
-            s = chunk[j]
-            bs[count] = s
-            bi[count] = t0 + c0 + j
-            count += s > thr
-    return count, thr
+        for j in range(c0, c1):
+            if row[j] >= ts:
+                count, ts, ti = topk_offer(bs, bi, count, k, ts, ti, row[j], t0 + j)
+    return count, ts, ti
 
 
 @njit(fastmath=_FAST, cache=True)
 def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef,
                   excl_ids, ptr, end, lo, hi, k0, k1, ktile, simd, want_soft, want_acc, k,
-                  m, l, acc, tk_s, tk_i, tk_n, tk_thr):
+                  m, l, acc, tk_s, tk_i, tk_n, tk_ts, tk_ti):
     """Stream keys ``k0:k1`` into the states of one query block.
 
     Qb (bq, d), bias (N,) or (0,): float32. K (N, WK), V (N, WV): the keys
@@ -499,7 +455,8 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
     ``vscale`` (N,) for int8, else (0,).
     m, l (bq,), acc (bq, dv): online-softmax states, updated when
     ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
-    tk_thr (bq,): top-k buffers, updated when ``k > 0``. ptr, end (bq,): the
+    tk_ts, tk_ti (bq,): top-k buffers and their thresholds, updated when
+    ``k > 0``. ptr, end (bq,): the
     block's exclusion lists in ``excl_ids``. lo, hi (bq,) or (0,): each row's
     key window. Returns the number of rows of score tiles that held a NaN or
     inf.
@@ -541,7 +498,8 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
             if not finite:
                 bad += 1
             if k > 0:
-                tk_n[i], tk_thr[i] = _topk_row(S[i], mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_thr[i])
+                tk_n[i], tk_ts[i], tk_ti[i] = _topk_row(S[i], mx, t0, k, tk_s[i], tk_i[i],
+                                                        tk_n[i], tk_ts[i], tk_ti[i])
             if want_soft:
                 m[i], corr[i], total = _softmax_row(S[i], m[i], mx, want_acc)
                 l[i] = l[i] * corr[i] + total
@@ -578,8 +536,8 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
     Returns ``(m, l, acc, tk_s, tk_i, tk_n, bad)``, one entry per key range:
     m, l (nsplit, B) and acc (nsplit, B, dv) float32 online-softmax states
     (acc only with ``want_acc``); tk_s (nsplit, B, cap) float32 logits and
-    tk_i (nsplit, B, cap) int64 ids of top-k candidates, tk_n (nsplit, B)
-    their counts (with ``k > 0``); ``bad`` the number of score-tile rows that
+    tk_i (nsplit, B, cap) int64 ids of top-k candidates (cap =
+    ``topk_buffer.capacity(k)``), tk_n (nsplit, B) their counts (with ``k > 0``); ``bad`` the number of score-tile rows that
     held NaN or inf.
     """
     B = Q.shape[0]
@@ -589,11 +547,12 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
     m = np.full((nsplit, B), NEG_INIT, np.float32)
     l = np.zeros((nsplit, B), np.float32)
     acc = np.zeros((nsplit, B, dv if want_acc else 0), np.float32)
-    cap = 2 * k + TOPK_CHUNK if k > 0 else 0
+    cap = topk_capacity(k) if k > 0 else 0
     tk_s = np.empty((nsplit, B, cap), np.float32)
     tk_i = np.empty((nsplit, B, cap), np.int64)
     tk_n = np.zeros((nsplit, B), np.int64)
-    tk_thr = np.full((nsplit, B), NEG_INIT, np.float32)
+    tk_ts = np.full((nsplit, B), NEG_INIT, np.float32)
+    tk_ti = np.full((nsplit, B), -1, np.int64)
     bad = np.zeros(nqb * nsplit, np.int64)
     windowed = row_lo.shape[0] > 0
     for w in prange(nqb * nsplit):
@@ -624,7 +583,7 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
             excl_ids, ptr, end,
             row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd,
             want_soft, want_acc, k, m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
-            tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_thr[sp, q0:q1])
+            tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1])
     return m, l, acc, tk_s, tk_i, tk_n, bad.sum()
 
 
@@ -665,25 +624,24 @@ def merge_topk(tk_s, tk_i, tk_n, k):
     Returns ``(scores (B, k) float32, ids (B, k) int64, count (B,))``: order
     by higher logit then lower id; slots past ``count`` hold NEG_INIT and -1.
     """
-    P, B, cap = tk_s.shape
+    P, B, _ = tk_s.shape
     scores = np.full((B, k), NEG_INIT, np.float32)
     ids = np.full((B, k), -1, np.int64)
     count = np.zeros(B, np.int64)
+    cap = topk_capacity(k)
     for b in prange(B):
-        bs = np.empty(P * cap, np.float32)
-        bi = np.empty(P * cap, np.int64)
+        bs = np.empty(cap, np.float32)
+        bi = np.empty(cap, np.int64)
         n = 0
+        ts = NEG_INIT
+        ti = -1
         for p in range(P):
-            c = tk_n[p, b]
-            bs[n:n + c] = tk_s[p, b, :c]
-            bi[n:n + c] = tk_i[p, b, :c]
-            n += c
-        if n > 0:
-            n, _ = _compact(bs, bi, n, k)
-            _sort_best_first(bs, bi, n)
-            scores[b, :n] = bs[:n]
-            ids[b, :n] = bi[:n]
-            count[b] = n
+            for j in range(tk_n[p, b]):
+                n, ts, ti = topk_offer(bs, bi, n, k, ts, ti, tk_s[p, b, j], tk_i[p, b, j])
+        n = topk_finish(bs, bi, n, k)
+        scores[b, :n] = bs[:n]
+        ids[b, :n] = bi[:n]
+        count[b] = n
     return scores, ids, count
 
 

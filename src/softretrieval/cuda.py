@@ -7,8 +7,8 @@ GPU); needs the ``cuda`` extra (``numba-cuda[cu13]``).
 Work is a grid of ``(query blocks, key splits)``. A block of
 ``config.CUDA_QUERY_BLOCK`` threads holds one query row per thread: its
 online-softmax state ``(m, l)`` in registers, its accumulator row in a
-per-thread local array (sized at compile time) and its top-k in a bounded
-heap (:mod:`softretrieval.topk_heap`). Each key tile of ``config.CUDA_KEY_TILE`` keys is decoded by the whole block into
+per-thread local array (sized at compile time) and its top-k in a buffer
+in global memory (:mod:`softretrieval.topk_buffer`, the CPU's source). Each key tile of ``config.CUDA_KEY_TILE`` keys is decoded by the whole block into
 shared memory (keys, values and, for l2/cosine, their squared norms); every
 thread then writes its logits for the tile into a local array (per-key terms,
 bias, exclusions, key window), takes their max, and updates its state with
@@ -16,7 +16,7 @@ bias, exclusions, key window), takes their max, and updates its state with
 tiles outside every row's window of a block are skipped. The states of the
 key splits are merged with ``core.merge_pair`` / ``core.finalize`` in a second
 kernel (flash-decoding: a single query still spreads over many blocks), the
-heaps in a third. Inputs and outputs are the same as :func:`cpu.run`'s.
+top-k buffers in a third. Inputs and outputs are the same as :func:`cpu.run`'s.
 """
 
 import functools
@@ -25,20 +25,18 @@ import math
 import numpy as np
 from numba import cuda, float32, int64
 
-from . import config, core, topk_heap
+from . import config, core, topk_buffer
 from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, MASKED, NEG_INIT
 
 #: The shared core, compiled as CUDA device functions.
 dev = core.compile_for(cuda.jit(device=True))
-#: The bounded top-k heap, compiled as CUDA device functions.
-heap = core.compile_for(cuda.jit(device=True),
-                        (topk_heap.worse, topk_heap.swap, topk_heap.sift_down, topk_heap.offer,
-                         topk_heap.sort_best_first))
+#: The top-k buffer update, compiled as CUDA device functions.
+topk = core.compile_for(cuda.jit(device=True), topk_buffer.FUNCTIONS)
 exp2 = dev.exp2
 merge_pair = dev.merge_pair
 finalize = dev.finalize
-heap_offer = heap.offer
-heap_sort = heap.sort_best_first
+topk_offer = topk.offer
+topk_finish = topk.finish
 
 
 @cuda.jit(device=True)
@@ -73,7 +71,7 @@ def stream_kernel(kdtype, vdtype, tile, vd):
     kdec = DECODERS[np.dtype(kdtype)]
     vdec = DECODERS[np.dtype(vdtype)]
     rescale = dev.rescale
-    offer = heap_offer
+    offer = topk_offer
     acc_size = max(vd, 1)
 
     @cuda.jit
@@ -132,6 +130,8 @@ def stream_kernel(kdtype, vdtype, tile, vd):
         m = NEG_INIT
         l = float32(0.0)
         count = 0
+        ts = NEG_INIT
+        ti = -1
         nbad = 0
         for t0 in range(k0, k1, tile):
             tn = min(tile, k1 - t0)
@@ -177,10 +177,11 @@ def stream_kernel(kdtype, vdtype, tile, vd):
                     nbad += 1
                 logits[j] = s
                 mx = max(mx, s)
-            if k > 0 and mx > NEG_INIT:
+            if k > 0 and mx >= ts:
                 for j in range(tn):
-                    if logits[j] > NEG_INIT:
-                        count = offer(tk_s[sp, row], tk_i[sp, row], count, k, logits[j], t0 + j)
+                    if logits[j] >= ts:      # keys ascend: below ts cannot enter
+                        count, ts, ti = offer(tk_s[sp, row], tk_i[sp, row], count, k, ts, ti,
+                                              logits[j], t0 + j)
             if want_soft:
                 m_new, corr = rescale(m, mx)
                 total = float32(0.0)
@@ -227,16 +228,23 @@ def merge_states_kernel(m, l, acc, out, lse):
 
 
 @cuda.jit
-def merge_topk_kernel(tk_s, tk_i, tk_n, k, scores, ids, count):
-    """One thread per query: the best k of every split's heap, best first."""
+def merge_topk_kernel(tk_s, tk_i, tk_n, k, bs, bi, scores, ids, count):
+    """One thread per query: the best k of every split's buffer, best first,
+    through a buffer ``bs``, ``bi`` (B, capacity(k)) (the CUDA twin of
+    :func:`cpu.merge_topk`)."""
     b = cuda.grid(1)
     if b >= tk_n.shape[1]:
         return
     n = 0
+    ts = NEG_INIT
+    ti = -1
     for p in range(tk_n.shape[0]):
         for j in range(tk_n[p, b]):
-            n = heap_offer(scores[b], ids[b], n, k, tk_s[p, b, j], tk_i[p, b, j])
-    heap_sort(scores[b], ids[b], n)
+            n, ts, ti = topk_offer(bs[b], bi[b], n, k, ts, ti, tk_s[p, b, j], tk_i[p, b, j])
+    n = topk_finish(bs[b], bi[b], n, k)
+    for j in range(n):
+        scores[b, j] = bs[b, j]
+        ids[b, j] = bi[b, j]
     count[b] = n
 
 
@@ -276,12 +284,12 @@ def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_
     excl_off, excl_ids = (_NONE, _NONE) if exclude is None else exclude
     row_lo, row_hi = (_NONE, _NONE) if window is None else window
     to = device_view
-    kk = max(k, 1)
+    cap = topk_buffer.capacity(max(k, 1))
     m = cuda.device_array((nsplit, B), np.float32)
     l = cuda.device_array((nsplit, B), np.float32)
     acc = cuda.device_array((nsplit, B, vd), np.float32)
-    tk_s = cuda.device_array((nsplit, B, kk), np.float32)
-    tk_i = cuda.device_array((nsplit, B, kk), np.int64)
+    tk_s = cuda.device_array((nsplit, B, cap), np.float32)
+    tk_i = cuda.device_array((nsplit, B, cap), np.int64)
     tk_n = cuda.device_array((nsplit, B), np.int64)
     bad = to(np.zeros(1, np.int64))
     dK = to(K)
@@ -303,8 +311,10 @@ def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_
         res["topk_logits"] = to(np.full((B, k), NEG_INIT, np.float32))
         res["topk_ids"] = to(np.full((B, k), -1, np.int64))
         res["topk_count"] = cuda.device_array(B, np.int64)
-        merge_topk_kernel[rows, threads](tk_s, tk_i, tk_n, k, res["topk_logits"], res["topk_ids"],
-                                         res["topk_count"])
+        merge_topk_kernel[rows, threads](
+            tk_s, tk_i, tk_n, k, cuda.device_array((B, cap), np.float32),
+            cuda.device_array((B, cap), np.int64), res["topk_logits"], res["topk_ids"],
+            res["topk_count"])
     return res
 
 

@@ -1,0 +1,135 @@
+"""The top-k buffer update, plain Python on 1-D arrays, shared by every target.
+
+The CPU kernels compile these functions with ``numba.njit`` and the CUDA
+kernels with ``numba.cuda.jit(device=True)`` (both through
+:func:`softretrieval.core.compile_for`); they also run as plain Python.
+
+A buffer is a pair of 1-D arrays ``bs`` (float32 logits) and ``bi`` (int64
+ids) of capacity ``2 k`` (:func:`capacity`) holding ``count`` candidates, and
+a threshold ``(ts, ti)``: the k-th best candidate held after the last
+compaction (``(NEG_INIT, -1)`` before one). A candidate enters only if it is
+better than the threshold; when the buffer is full it is compacted to its
+best k by a quickselect, so each offer costs O(1) amortized, whatever the
+order of the scores. "Better" means a higher logit, then a lower id, so the
+order is total and results do not depend on the order of the offers.
+
+When ids arrive in increasing order (a key scan), a candidate is better than
+the threshold exactly when its logit is above ``ts``: a driver may skip keys
+whose logit is below ``ts`` without offering them.
+"""
+
+
+def capacity(k):
+    """Slots of the buffer for the best ``k``: twice ``k``, so a compaction
+    (O(2k)) happens at most once per k candidates that enter."""
+    return 2 * k
+
+
+def better(s1, i1, s2, i2):
+    """Whether candidate (s1, i1) ranks above (s2, i2)."""
+    return s1 > s2 or (s1 == s2 and i1 < i2)
+
+
+def swap(bs, bi, a, b):
+    """Exchange entries a and b."""
+    ts = bs[a]
+    ti = bi[a]
+    bs[a] = bs[b]
+    bi[a] = bi[b]
+    bs[b] = ts
+    bi[b] = ti
+
+
+def select(bs, bi, count, k):
+    """Reorder entries ``0..count`` so that ``0..k`` hold the best k (in no
+    particular order) and entry ``k - 1`` is the k-th best; ``0 < k <= count``.
+
+    Quickselect with a median-of-three pivot and a Lomuto partition,
+    iterative (no recursion, for the GPU): O(count) expected.
+    """
+    lo = 0
+    hi = count - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        # Median of three into hi: order (lo, mid, hi) best first, then
+        # move the middle one to hi as the pivot.
+        if better(bs[mid], bi[mid], bs[lo], bi[lo]):
+            swap(bs, bi, mid, lo)
+        if better(bs[hi], bi[hi], bs[lo], bi[lo]):
+            swap(bs, bi, hi, lo)
+        if better(bs[hi], bi[hi], bs[mid], bi[mid]):
+            swap(bs, bi, hi, mid)
+        swap(bs, bi, mid, hi)
+        ps = bs[hi]
+        pi = bi[hi]
+        store = lo
+        for j in range(lo, hi):
+            if better(bs[j], bi[j], ps, pi):
+                swap(bs, bi, store, j)
+                store += 1
+        swap(bs, bi, store, hi)
+        if store == k - 1:
+            return
+        if store < k - 1:
+            lo = store + 1
+        else:
+            hi = store - 1
+
+
+def compact(bs, bi, count, k):
+    """Keep the best k of ``count`` candidates (when more than k are held).
+
+    Returns ``(count, ts, ti)``: the new count and the threshold, the k-th
+    best candidate, which any later candidate must beat.
+    """
+    select(bs, bi, count, k)
+    return k, bs[k - 1], bi[k - 1]
+
+
+def offer(bs, bi, count, k, ts, ti, s, i):
+    """Offer candidate (logit s, id i) to a buffer for the best k.
+
+    Returns the new ``(count, ts, ti)``.
+    """
+    if better(s, i, ts, ti):
+        if count == bs.shape[0]:
+            count, ts, ti = compact(bs, bi, count, k)
+            if not better(s, i, ts, ti):
+                return count, ts, ti
+        bs[count] = s
+        bi[count] = i
+        count += 1
+    return count, ts, ti
+
+
+def sift_down(bs, bi, count, pos):
+    """Restore a heap whose root is its worst entry, below ``pos``."""
+    while True:
+        child = 2 * pos + 1
+        if child >= count:
+            return
+        if child + 1 < count and better(bs[child], bi[child], bs[child + 1], bi[child + 1]):
+            child += 1
+        if not better(bs[pos], bi[pos], bs[child], bi[child]):
+            return
+        swap(bs, bi, pos, child)
+        pos = child
+
+
+def finish(bs, bi, count, k):
+    """The buffer's best ``min(k, count)`` candidates in entries ``0..n``,
+    best first (a heap sort, in place); returns n."""
+    if count > k:
+        count, _, _ = compact(bs, bi, count, k)
+    for pos in range(count // 2 - 1, -1, -1):
+        sift_down(bs, bi, count, pos)
+    n = count
+    while n > 1:
+        n -= 1
+        swap(bs, bi, 0, n)
+        sift_down(bs, bi, n, 0)
+    return count
+
+
+#: The functions in dependency order, for :func:`softretrieval.core.compile_for`.
+FUNCTIONS = (capacity, better, swap, select, compact, offer, sift_down, finish)
