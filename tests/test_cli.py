@@ -146,6 +146,23 @@ def test_bad_invocations_are_one_line_errors(capsys, files):
     assert not (tmp / "o.npy").exists() and not (tmp / "o.ivecs").exists()
 
 
+def test_score_device_option(capsys, files):
+    """--device auto scores where the kernels can run (the CPU without a GPU);
+    --device cuda without a GPU is a one-line error naming the extra."""
+    from softretrieval import devices
+
+    tmp, keys, _, queries = files
+    argv = ("score", "--keys", tmp / "keys.npy", "--queries", tmp / "queries.fvecs", "--mode",
+            "topk", "-k", 5, "--quiet")
+    code, _, _ = run(capsys, *argv, "--device", "auto", "--out", tmp / "auto.npz")
+    assert code == 0
+    np.testing.assert_array_equal(np.load(tmp / "auto.npz")["ids"], sr.topk(queries, keys, 5)[1])
+    if not devices.is_gpu(devices.kernels("auto")):
+        code, _, err = run(capsys, *argv, "--device", "cuda", "--out", tmp / "gpu.npz")
+        assert code == 2 and err.count("\n") == 1 and "softretrieval[cuda]" in err
+        assert not (tmp / "gpu.npz").exists()
+
+
 def test_interrupted_score_writes_nothing(capsys, files, monkeypatch):
     tmp, *_ = files
 

@@ -164,8 +164,9 @@ def _run(p, kernels, **mode):
                   key_coef=p.key_coef, exclude=p.exclude, window=p.window, **mode)
     out = res.get("out")
     if res["bad"] or (out is not None and not np.isfinite(out).all()):
-        validate.all_finite(p.K, "keys")
-        if p.values_given:
+        if isinstance(p.K, np.ndarray):      # (an Index's GPU copies were checked when added)
+            validate.all_finite(p.K, "keys")
+        if p.values_given and isinstance(p.V, np.ndarray):
             validate.all_finite(p.V, "values")
         raise ValueError(
             "non-finite result: the logits (scale * q.k + bias) or the weighted sum of "

@@ -73,8 +73,9 @@ def _open_index(args):
 
 
 def score_batches(index, queries, mode, k, *, scale=None, temperature=None, batch_size=4096,
-                  progress=True):
-    """Run ``mode`` over ``queries`` in batches; returns a dict of (B, ...) arrays.
+                  progress=True, device="cpu"):
+    """Run ``mode`` over ``queries`` in batches on ``device``; returns a dict
+    of (B, ...) host arrays.
 
     soft: ``out``, ``lse``; topk: ``ids``, ``scores``; topk-attention:
     ``out``, ``ids``, ``weights``, ``lse``, ``coverage``.
@@ -89,13 +90,14 @@ def score_batches(index, queries, mode, k, *, scale=None, temperature=None, batc
         for lo in range(0, B, batch_size):
             q = queries[lo:lo + batch_size]
             if mode == "topk":
-                scores, ids = index.search(q, k)
+                scores, ids = index.search(q, k, device=device)
                 part = {"ids": ids, "scores": scores}
             elif mode == "soft":
-                out, lse = index.retrieve(q, scale=scale, temperature=temperature, return_lse=True)
+                out, lse = index.retrieve(q, scale=scale, temperature=temperature, return_lse=True,
+                                          device=device)
                 part = {"out": out, "lse": lse}
             else:
-                res = index.retrieve_topk(q, k, scale=scale, temperature=temperature)
+                res = index.retrieve_topk(q, k, scale=scale, temperature=temperature, device=device)
                 part = res._asdict()
             for name, arr in part.items():
                 if name not in result:
@@ -129,7 +131,7 @@ def _score(args):
     start = time.perf_counter()
     result = score_batches(index, queries, args.mode, args.k, scale=args.scale,
                            temperature=args.temperature, batch_size=args.batch_size,
-                           progress=not args.quiet)
+                           progress=not args.quiet, device=args.device)
     took = time.perf_counter() - start
     name = primary[args.mode][ext]
     io.write_output(args.out, result if name is None else {name: result[name]})
@@ -222,6 +224,8 @@ def parser():
     g.add_argument("--scale", type=float)
     g.add_argument("--temperature", type=float)
     s.add_argument("--batch-size", type=int, default=4096)
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where the kernels run (cuda: the index is copied to the GPU once)")
     s.add_argument("--groundtruth",
                    help="ground-truth ids (.ivecs, .npy, FILE.hdf5[:neighbors]): print recall")
     s.add_argument("--out", required=True,

@@ -31,3 +31,8 @@ def kernels(device):
 
         return cpu
     raise ValueError(f"device='cuda' but numba-cuda finds no CUDA GPU: {_INSTALL}")
+
+
+def is_gpu(kernels):
+    """Whether ``kernels`` (from :func:`kernels`) run on the GPU."""
+    return kernels.__name__ == f"{__package__}.cuda"

@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from . import api, layout, persist, storage, validate
+from . import api, devices, layout, persist, storage, validate
 
 FORMAT = "softretrieval.Index"
 FORMAT_VERSION = 1
@@ -59,7 +59,10 @@ class Index:
 
     Searches may run while another thread adds: each sees the items present
     when it started. Every query method takes ``device="cpu" | "cuda" |
-    "auto"`` (see :func:`softretrieval.attention`).
+    "auto"`` (see :func:`softretrieval.attention`). On the GPU the stored
+    arrays are copied to device memory on the first call and kept there
+    (their memory is freed when the index changes, or by
+    :meth:`release_device`), so later calls move only the queries.
     """
 
     def __init__(self, dim, *, metric="ip", value_dim=None, dtype="float32"):
@@ -77,6 +80,7 @@ class Index:
         self._id_order = None
         self._bias = None
         self._bias_cache = {}
+        self._resident = {}       # GPU copies of the stored arrays (device="cuda")
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ contents
@@ -114,6 +118,7 @@ class Index:
                 self._bias = np.zeros(self._data.shape[0])
                 self._bias[: self._n] = b
             self._bias_cache = {}
+            self._resident = {}
 
     def keys(self):
         """The stored keys decoded to float32 (N, dim), as the kernels see them."""
@@ -155,6 +160,7 @@ class Index:
             if self._bias is not None:
                 self._bias[lo:hi] = 0.0 if b is None else b
             self._bias_cache = {}
+            self._resident = {}
             self._n = hi
 
     def _check_values(self, values, n):
@@ -219,7 +225,7 @@ class Index:
         when the index has them; -1 pads)."""
         k = validate.positive_int(k, "k")
         lay, problems = self._problems(queries, softmax=False, scale=None, bias=bias,
-                                       exclude=exclude)
+                                       exclude=exclude, device=device)
         scores, rows = api.solve_topk(lay, problems, k, self.metric, device)
         return scores, self._external(rows)
 
@@ -232,7 +238,7 @@ class Index:
         ``lse`` (B,) float32, as :func:`softretrieval.attention`.
         """
         lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
-                                       bias=bias, exclude=exclude)
+                                       bias=bias, exclude=exclude, device=device)
         return api.solve_attention(lay, problems, return_lse, device)
 
     def retrieve_topk(self, queries, k, *, scale=None, temperature=None, bias=None, exclude=None,
@@ -241,7 +247,7 @@ class Index:
         (out, ids, weights, full-catalog lse, coverage); ids as in :meth:`search`."""
         k = validate.positive_int(k, "k")
         lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
-                                       bias=bias, exclude=exclude)
+                                       bias=bias, exclude=exclude, device=device)
         res = api.solve_topk_attention(lay, problems, k, device)
         return res._replace(ids=self._external(res.ids))
 
@@ -250,22 +256,31 @@ class Index:
         """``log sum_n exp(logit(q, k_n) + bias_n)`` over the whole catalog,
         (B,) float32: the normalizer of an exact full-softmax loss."""
         lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
-                                       bias=bias, exclude=exclude)
+                                       bias=bias, exclude=exclude, device=device)
         return api.solve_logsumexp(lay, problems, device)
 
+    def release_device(self):
+        """Free the GPU copies of the stored arrays now (the next call with
+        ``device="cuda"`` copies them again). Changing the index frees them too."""
+        with self._lock:
+            self._resident = {}
+
     def _stored(self):
-        """A consistent snapshot: ``(n, keys Stored, values array or None)``."""
+        """A consistent snapshot: ``(n, keys Stored, values array or None,
+        the dict of GPU copies that belongs to this snapshot)``."""
         with self._lock:
             n = self._n
             if n == 0:
                 raise ValueError("the index is empty: add items before searching")
             keys = storage.stored(self._data[:n], self.dtype, self._scales[:n])
             values = None if self._values is None else self._values[:n]
-            return n, keys, values
+            return n, keys, values, self._resident
 
-    def _problems(self, queries, *, softmax, scale, bias, exclude):
-        """The call as one kernel problem on the stored arrays."""
-        n, keys, values = self._stored()
+    def _problems(self, queries, *, softmax, scale, bias, exclude, device):
+        """The call as one kernel problem on the stored arrays (on the GPU,
+        their resident copies)."""
+        kernels = devices.kernels(device)
+        n, keys, values, resident = self._stored()
         Q = validate.float_matrix(queries, "queries")
         if Q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {Q.shape[1]} but the index has {self.dim}")
@@ -277,23 +292,27 @@ class Index:
         p = api.problem_terms(Q, keys.data, V, values is not None, metric=self.metric, scale=scale,
                        bias=None, exclude=self._exclusions(exclude, B, n), window=None,
                        softmax=softmax, kcol=0, vcol=0, dv=dv, scales=(keys.scale, vscale))
-        p = p._replace(bias=self._call_bias(bias, n, softmax))
+        call_bias, stored_bias = self._call_bias(bias, n, softmax)
+        p = p._replace(bias=call_bias)
+        if devices.is_gpu(kernels):
+            p = _resident_problem(p, kernels, resident, values is None, stored_bias)
         return lay, [((0, 0), p)]
 
     def _call_bias(self, bias, n, softmax):
-        """The kernels' bias for a call (cached for the stored bias)."""
+        """The kernels' bias for a call (cached for the stored bias), and the
+        name of its GPU copy when it is the stored bias (else None)."""
         unit = api.LOG2E if softmax else 1.0
         if bias is False:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), None
         if bias is not None:
-            return api.prepare_bias(bias, n, unit)
+            return api.prepare_bias(bias, n, unit), None
         with self._lock:
             if self._bias is None:
-                return np.zeros(0, np.float32)
+                return np.zeros(0, np.float32), None
             key = (n, unit)
             if key not in self._bias_cache:
                 self._bias_cache[key] = api.prepare_bias(self._bias[:n], n, unit)
-            return self._bias_cache[key]
+            return self._bias_cache[key], f"bias {unit}"
 
     def _exclusions(self, exclude, B, n):
         """Exclusion lists as sorted CSR row numbers."""
@@ -392,6 +411,25 @@ class Index:
             index._bias = validate.bias_vector(np.asarray(arrays["bias"]), n)
         index._n = n
         return index
+
+
+def _resident_problem(p, kernels, resident, keys_as_values, stored_bias):
+    """``p`` with the index's stored arrays replaced by GPU copies kept in
+    ``resident`` (made on first use; the dict is dropped when the index
+    changes, so a copy never outlives the contents it was made from)."""
+
+    def keep(name, a):
+        if name not in resident:
+            resident[name] = kernels.device_view(a)
+        return resident[name]
+
+    K = keep("keys", p.K)
+    kscale = keep("scales", p.kscale)
+    p = p._replace(K=K, kscale=kscale, V=K if keys_as_values else keep("values", p.V),
+                   vscale=kscale if keys_as_values else p.vscale)
+    if stored_bias is not None:
+        p = p._replace(bias=keep(stored_bias, p.bias))
+    return p
 
 
 def _scale(scale, temperature):

@@ -100,6 +100,49 @@ def test_index_compact_storage(rng, dtype):
                                attention_ref(Q, Kd, Kd, scale=1.0)[0], **TOL)
 
 
+def test_index_keeps_its_arrays_on_the_gpu(rng, monkeypatch):
+    """The stored keys, values and bias are copied to the device once, reused
+    by later calls, and dropped when the index changes or on release_device."""
+    from softretrieval import cli
+    from softretrieval import cuda as gpu
+
+    copied = []
+    real_view = gpu.device_view
+
+    def spy(a):
+        if isinstance(a, np.ndarray):
+            copied.append(a.shape)
+        return real_view(a)
+
+    monkeypatch.setattr(gpu, "device_view", spy)
+    K, V, Q = rng.standard_normal((30, 6)), rng.standard_normal((30, 2)), rng.standard_normal((5, 6))
+    bias = rng.standard_normal(30)
+    index = sr.Index(6, value_dim=2)
+    index.add(K, V, bias=bias)
+    for _ in range(2):
+        copied.clear()
+        out = index.retrieve(Q, device="cuda")
+        np.testing.assert_allclose(out, attention_ref(Q, K, V, scale=1.0, bias=bias)[0], **TOL)
+        np.testing.assert_array_equal(index.search(Q, 4, device="cuda")[1],
+                                      topk_ref(Q, K, 4, bias=bias)[1])
+    assert all(shape[0] != 30 for shape in copied), copied     # nothing catalog-sized moved
+    K2, V2 = rng.standard_normal((10, 6)), rng.standard_normal((10, 2))
+    index.add(K2, V2)
+    Kall, Vall, ball = np.vstack([K, K2]), np.vstack([V, V2]), np.concatenate([bias, np.zeros(10)])
+    np.testing.assert_allclose(index.retrieve(Q, device="cuda"),
+                               attention_ref(Q, Kall, Vall, scale=1.0, bias=ball)[0], **TOL)
+    index.bias = -ball
+    np.testing.assert_array_equal(index.search(Q, 4, device="cuda")[1],
+                                  topk_ref(Q, Kall, 4, bias=-ball)[1])
+    np.testing.assert_array_equal(index.search(Q, 4, bias=False, device="cuda")[1],
+                                  topk_ref(Q, Kall, 4)[1])
+    index.release_device()
+    copied.clear()
+    res = cli.score_batches(index, Q, "topk", 4, batch_size=2, progress=False, device="cuda")
+    assert (40, 6) in copied
+    np.testing.assert_array_equal(res["ids"], index.search(Q, 4)[1])
+
+
 def test_memory_and_auto_device(rng):
     mem = sr.KNNMemory(4, 3, capacity=20, heads=2)
     mem.write(rng.standard_normal((25, 2, 4)), rng.standard_normal((25, 2, 3)))
