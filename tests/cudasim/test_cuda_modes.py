@@ -227,3 +227,19 @@ def test_device_arrays_multi_head_and_sequences(rng, H, Hkv):
     r2 = sr.topk_attention(q[0], k[0], v[0], 4, causal=True)
     for got, ref in zip(r1, r2):
         np.testing.assert_allclose(got.copy_to_host(), ref, **TOL)
+
+
+def test_gpu_check_script_correctness_pass():
+    """scripts/gpu_check.py's correctness pass runs on tiny shapes and finds
+    every check within bounds, so a broken script shows before GPU time is spent."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    res = gpu_check.correctness(np.random.default_rng(0), gpu_check.TINY)
+    assert len(res) == 16 and gpu_check.failures(res) == []
+    assert gpu_check.failures({"soft": (0.1, 0.0), "topk ip: same ids": (0.0, 0.5),
+                               "causal": float("nan")}) == ["soft", "topk ip: same ids", "causal"]
