@@ -111,3 +111,18 @@ def test_device_argument_errors():
             call()
     assert devices.kernels("auto").__name__ == "softretrieval.cpu"
     np.testing.assert_allclose(sr.attention(Q, K, device="auto"), sr.attention(Q, K))
+
+
+def test_key_tiles_fit_shared_memory():
+    """Wide keys and values get tiles of fewer keys, so a block's tiles stay
+    within the 48 KiB of shared memory every GPU grants; too wide is an error."""
+    from softretrieval import config
+    from softretrieval import cuda as gpu
+
+    assert gpu.key_tile(128, 128) == config.CUDA_KEY_TILE == 32
+    assert gpu.key_tile(384, 384) == 15 and gpu.key_tile(384, 0) == 31
+    for d, vd in ((64, 64), (384, 384), (4096, 4096), (1, 12286)):
+        tile = gpu.key_tile(d, vd)
+        assert tile >= 1 and 4 * tile * (d + vd + 1) <= config.CUDA_SHARED_BYTES
+    with pytest.raises(ValueError, match="too wide for the CUDA kernels"):
+        gpu.key_tile(6144, 6144)

@@ -35,6 +35,11 @@ CUDA_QUERY_BLOCK = 64
 #: kernel's local logits array: each value gets its own compiled kernel).
 CUDA_KEY_TILE = 32
 
+#: CUDA: shared memory a block may use for its key and value tiles (the
+#: 48 KiB every GPU grants without opting in); wide keys and values get
+#: tiles of fewer keys.
+CUDA_SHARED_BYTES = 48 * 1024
+
 #: CUDA: key splits are added until the grid has about this many blocks
 #: (2 per SM of an H100/H200), so a single query still fills the GPU.
 CUDA_MIN_BLOCKS = 264

@@ -8,8 +8,9 @@ Work is a grid of ``(query blocks, key splits)``. A block of
 ``config.CUDA_QUERY_BLOCK`` threads holds one query row per thread: its
 online-softmax state ``(m, l)`` in registers, its accumulator row in a
 per-thread local array (sized at compile time) and its top-k in a buffer
-in global memory (:mod:`softretrieval.topk_buffer`, the CPU's source). Each key tile of ``config.CUDA_KEY_TILE`` keys is decoded by the whole block into
-shared memory (keys, values and, for l2/cosine, their squared norms); every
+in global memory (:mod:`softretrieval.topk_buffer`, the CPU's source). Each
+key tile (:func:`key_tile` keys) is decoded by the whole block into shared
+memory (keys, values and, for l2/cosine, their squared norms); every
 thread then writes its logits for the tile into a local array (per-key terms,
 bias, exclusions, key window), takes their max, and updates its state with
 ``core.rescale`` / ``core.exp2`` once per tile, as the CPU kernel does. Key
@@ -248,6 +249,19 @@ def merge_topk_kernel(tk_s, tk_i, tk_n, k, bs, bi, scores, ids, count):
     count[b] = n
 
 
+def key_tile(d, vd):
+    """Keys per shared-memory tile for keys of ``d`` and ``vd`` accumulated
+    value columns: ``config.CUDA_KEY_TILE``, fewer when a tile of keys,
+    values and norms would not fit ``config.CUDA_SHARED_BYTES``. Raises
+    ValueError when not even one key fits."""
+    per_key = 4 * (d + vd + 1)
+    if per_key > config.CUDA_SHARED_BYTES:
+        raise ValueError(f"keys of dimension {d} with {vd} value columns are too wide for the CUDA "
+                         f"kernels ({per_key} bytes of shared memory per key, "
+                         f"{config.CUDA_SHARED_BYTES} available); use device='cpu'")
+    return min(config.CUDA_KEY_TILE, config.CUDA_SHARED_BYTES // per_key)
+
+
 def plan(B, N):
     """``(nqb, nsplit, threads)``: query blocks of ``config.CUDA_QUERY_BLOCK``
     threads, and enough key splits that the grid holds about
@@ -280,7 +294,7 @@ def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_
     dv = V.shape[1] if dv is None else dv
     vd = dv if want_acc else 0
     nqb, nsplit, threads = plan(B, N)
-    tile = config.CUDA_KEY_TILE
+    tile = key_tile(d, vd)
     excl_off, excl_ids = (_NONE, _NONE) if exclude is None else exclude
     row_lo, row_hi = (_NONE, _NONE) if window is None else window
     to = device_view

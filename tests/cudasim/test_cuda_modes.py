@@ -243,3 +243,20 @@ def test_gpu_check_script_correctness_pass():
     assert len(res) == 16 and gpu_check.failures(res) == []
     assert gpu_check.failures({"soft": (0.1, 0.0), "topk ip: same ids": (0.0, 0.5),
                                "causal": float("nan")}) == ["soft", "topk ip: same ids", "causal"]
+
+
+def test_wide_rows_get_smaller_tiles(rng, monkeypatch):
+    """Tiles shrink to fit the shared memory (here to 3 keys, so N crosses
+    many uneven tiles) with the same results; rows too wide raise ValueError."""
+    from softretrieval import config
+
+    Q, K, V = rng.standard_normal((5, 7)), rng.standard_normal((23, 7)), rng.standard_normal((23, 4))
+    monkeypatch.setattr(config, "CUDA_SHARED_BYTES", 4 * (7 + 4 + 1) * 3 + 5)
+    out, lse = sr.attention(Q, K, V, return_lse=True, device="cuda")
+    ref_out, ref_lse = attention_ref(Q, K, V)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    np.testing.assert_allclose(lse, ref_lse, **TOL)
+    np.testing.assert_array_equal(sr.topk(Q, K, 5, device="cuda")[1], topk_ref(Q, K, 5)[1])
+    monkeypatch.setattr(config, "CUDA_SHARED_BYTES", 4 * (7 + 4))
+    with pytest.raises(ValueError, match="too wide"):
+        sr.attention(Q, K, V, device="cuda")
