@@ -6,7 +6,8 @@ CPU path, then speed against torch on the same GPU, with the GPU's limits.
 1. Correctness (moderate shapes): soft retrieval with lse, bias and
    exclusions; top-k (k = 10, 100, 1024) for ip/cosine/l2; top-k attention
    with coverage; grouped-query causal attention with a prefix, a window and
-   uneven lengths; each storage dtype of an Index; device arrays in place.
+   uneven lengths; each storage dtype of an Index; a KNNMemory read after
+   writes that wrap its ring; device arrays in place.
    Max errors against ``device="cpu"``.
 2. Speed (medians of 5 after a warm-up; ``--quick`` shrinks N): soft
    retrieval (N = 1M and 10M, d = 128, B = 1 and 1024) against torch SDPA in
@@ -82,6 +83,13 @@ def correctness(rng, size=MODERATE):
         res[f"Index {dtype} retrieve / search same ids"] = (
             max_err(index.retrieve(Q, device="cuda"), index.retrieve(Q)),
             float((index.search(Q, 10, device="cuda")[1] == index.search(Q, 10)[1]).mean()))
+    mem = sr.KNNMemory(dh, dh, capacity=S, heads=Hkv)
+    mem.write(kv[0], kv[0])
+    mem.read(q[0], k=size["k_att"], device="cuda")           # makes the device copy of the ring
+    mem.write(kv[1, : S // 2], kv[1, : S // 2])              # wraps around the ring
+    r1 = mem.read(q[0], k=size["k_att"], device="cuda")
+    r2 = mem.read(q[0], k=size["k_att"])
+    res["KNNMemory top-k read out / same ids"] = (max_err(r1.out, r2.out), float((r1.ids == r2.ids).mean()))
     dQ, dK, dV = cuda.to_device(Q), cuda.to_device(K), cuda.to_device(V)
     out, lse = sr.attention(dQ, dK, dV, return_lse=True, device="cuda")
     ref = sr.attention(Q, K, V, return_lse=True)

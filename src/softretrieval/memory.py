@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import api, persist, validate
+from . import api, devices, persist, validate
 
 FORMAT = "softretrieval.KNNMemory"
 FORMAT_VERSION = 2
@@ -55,6 +55,11 @@ class KNNMemory:
         engine's storage, not yet built).
     metric : "ip", "cosine" or "l2", as in :func:`softretrieval.attention`.
 
+    On the GPU (``read(..., device="cuda")``) the memory keeps a device copy
+    of its ring, made on the first such read and updated by every later
+    ``write`` (only the rows written move), so reads move only the queries
+    and results; :meth:`release_device` frees it.
+
     Thread safety: ``write``, ``read``, ``clear`` and ``save`` hold one lock,
     so a read sees the memory either before or after a concurrent write,
     never half of it; writes wait for a running read.
@@ -74,6 +79,7 @@ class KNNMemory:
         self._values = np.zeros((self.heads, self.capacity, self.value_dim), np.float32)
         self._size = 0
         self._next = 0
+        self._device = None      # (keys, values) (capacity, heads, dim) device arrays, or None
         self._lock = threading.RLock()
 
     def __len__(self):
@@ -116,6 +122,10 @@ class KNNMemory:
             for src, dst, width in ((n - keep, self._next, first), (n - keep + first, 0, keep - first)):
                 self._keys[:, dst:dst + width] = K[src:src + width].transpose(1, 0, 2)
                 self._values[:, dst:dst + width] = V[src:src + width].transpose(1, 0, 2)
+                if self._device is not None and width > 0:
+                    for dev, host in zip(self._device, (K, V)):
+                        dev[dst:dst + width].copy_to_device(
+                            np.ascontiguousarray(host[src:src + width], np.float32))
             slots[n - keep:] = pos
             self._next = int((self._next + keep) % self.capacity)
             self._size = min(self.capacity, self._size + keep)
@@ -155,21 +165,46 @@ class KNNMemory:
             if k > self.capacity:
                 raise ValueError(f"k = {k} is larger than the memory's capacity {self.capacity}")
         B, H = q.shape[:2]
+        kernels = devices.kernels(device)
         with self._lock:
             n = self._size
             if n == 0:
                 res = self._empty(B, H, k)
+            elif devices.is_gpu(kernels):
+                res = self._read_on_gpu(kernels, q, n, k, scale)
             elif k is None:
                 out, lse = api.attention(q, *self._live(n), scale=scale, metric=self.metric,
-                                         return_lse=True, device=device)
+                                         return_lse=True)
                 res = MemoryRead(out, lse)
             else:
-                r = api.topk_attention(q, *self._live(n), k=k, scale=scale, metric=self.metric,
-                                       device=device)
+                r = api.topk_attention(q, *self._live(n), k=k, scale=scale, metric=self.metric)
                 res = MemoryRead(r.out, r.lse, r.ids, r.coverage)
         if squeeze:
             res = MemoryRead(*(None if a is None else a[:, 0] for a in res))
         return res
+
+    def _read_on_gpu(self, kernels, q, n, k, scale):
+        """:meth:`read` on the device copy of the ring (made on first use);
+        host queries in, host results out."""
+        if self._device is None:
+            self._device = tuple(kernels.device_view(np.ascontiguousarray(a.transpose(1, 0, 2)))
+                                 for a in (self._keys, self._values))
+        dk, dv = (a[:n] for a in self._device)
+        q = validate.float_matrix(q, "queries", ndim=3)
+        validate.all_finite(q, "queries")
+        dq = kernels.device_view(np.ascontiguousarray(q, np.float32))
+        if k is None:
+            res = api.attention(dq, dk, dv, scale=scale, metric=self.metric, return_lse=True,
+                                device="cuda")
+        else:
+            r = api.topk_attention(dq, dk, dv, k=k, scale=scale, metric=self.metric, device="cuda")
+            res = (r.out, r.lse, r.ids, r.coverage)
+        return MemoryRead(*(a.copy_to_host() for a in res))
+
+    def release_device(self):
+        """Free the device copy of the ring (the next GPU read makes it again)."""
+        with self._lock:
+            self._device = None
 
     def _live(self, n):
         """Keys and values of the n live slots as (n, heads, dim) views."""

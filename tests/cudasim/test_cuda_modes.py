@@ -143,6 +143,39 @@ def test_index_keeps_its_arrays_on_the_gpu(rng, monkeypatch):
     np.testing.assert_array_equal(res["ids"], index.search(Q, 4)[1])
 
 
+def test_memory_keeps_its_ring_on_the_gpu(rng, monkeypatch):
+    """A GPU read copies the ring once; later writes move only their rows
+    (across the wrap-around too) and reads match the CPU's."""
+    from softretrieval import cuda as gpu
+
+    copied = []
+    real_view = gpu.device_view
+
+    def spy(a):
+        if isinstance(a, np.ndarray):
+            copied.append(a.shape)
+        return real_view(a)
+
+    monkeypatch.setattr(gpu, "device_view", spy)
+    mem = sr.KNNMemory(4, 3, capacity=20, heads=2)
+    q = rng.standard_normal((3, 4, 4))
+    mem.write(rng.standard_normal((7, 2, 4)), rng.standard_normal((7, 2, 3)))
+    for step in range(4):
+        copied.clear()
+        for k in (None, 5):
+            a, b = mem.read(q, k=k, device="cuda"), mem.read(q, k=k)
+            np.testing.assert_allclose(a.out, b.out, **TOL)
+            np.testing.assert_allclose(a.lse, b.lse, **TOL)
+            if k is not None:
+                np.testing.assert_array_equal(a.ids, b.ids)
+                np.testing.assert_allclose(a.coverage, b.coverage, **TOL)
+        assert ((20, 2, 4) in copied) == (step == 0), copied      # the ring moves once
+        mem.write(rng.standard_normal((6, 2, 4)), rng.standard_normal((6, 2, 3)))  # wraps at step 2
+    mem.release_device()
+    with pytest.raises(ValueError, match="queries"):
+        mem.read(np.full((1, 4, 4), np.nan), device="cuda")
+
+
 def test_memory_and_auto_device(rng):
     mem = sr.KNNMemory(4, 3, capacity=20, heads=2)
     mem.write(rng.standard_normal((25, 2, 4)), rng.standard_normal((25, 2, 3)))
@@ -240,7 +273,7 @@ def test_gpu_check_script_correctness_pass():
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     res = gpu_check.correctness(np.random.default_rng(0), gpu_check.TINY)
-    assert len(res) == 16 and gpu_check.failures(res) == []
+    assert len(res) == 17 and gpu_check.failures(res) == []
     assert gpu_check.failures({"soft": (0.1, 0.0), "topk ip: same ids": (0.0, 0.5),
                                "causal": float("nan")}) == ["soft", "topk ip: same ids", "causal"]
 
