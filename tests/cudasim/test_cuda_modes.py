@@ -100,21 +100,28 @@ def test_index_compact_storage(rng, dtype):
                                attention_ref(Q, Kd, Kd, scale=1.0)[0], **TOL)
 
 
-def test_index_keeps_its_arrays_on_the_gpu(rng, monkeypatch):
-    """The stored keys, values and bias are copied to the device once, reused
-    by later calls, and dropped when the index changes or on release_device."""
-    from softretrieval import cli
+@pytest.fixture
+def copied(monkeypatch):
+    """The shapes of the host arrays copied to the device, in order."""
     from softretrieval import cuda as gpu
 
-    copied = []
+    shapes = []
     real_view = gpu.device_view
 
     def spy(a):
         if isinstance(a, np.ndarray):
-            copied.append(a.shape)
+            shapes.append(a.shape)
         return real_view(a)
 
     monkeypatch.setattr(gpu, "device_view", spy)
+    return shapes
+
+
+def test_index_keeps_its_arrays_on_the_gpu(rng, copied):
+    """The stored keys, values and bias are copied to the device once, reused
+    by later calls, and dropped when the index changes or on release_device."""
+    from softretrieval import cli
+
     K, V, Q = rng.standard_normal((30, 6)), rng.standard_normal((30, 2)), rng.standard_normal((5, 6))
     bias = rng.standard_normal(30)
     index = sr.Index(6, value_dim=2)
@@ -143,20 +150,9 @@ def test_index_keeps_its_arrays_on_the_gpu(rng, monkeypatch):
     np.testing.assert_array_equal(res["ids"], index.search(Q, 4)[1])
 
 
-def test_memory_keeps_its_ring_on_the_gpu(rng, monkeypatch):
+def test_memory_keeps_its_ring_on_the_gpu(rng, copied):
     """A GPU read copies the ring once; later writes move only their rows
     (across the wrap-around too) and reads match the CPU's."""
-    from softretrieval import cuda as gpu
-
-    copied = []
-    real_view = gpu.device_view
-
-    def spy(a):
-        if isinstance(a, np.ndarray):
-            copied.append(a.shape)
-        return real_view(a)
-
-    monkeypatch.setattr(gpu, "device_view", spy)
     mem = sr.KNNMemory(4, 3, capacity=20, heads=2)
     q = rng.standard_normal((3, 4, 4))
     mem.write(rng.standard_normal((7, 2, 4)), rng.standard_normal((7, 2, 3)))
