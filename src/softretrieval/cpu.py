@@ -456,9 +456,8 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
     m, l (bq,), acc (bq, dv): online-softmax states, updated when
     ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
     tk_ts, tk_ti (bq,): top-k buffers and their thresholds, updated when
-    ``k > 0``. ptr, end (bq,): the
-    block's exclusion lists in ``excl_ids``. lo, hi (bq,) or (0,): each row's
-    key window. Returns the number of rows of score tiles that held a NaN or
+    ``k > 0``. ptr, end (bq,): the block's exclusion lists in ``excl_ids``.
+    lo, hi (bq,) or (0,): each row's key window. Returns the number of rows of score tiles that held a NaN or
     inf.
     """
     bq, d = Qb.shape
@@ -537,8 +536,8 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
     m, l (nsplit, B) and acc (nsplit, B, dv) float32 online-softmax states
     (acc only with ``want_acc``); tk_s (nsplit, B, cap) float32 logits and
     tk_i (nsplit, B, cap) int64 ids of top-k candidates (cap =
-    ``topk_buffer.capacity(k)``), tk_n (nsplit, B) their counts (with ``k > 0``); ``bad`` the number of score-tile rows that
-    held NaN or inf.
+    ``topk_buffer.capacity(k)``), tk_n (nsplit, B) their counts (with
+    ``k > 0``); ``bad`` the number of score-tile rows that held NaN or inf.
     """
     B = Q.shape[0]
     N = K.shape[0]
