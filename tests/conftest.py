@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -26,6 +27,26 @@ def small_tiles(monkeypatch):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def refuses_bad_meta():
+    """``check(load, path)``: ``load`` (Index.load, KNNMemory.load) refuses the
+    saved folder ``path`` when its meta.json names another format version or
+    is not JSON, and refuses a folder that does not exist."""
+
+    def check(load, path):
+        meta = json.loads((path / "meta.json").read_text())
+        (path / "meta.json").write_text(json.dumps(dict(meta, version=99)))
+        with pytest.raises(ValueError, match="version"):
+            load(path)
+        (path / "meta.json").write_text("{not json")
+        with pytest.raises(ValueError, match="damaged"):
+            load(path)
+        with pytest.raises(ValueError, match="no meta.json"):
+            load(path.parent / "missing")
+
+    return check
 
 
 @pytest.fixture(scope="session")

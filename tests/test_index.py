@@ -311,7 +311,7 @@ def test_save_load_and_mmap_round_trip(tmp_path, rng, dtype):
     assert len(back) == 73 and len(sr.Index.load(path)) == 70
 
 
-def test_damaged_index_is_refused(tmp_path, rng):
+def test_damaged_index_is_refused(tmp_path, rng, refuses_bad_meta):
     index = sr.Index(6, dtype="int8")
     index.add(rng.standard_normal((50, 6)))
     path = tmp_path / "idx"
@@ -331,14 +331,7 @@ def test_damaged_index_is_refused(tmp_path, rng):
     (path / "meta.json").write_text(json.dumps(dict(meta, ntotal=51)))
     with pytest.raises(ValueError, match="expected"):
         sr.Index.load(path)
-    (path / "meta.json").write_text(json.dumps(dict(meta, version=2)))
-    with pytest.raises(ValueError, match="version"):
-        sr.Index.load(path)
     (path / "meta.json").write_text(json.dumps(dict(meta, dtype="float64")))
     with pytest.raises(ValueError, match="dtype"):
         sr.Index.load(path)
-    (path / "meta.json").write_text("{")
-    with pytest.raises(ValueError, match="damaged"):
-        sr.Index.load(path)
-    with pytest.raises(ValueError, match="no meta.json"):
-        sr.Index.load(tmp_path / "missing")
+    refuses_bad_meta(sr.Index.load, path)
