@@ -49,6 +49,22 @@ def refuses_bad_meta():
     return check
 
 
+def saved_file(path, name):
+    """The file of array ``name`` in the saved folder ``path`` (from its meta.json)."""
+    meta = json.loads((path / "meta.json").read_text())
+    return path / meta["files"][name]["file"]
+
+
+def rewrite_meta(path, **fields):
+    """Change fields of a saved folder's meta.json and re-sign it, as a buggy
+    writer would: only the cross-checks of the arrays can catch it."""
+    from softretrieval.persist import meta_checksum
+
+    meta = dict(json.loads((path / "meta.json").read_text()), **fields)
+    meta["checksum"] = meta_checksum(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """The shipped real MiniLM embeddings: base (7942, 384), queries (1000, 384), gt ids."""

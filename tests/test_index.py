@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import softretrieval as sr
+from conftest import rewrite_meta, saved_file
 from softretrieval import storage
 
 from reference import exclusion_mask, scores_ref, topk_attention_ref, topk_ref
@@ -316,22 +317,28 @@ def test_damaged_index_is_refused(tmp_path, rng, refuses_bad_meta):
     index.add(rng.standard_normal((50, 6)))
     path = tmp_path / "idx"
     index.save(path)
-    keys = (path / "keys.npy").read_bytes()
-    (path / "keys.npy").write_bytes(keys[:-5])
+    file = saved_file(path, "keys")
+    keys = file.read_bytes()
+    file.write_bytes(keys[:-5])
     with pytest.raises(ValueError, match="checksum"):
         sr.Index.load(path)
-    with pytest.raises(ValueError, match="keys.npy"):
+    with pytest.raises(ValueError, match=r"keys\."):
         sr.Index.load(path, verify=False)
-    (path / "keys.npy").write_bytes(keys)
-    (path / "scales.npy").unlink()
-    with pytest.raises(ValueError, match="scales.npy is missing"):
+    file.write_bytes(keys)
+    saved_file(path, "scales").unlink()
+    with pytest.raises(ValueError, match=r"scales\.[0-9a-f]+\.npy is missing"):
         sr.Index.load(path)
     index.save(path)
     meta = json.loads((path / "meta.json").read_text())
-    (path / "meta.json").write_text(json.dumps(dict(meta, ntotal=51)))
+    for edit in ({"ntotal": 51}, {"metric": "l2"}, {"dtype": "float16"}):
+        (path / "meta.json").write_text(json.dumps(dict(meta, **edit)))
+        with pytest.raises(ValueError, match="edited"):
+            sr.Index.load(path, verify=False)
+    (path / "meta.json").write_text(json.dumps(meta))
+    rewrite_meta(path, ntotal=51)
     with pytest.raises(ValueError, match="expected"):
         sr.Index.load(path)
-    (path / "meta.json").write_text(json.dumps(dict(meta, dtype="float64")))
+    rewrite_meta(path, ntotal=50, dtype="float64")
     with pytest.raises(ValueError, match="dtype"):
         sr.Index.load(path)
     refuses_bad_meta(sr.Index.load, path)

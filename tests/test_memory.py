@@ -1,5 +1,6 @@
 """KNNMemory and memory_attention against float64 references."""
 
+import json
 import os
 import threading
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import softretrieval as sr
+from conftest import saved_file
 
 from reference import attention_ref, sequence_attention_ref, topk_attention_ref
 
@@ -133,14 +135,21 @@ def test_damaged_or_truncated_memory_is_refused(tmp_path, rng, refuses_bad_meta)
     mem.write(rng.standard_normal((5, 4)), rng.standard_normal((5, 2)))
     path = tmp_path / "mem"
     mem.save(path)
-    keys = (path / "keys.npy").read_bytes()
-    (path / "keys.npy").write_bytes(keys[:-7])
-    with pytest.raises(ValueError, match="keys.npy"):
+    file = saved_file(path, "keys")
+    keys = file.read_bytes()
+    file.write_bytes(keys[:-7])
+    with pytest.raises(ValueError, match=r"keys\."):
         sr.KNNMemory.load(path)
-    (path / "keys.npy").write_bytes(keys[:-1] + bytes([keys[-1] ^ 1]))
+    file.write_bytes(keys[:-1] + bytes([keys[-1] ^ 1]))
     with pytest.raises(ValueError, match="checksum"):
         sr.KNNMemory.load(path)
-    (path / "keys.npy").write_bytes(keys)
+    file.write_bytes(keys)
+    meta = json.loads((path / "meta.json").read_text())
+    for edit in ({"size": 8}, {"next": 0}, {"metric": "l2"}):   # every field is checksummed
+        (path / "meta.json").write_text(json.dumps(dict(meta, **edit)))
+        with pytest.raises(ValueError, match="edited"):
+            sr.KNNMemory.load(path)
+    (path / "meta.json").write_text(json.dumps(meta))
     refuses_bad_meta(sr.KNNMemory.load, path)
 
 

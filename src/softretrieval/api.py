@@ -113,7 +113,8 @@ def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, excl
                   lens, softmax):
     """Yield the problems one at a time. A KV head of a multi-head array is
     read in place: either it is contiguous itself, or the kernels take the
-    whole (S, Hkv * d) block and the head's column offset."""
+    whole (S, Hkv * d) block and the head's column offset. For "l2", keys far
+    from the origin are centred (:func:`far_center`) on a copy."""
     G = lay.group
     for b in range(lay.batch):
         rows = layout.row_windows(lay, causal, window, lens, b)
@@ -121,6 +122,12 @@ def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, excl
             Q = q4[b, :, g * G:(g + 1) * G].reshape(lay.T * G, lay.d)
             K, kcol = _head(k4, b, g)
             V, vcol = _head(v4, b, g) if values_given else (K, kcol)
+            if metric == "l2":
+                step = max(1, K.shape[0] // FAR_SAMPLE)
+                center = far_center(K[::step, kcol:kcol + lay.d])
+                if center is not None:
+                    Q = (Q - center).astype(np.float32)
+                    K, kcol = (K[:, kcol:kcol + lay.d] - center).astype(np.float32), 0
             yield (b, g), problem_terms(Q, K, V, values_given, metric=metric, scale=scale,
                                         bias=bias_of(g), exclude=exclude, window=rows,
                                         softmax=softmax, kcol=kcol, vcol=vcol, dv=lay.dv)
@@ -144,6 +151,33 @@ def _fill(dest, lay, b, g, rows):
     dest[b, :, g * G:(g + 1) * G] = rows.reshape((lay.T, G) + rows.shape[1:])
 
 
+#: Rows of the keys sampled to decide whether "l2" data are far from the origin.
+FAR_SAMPLE = 256
+#: "l2" rows whose mean's squared norm exceeds this many times their mean
+#: squared distance from the mean count as far from the origin.
+FAR_RATIO = 16.0
+
+
+def far_center(rows):
+    """For "l2": the mean of ``rows`` (n, d) as (d,) float32 when the rows lie
+    far from the origin compared with their spread, else None.
+
+    Squared distances are computed as ``|q|^2 - 2 q.k + |k|^2`` (so that the
+    dot products run on BLAS); in float32 this cancels when every point
+    shares a large offset (e.g. coordinates around 3000: no correct digit
+    left). Distances do not change when queries and keys are shifted by the
+    same point, so such data are shifted by their mean first.
+    """
+    X = np.asarray(rows, np.float64)
+    if X.shape[0] == 0:
+        return None
+    mean = X.mean(axis=0)
+    spread = ((X - mean) ** 2).sum(axis=1).mean()
+    if (mean ** 2).sum() <= FAR_RATIO * spread:
+        return None
+    return mean.astype(np.float32)
+
+
 def prepare_bias(bias, n, unit):
     """Bias in logit units as float32 (n,), excluded keys at MASKED; (0,) for none."""
     b = validate.bias_vector(bias, n)
@@ -164,14 +198,20 @@ def _run(p, kernels, **mode):
                   key_coef=p.key_coef, exclude=p.exclude, window=p.window, **mode)
     out = res.get("out")
     if res["bad"] or (out is not None and not np.isfinite(out).all()):
-        if isinstance(p.K, np.ndarray):      # (an Index's GPU copies were checked when added)
-            validate.all_finite(p.K, "keys")
-        if p.values_given and isinstance(p.V, np.ndarray):
-            validate.all_finite(p.V, "values")
-        raise ValueError(
-            "non-finite result: the logits (scale * q.k + bias) or the weighted sum of "
-            "values overflow float32; reduce scale or the norms of keys/values")
+        _refuse_non_finite(p)
     return res
+
+
+def _refuse_non_finite(p):
+    """Raise the ValueError behind a non-finite result: NaN/inf in the keys
+    or values (named), or else float32 overflow."""
+    if isinstance(p.K, np.ndarray):      # (an Index's GPU copies were checked when added)
+        validate.all_finite(p.K, "keys")
+    if p.values_given and isinstance(p.V, np.ndarray):
+        validate.all_finite(p.V, "values")
+    raise ValueError(
+        "non-finite result: the logits (scale * q.k + bias) or the weighted sum of "
+        "values overflow float32; reduce scale or the norms of keys/values")
 
 
 def _with_row_const(lse, row_const):
@@ -200,6 +240,12 @@ _SHAPES = """
     every window of a query block are skipped; only tiles crossing a window
     edge are masked.
 """
+
+
+def _with_shapes(f):
+    """Append the shapes section to ``f``'s docstring (absent under ``python -OO``)."""
+    if f.__doc__ is not None:
+        f.__doc__ += _SHAPES
 
 
 def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
@@ -254,7 +300,7 @@ def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
     return solve_attention(lay, problems, return_lse, device)
 
 
-attention.__doc__ += _SHAPES
+_with_shapes(attention)
 
 
 def solve_attention(lay, problems, return_lse, device="cpu"):
@@ -337,12 +383,13 @@ def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False
     return solve_topk(lay, problems, k, metric, device)
 
 
-topk.__doc__ += _SHAPES
+_with_shapes(topk)
 
 
 def solve_topk(lay, problems, k, metric, device="cpu"):
     """Top-k of validated problems (see :func:`_problems`)."""
     kernels = devices.kernels(device)
+    validate.results_fit(lay.batch * lay.T * lay.H, k, 12, lay.S)
     pad = np.inf if metric == "l2" else -np.inf
     scores = np.full((lay.batch, lay.T, lay.H, k), pad, np.float32)
     ids = np.full((lay.batch, lay.T, lay.H, k), -1, np.int64)
@@ -386,7 +433,7 @@ def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, m
     return solve_topk_attention(lay, problems, k, device)
 
 
-topk_attention.__doc__ += _SHAPES
+_with_shapes(topk_attention)
 
 
 def solve_topk_attention(lay, problems, k, device="cpu"):
@@ -394,7 +441,7 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
     from . import cpu
 
     kernels = devices.kernels(device)
-
+    validate.results_fit(lay.batch * lay.T * lay.H, k, 12, lay.S)
     lead = (lay.batch, lay.T, lay.H)
     out = np.zeros(lead + (lay.dv,), np.float32)
     ids = np.full(lead + (k,), -1, np.int64)
@@ -410,7 +457,10 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
         total = w.sum(axis=1)
         wn = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
         wn = wn.astype(np.float32)
-        _fill(out, lay, b, g, cpu.gather_weighted(p.V, p.vscale, p.vcol, p.dv, top_ids, wn))
+        rows = cpu.gather_weighted(p.V, p.vscale, p.vcol, p.dv, top_ids, wn)
+        if not np.isfinite(rows).all():
+            _refuse_non_finite(p)
+        _fill(out, lay, b, g, rows)
         with np.errstate(divide="ignore", invalid="ignore"):
             lse_top = (top + np.log2(total)) * LN2   # float64, like the kernel's lse
             cov = np.where(count > 0, np.minimum(np.exp(lse_top - res["lse"]), 1.0), 0.0)
@@ -441,8 +491,9 @@ def merge(outs, lses):
     use for key splits: ``lse = log sum_p exp(lse_p)``,
     ``out = sum_p exp(lse_p - lse) * out_p``.
     """
-    O = validate.float_matrix(outs, "outs", ndim=np.ndim(outs))
-    L = np.asarray(lses)
+    outs = validate.as_array(outs, "outs")
+    O = validate.float_matrix(outs, "outs", ndim=outs.ndim)
+    L = validate.as_array(lses, "lses")
     if L.dtype.kind != "f":
         raise TypeError(f"lses must be a floating-point array, got dtype {L.dtype}")
     if O.ndim < 2 or O.shape[0] == 0:

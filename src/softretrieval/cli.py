@@ -170,12 +170,14 @@ def _validate(args):
 def _info(args):
     import json
 
-    from .index import FORMAT, FORMAT_VERSION
+    from .index import FORMAT, FORMAT_VERSION, LEGACY_VERSIONS
     from .persist import load_folder
 
-    meta, arrays = load_folder(args.index, FORMAT, FORMAT_VERSION, mmap=True, verify=not args.fast)
-    size = sum(os.path.getsize(os.path.join(args.index, f"{n}.npy")) for n in arrays)
-    fields = {k: v for k, v in meta.items() if k != "files"}
+    meta, arrays = load_folder(args.index, FORMAT, FORMAT_VERSION, mmap=True, verify=not args.fast,
+                               legacy=LEGACY_VERSIONS)
+    size = sum(os.path.getsize(os.path.join(args.index, info.get("file", f"{n}.npy")))
+               for n, info in meta["files"].items())
+    fields = {k: v for k, v in meta.items() if k not in ("files", "checksum")}
     fields["files"] = {n: f"{a.dtype} {list(a.shape)}" for n, a in arrays.items()}
     fields["bytes"] = size
     fields["checksums"] = "skipped" if args.fast else "ok"

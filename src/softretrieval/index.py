@@ -8,30 +8,36 @@ attention (:meth:`Index.retrieve_topk`) and the full-catalog log-partition
 (:meth:`Index.logsumexp`). Its arrays are read by the kernels in place.
 
 On-disk format (:meth:`Index.save`, :meth:`Index.load`; see
-:mod:`softretrieval.persist`), a folder of:
+:mod:`softretrieval.persist`), a folder of one ``.npy`` file per array
+(named ``<array>.<generation>.npy``):
 
-* ``keys.npy``: (N, dim) in the storage dtype (float32, float16, uint16 bit
+* ``keys``: (N, dim) in the storage dtype (float32, float16, uint16 bit
   patterns for bfloat16, int8);
-* ``scales.npy``: (N,) float32 row scales (int8 only);
-* ``values.npy``: (N, value_dim) float32 (when the index has values);
-* ``ids.npy``: (N,) int64 external ids (when given);
-* ``bias.npy``: (N,) float64 per-item bias (when set);
+* ``scales``: (N,) float32 row scales (int8 only);
+* ``values``: (N, value_dim) float32 (when the index has values);
+* ``ids``: (N,) int64 external ids (when given);
+* ``bias``: (N,) float64 per-item bias (when set);
+* ``center``: (dim,) float32, the point l2 keys are stored relative to (when
+  set, see :class:`Index`);
 * ``meta.json``: format ``"softretrieval.Index"``, version, ``dim``,
-  ``metric``, ``dtype``, ``value_dim``, ``ntotal`` and each file's dtype,
-  shape and SHA-256.
+  ``metric``, ``dtype``, ``value_dim``, ``ntotal``, each file's name, dtype,
+  shape and SHA-256, and the checksum of meta.json itself.
 """
 
 import math
 import numbers
 import os
 import threading
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import api, devices, layout, persist, storage, validate
 
 FORMAT = "softretrieval.Index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Older versions :meth:`Index.load` still reads (no meta.json checksum).
+LEGACY_VERSIONS = (1,)
 
 
 class Index:
@@ -57,8 +63,18 @@ class Index:
     ``exclude`` lists hold external ids when the index has them (ids not in
     the index are ignored), else row numbers in ``[0, N)``.
 
+    ``metric="l2"`` on data far from the origin: squared distances are
+    computed as ``|q|^2 - 2 q.k + |k|^2`` in float32 (the BLAS path), which
+    cancels when the data share a large offset. So when the first add's
+    keys lie far from the origin compared with their spread, the index keeps
+    their mean as ``center`` and stores and searches ``keys - center`` and
+    ``queries - center`` (distances are unchanged by the shift); ``keys()``
+    and keys returned as values add it back.
+
     Searches may run while another thread adds: each sees the items present
-    when it started. Every query method takes ``device="cpu" | "cuda" |
+    when it started (ids, exclusions and stored arrays of one snapshot).
+    An index pickles (its arrays are copied into the pickle; GPU copies are
+    not), e.g. to send it to worker processes. Every query method takes ``device="cpu" | "cuda" |
     "auto"`` (see :func:`softretrieval.attention`). On the GPU the stored
     arrays are copied to device memory on the first call and kept there
     (their memory is freed when the index changes, or by
@@ -79,10 +95,26 @@ class Index:
         self._ids = None
         self._id_order = None
         self._bias = None
+        self._center = None       # (dim,) float32 for l2 data far from the origin
         self._bias_cache = {}
         self._resident = {}       # GPU copies of the stored arrays (device="cuda")
         self._lock = threading.RLock()
 
+    def __getstate__(self):
+        with self._lock:
+            state = dict(self.__dict__)
+            n = self._n
+            for name in ("_data", "_scales", "_values", "_ids", "_bias"):
+                a = state[name]
+                if a is not None and (name != "_scales" or self.dtype == "int8"):
+                    state[name] = np.array(a[:n])
+        del state["_lock"]
+        state.update(_bias_cache={}, _resident={}, _id_order=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
     # ------------------------------------------------------------------ contents
 
     @property
@@ -120,9 +152,19 @@ class Index:
             self._bias_cache = {}
             self._resident = {}
 
+    @property
+    def center(self):
+        """(dim,) float32 point the l2 keys are stored relative to, or None
+        (see the class docstring)."""
+        return self._center
+
     def keys(self):
-        """The stored keys decoded to float32 (N, dim), as the kernels see them."""
-        return storage.decode_rows(self._data[: self._n], self.dtype, self._scales[: self._n])
+        """The stored keys decoded to float32 (N, dim), as the kernels see them
+        (plus ``center`` when set)."""
+        with self._lock:
+            n = self._n
+            rows = storage.decode_rows(self._data[:n], self.dtype, self._scales[:n])
+        return rows if self._center is None else rows + self._center
 
     def add(self, keys, values=None, ids=None, bias=None):
         """Append items.
@@ -133,9 +175,10 @@ class Index:
         (n, value_dim) when the index has values; ids (n,) non-negative
         integers, unique in the index, given on every add or on none; bias
         (n,) per-item bias (items added without one get 0 once any is set).
-        Nothing is added when an argument is refused.
+        Nothing is added when an argument is refused; an add of 0 rows
+        changes nothing (it does not decide whether the index has ids).
         """
-        K = np.asarray(keys)
+        K = validate.as_array(keys, "keys")
         if K.dtype.kind != "f":
             raise TypeError(f"keys must be a floating-point array, got dtype {K.dtype}")
         if K.ndim != 2 or K.shape[1] != self.dim:
@@ -144,10 +187,21 @@ class Index:
         V = self._check_values(values, n)
         new_ids = self._check_ids(ids, n)
         b = None if bias is None else validate.bias_vector(bias, n)
+        if n == 0:
+            return
         with self._lock:
+            if (new_ids is None) != (self._ids is None) and self._n > 0:
+                raise ValueError("ids must be given on every add or on none "
+                                 f"(this index has {'ids' if self._ids is not None else 'no ids'})")
+            if new_ids is not None and self._n and np.isin(new_ids, self.ids).any():
+                raise ValueError("ids already in the index")
+            center = self._center
+            if self._n == 0 and self.metric == "l2":
+                center = api.far_center(K[: storage.ENCODE_CHUNK])
             self._reserve(self._n + n)
             lo, hi = self._n, self._n + n
-            storage.encode_rows(K, self.dtype, self._data[lo:hi], self._scales[lo:hi])
+            storage.encode_rows(K, self.dtype, self._data[lo:hi], self._scales[lo:hi], center)
+            self._center = center
             if V is not None:
                 self._values[lo:hi] = V
             if new_ids is not None:
@@ -177,12 +231,12 @@ class Index:
         return V
 
     def _check_ids(self, ids, n):
-        if (ids is None) != (self._ids is None) and self._n > 0:
-            raise ValueError("ids must be given on every add or on none "
-                             f"(this index has {'ids' if self._ids is not None else 'no ids'})")
+        """ids as (n,) int64, checked on their own (against the index: in add)."""
         if ids is None:
             return None
-        arr = np.asarray(ids)
+        arr = validate.as_array(ids, "ids")
+        if n == 0 and arr.shape == (0,):
+            return arr.astype(np.int64)
         if arr.dtype.kind not in "iu" or arr.shape != (n,):
             raise TypeError(f"ids must be a ({n},) integer array, got {arr.dtype} {arr.shape}")
         arr = arr.astype(np.int64)
@@ -190,8 +244,6 @@ class Index:
             raise ValueError("ids must be >= 0 (-1 marks a missing result)")
         if np.unique(arr).size != n:
             raise ValueError("ids must be unique")
-        if self._n and np.isin(arr, self.ids).any():
-            raise ValueError("ids already in the index")
         return arr
 
     def _reserve(self, total):
@@ -224,10 +276,10 @@ class Index:
         the conventions of :func:`softretrieval.topk` (ids are external ids
         when the index has them; -1 pads)."""
         k = validate.positive_int(k, "k")
-        lay, problems = self._problems(queries, softmax=False, scale=None, bias=bias,
-                                       exclude=exclude, device=device)
+        snap, lay, problems = self._problems(queries, softmax=False, scale=None, bias=bias,
+                                             exclude=exclude, device=device)
         scores, rows = api.solve_topk(lay, problems, k, self.metric, device)
-        return scores, self._external(rows)
+        return scores, snap.external(rows)
 
     def retrieve(self, queries, *, scale=None, temperature=None, bias=None, exclude=None,
                  return_lse=False, device="cpu"):
@@ -237,26 +289,30 @@ class Index:
         sum of values (of keys without values) — and, with ``return_lse``,
         ``lse`` (B,) float32, as :func:`softretrieval.attention`.
         """
-        lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
-                                       bias=bias, exclude=exclude, device=device)
-        return api.solve_attention(lay, problems, return_lse, device)
+        snap, lay, problems = self._problems(queries, softmax=True,
+                                             scale=_scale(scale, temperature), bias=bias,
+                                             exclude=exclude, device=device)
+        out, lse = api.solve_attention(lay, problems, True, device)
+        out = snap.uncenter(out, np.isfinite(lse))
+        return (out, lse) if return_lse else out
 
     def retrieve_topk(self, queries, k, *, scale=None, temperature=None, bias=None, exclude=None,
                       device="cpu"):
         """Top-k attention in one pass: a :class:`softretrieval.TopKAttention`
         (out, ids, weights, full-catalog lse, coverage); ids as in :meth:`search`."""
         k = validate.positive_int(k, "k")
-        lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
-                                       bias=bias, exclude=exclude, device=device)
+        snap, lay, problems = self._problems(queries, softmax=True,
+                                             scale=_scale(scale, temperature), bias=bias,
+                                             exclude=exclude, device=device, values_on_host=True)
         res = api.solve_topk_attention(lay, problems, k, device)
-        return res._replace(ids=self._external(res.ids))
+        return res._replace(ids=snap.external(res.ids), out=snap.uncenter(res.out, res.ids[:, 0] >= 0))
 
     def logsumexp(self, queries, *, scale=None, temperature=None, bias=None, exclude=None,
                   device="cpu"):
         """``log sum_n exp(logit(q, k_n) + bias_n)`` over the whole catalog,
         (B,) float32: the normalizer of an exact full-softmax loss."""
-        lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
-                                       bias=bias, exclude=exclude, device=device)
+        _, lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
+                                          bias=bias, exclude=exclude, device=device)
         return api.solve_logsumexp(lay, problems, device)
 
     def release_device(self):
@@ -265,38 +321,48 @@ class Index:
         with self._lock:
             self._resident = {}
 
-    def _stored(self):
-        """A consistent snapshot: ``(n, keys Stored, values array or None,
-        the dict of GPU copies that belongs to this snapshot)``."""
+    def _snapshot(self):
+        """What one query call sees, taken under the lock: a :class:`_Snapshot`."""
         with self._lock:
             n = self._n
             if n == 0:
                 raise ValueError("the index is empty: add items before searching")
-            keys = storage.stored(self._data[:n], self.dtype, self._scales[:n])
-            values = None if self._values is None else self._values[:n]
-            return n, keys, values, self._resident
+            if self._ids is not None and (self._id_order is None or self._id_order.shape[0] != n):
+                self._id_order = np.argsort(self._ids[:n], kind="stable")
+            return _Snapshot(
+                n, storage.stored(self._data[:n], self.dtype, self._scales[:n]),
+                None if self._values is None else self._values[:n],
+                None if self._ids is None else self._ids[:n],
+                None if self._ids is None else self._id_order, self._center,
+                self.value_dim is None, self._resident)
 
-    def _problems(self, queries, *, softmax, scale, bias, exclude, device):
-        """The call as one kernel problem on the stored arrays (on the GPU,
-        their resident copies)."""
+    def _problems(self, queries, *, softmax, scale, bias, exclude, device, values_on_host=False):
+        """The call as one kernel problem on a snapshot of the stored arrays
+        (on the GPU, their resident copies; the values stay on the host with
+        ``values_on_host``, where top-k attention gathers them). Returns
+        ``(snapshot, layout, problems)``."""
         kernels = devices.kernels(device)
-        n, keys, values, resident = self._stored()
+        snap = self._snapshot()
+        n, keys, values = snap.n, snap.keys, snap.values
         Q = validate.float_matrix(queries, "queries")
         if Q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {Q.shape[1]} but the index has {self.dim}")
         validate.all_finite(Q, "queries")
+        if snap.center is not None:
+            Q = (Q - snap.center).astype(np.float32)
         B = Q.shape[0]
         dv = self.dim if values is None else self.value_dim
-        lay = layout.Layout(2, 1, B, 1, n, 1, self.dim, dv)
+        lay = layout.Layout(ndim=2, batch=1, T=B, H=1, S=n, Hkv=1, d=self.dim, dv=dv)
         V, vscale = (keys.data, keys.scale) if values is None else (values, keys.scale[:0])
         p = api.problem_terms(Q, keys.data, V, values is not None, metric=self.metric, scale=scale,
-                       bias=None, exclude=self._exclusions(exclude, B, n), window=None,
-                       softmax=softmax, kcol=0, vcol=0, dv=dv, scales=(keys.scale, vscale))
+                              bias=None, exclude=snap.exclusions(exclude, B), window=None,
+                              softmax=softmax, kcol=0, vcol=0, dv=dv, scales=(keys.scale, vscale))
         call_bias, stored_bias = self._call_bias(bias, n, softmax)
         p = p._replace(bias=call_bias)
         if devices.is_gpu(kernels):
-            p = _resident_problem(p, kernels, resident, values is None, stored_bias)
-        return lay, [((0, 0), p)]
+            p = _resident_problem(p, kernels, snap.resident, values is None, stored_bias,
+                                  values_on_host)
+        return snap, lay, [((0, 0), p)]
 
     def _call_bias(self, bias, n, softmax):
         """The kernels' bias for a call (cached for the stored bias), and the
@@ -314,35 +380,6 @@ class Index:
                 self._bias_cache[key] = api.prepare_bias(self._bias[:n], n, unit)
             return self._bias_cache[key], f"bias {unit}"
 
-    def _exclusions(self, exclude, B, n):
-        """Exclusion lists as sorted CSR row numbers."""
-        if exclude is None:
-            return None
-        ids = self.ids
-        if ids is None:
-            return validate.exclusion_lists(exclude, B, n)
-        offsets, ext = validate.exclusion_lists(exclude, B, np.iinfo(np.int64).max)
-        with self._lock:
-            if self._id_order is None or self._id_order.shape[0] != n:
-                self._id_order = np.argsort(ids, kind="stable")
-            order = self._id_order
-        sorted_ids = ids[order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ext), n - 1)
-        found = sorted_ids[pos] == ext
-        row_of = np.repeat(np.arange(B), np.diff(offsets))[found]
-        rows = order[pos[found]]
-        keep = np.lexsort((rows, row_of))
-        new_off = np.zeros(B + 1, np.int64)
-        np.cumsum(np.bincount(row_of, minlength=B), out=new_off[1:])
-        return new_off, rows[keep].astype(np.int64)
-
-    def _external(self, rows):
-        """Row numbers (-1 for none) as external ids."""
-        ids = self.ids
-        if ids is None:
-            return rows
-        return np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
-
     # ------------------------------------------------------------------ files
 
     def save(self, path):
@@ -358,6 +395,8 @@ class Index:
                 arrays["ids"] = self._ids[:n]
             if self._bias is not None:
                 arrays["bias"] = self._bias[:n]
+            if self._center is not None:
+                arrays["center"] = self._center
             fields = {"dim": self.dim, "metric": self.metric, "dtype": self.dtype,
                       "value_dim": self.value_dim, "ntotal": n}
             persist.save_folder(path, FORMAT, FORMAT_VERSION, arrays, fields)
@@ -366,13 +405,16 @@ class Index:
     def load(cls, path, mmap=False, verify=True):
         """Read an index written by :meth:`save`.
 
-        ``mmap=True`` memory-maps the arrays (copy-on-write: never written
-        back), so a catalog larger than RAM streams from disk through the
-        same kernels. ``verify`` checks every file's SHA-256 (one read of the
-        files). A damaged, truncated or inconsistent index raises ValueError.
+        ``mmap=True`` memory-maps the arrays, so a catalog larger than RAM
+        streams from disk through the same kernels (the files must not change
+        while mapped: see docs/guarantees.md). ``verify`` checks every file's
+        SHA-256 (one read of the files; meta.json's own checksum is always
+        checked). A damaged, truncated, edited or inconsistent index raises
+        ValueError.
         """
         path = os.fspath(path)
-        meta, arrays = persist.load_folder(path, FORMAT, FORMAT_VERSION, mmap=mmap, verify=verify)
+        meta, arrays = persist.load_folder(path, FORMAT, FORMAT_VERSION, mmap=mmap, verify=verify,
+                                           legacy=LEGACY_VERSIONS)
         value_dim = meta.get("value_dim")
         try:
             index = cls(persist.field(meta, path, "dim", int),
@@ -387,18 +429,19 @@ class Index:
             expect["scales"] = ((n,), np.dtype(np.float32))
         if value_dim is not None:
             expect["values"] = ((n, value_dim), np.dtype(np.float32))
-        optional = {"ids": ((n,), np.dtype(np.int64)), "bias": ((n,), np.dtype(np.float64))}
+        optional = {"ids": ((n,), np.dtype(np.int64)), "bias": ((n,), np.dtype(np.float64)),
+                    "center": ((index.dim,), np.dtype(np.float32))}
         for name, arr in arrays.items():
             if name not in expect and name not in optional:
-                raise ValueError(f"{path}: unexpected file {name}.npy")
+                raise ValueError(f"{path}: unexpected array {name!r}")
         for name, (shape, dtype) in {**expect, **optional}.items():
             arr = arrays.get(name)
             if arr is None:
                 if name in expect:
-                    raise ValueError(f"{path}: {name}.npy is missing")
+                    raise ValueError(f"{path}: array {name!r} is missing")
                 continue
             if arr.shape != shape or arr.dtype != dtype:
-                raise ValueError(f"{path}: {name}.npy holds {arr.dtype} {arr.shape}, "
+                raise ValueError(f"{path}: {name} holds {arr.dtype} {arr.shape}, "
                                  f"expected {dtype} {shape}")
         index._data = np.asarray(arrays["keys"])
         if "scales" in arrays:
@@ -409,14 +452,62 @@ class Index:
             index._ids = np.asarray(arrays["ids"])
         if "bias" in arrays:
             index._bias = validate.bias_vector(np.asarray(arrays["bias"]), n)
+        if "center" in arrays:
+            index._center = np.array(arrays["center"])
         index._n = n
         return index
 
 
-def _resident_problem(p, kernels, resident, keys_as_values, stored_bias):
+class _Snapshot(NamedTuple):
+    """The index as one query call sees it (arrays are views of the first n rows)."""
+
+    n: int
+    keys: storage.Stored
+    values: Optional[np.ndarray]
+    ids: Optional[np.ndarray]        # (n,) int64 external ids, or None
+    id_order: Optional[np.ndarray]   # argsort of ids
+    center: Optional[np.ndarray]     # (dim,) float32, or None
+    keys_as_values: bool
+    resident: dict                   # GPU copies that belong to these contents
+
+    def exclusions(self, exclude, B):
+        """Exclusion lists (external ids, or row numbers without ids) as
+        sorted CSR row numbers; ids not in the snapshot are ignored."""
+        if exclude is None:
+            return None
+        if self.ids is None:
+            return validate.exclusion_lists(exclude, B, self.n)
+        offsets, ext = validate.exclusion_lists(exclude, B, None)
+        sorted_ids = self.ids[self.id_order]
+        pos = np.minimum(np.searchsorted(sorted_ids, ext), self.n - 1)
+        found = sorted_ids[pos] == ext
+        row_of = np.repeat(np.arange(B), np.diff(offsets))[found]
+        rows = self.id_order[pos[found]]
+        keep = np.lexsort((rows, row_of))
+        new_off = np.zeros(B + 1, np.int64)
+        np.cumsum(np.bincount(row_of, minlength=B), out=new_off[1:])
+        return new_off, rows[keep].astype(np.int64)
+
+    def external(self, rows):
+        """Row numbers (-1 for none) as external ids."""
+        if self.ids is None:
+            return rows
+        return np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+
+    def uncenter(self, out, valid):
+        """Keys returned as values (no values stored) with ``center`` added
+        back, on the (B,) rows that are ``valid`` (others stay 0)."""
+        if self.center is None or not self.keys_as_values:
+            return out
+        return np.where(valid[:, None], out + self.center, out).astype(np.float32)
+
+
+def _resident_problem(p, kernels, resident, keys_as_values, stored_bias, values_on_host):
     """``p`` with the index's stored arrays replaced by GPU copies kept in
     ``resident`` (made on first use; the dict is dropped when the index
-    changes, so a copy never outlives the contents it was made from)."""
+    changes, so a copy never outlives the contents it was made from). With
+    ``values_on_host`` the values stay host arrays (top-k attention gathers
+    them on the host; the kernel does not read them)."""
 
     def keep(name, a):
         if name not in resident:
@@ -425,8 +516,10 @@ def _resident_problem(p, kernels, resident, keys_as_values, stored_bias):
 
     K = keep("keys", p.K)
     kscale = keep("scales", p.kscale)
-    p = p._replace(K=K, kscale=kscale, V=K if keys_as_values else keep("values", p.V),
-                   vscale=kscale if keys_as_values else p.vscale)
+    p = p._replace(K=K, kscale=kscale)
+    if not values_on_host:
+        p = p._replace(V=K if keys_as_values else keep("values", p.V),
+                       vscale=kscale if keys_as_values else p.vscale)
     if stored_bias is not None:
         p = p._replace(bias=keep(stored_bias, p.bias))
     return p

@@ -51,14 +51,17 @@ def as_heads(queries, keys, values):
     Returns ``(q4, k4, v4, layout)``; float32 C-contiguous arrays (converted
     or copied as :func:`validate.float_matrix` documents).
     """
-    ndim = np.ndim(queries)
+    queries = validate.as_array(queries, "queries")
+    ndim = queries.ndim
     if ndim not in (2, 3, 4):
-        raise ValueError(f"queries must have 2, 3 or 4 dimensions, got shape {np.shape(queries)}")
+        raise ValueError(f"queries must have 2, 3 or 4 dimensions, got shape {queries.shape}")
     q = validate.float_matrix(queries, "queries", ndim=ndim)
+    keys = validate.as_array(keys, "keys")
+    values = None if values is None else validate.as_array(values, "values")
     for name, arr in (("keys", keys), ("values", values)):
-        if arr is not None and np.ndim(arr) != ndim:
+        if arr is not None and arr.ndim != ndim:
             raise ValueError(f"{name} must have {ndim} dimensions to match queries of shape "
-                             f"{q.shape}, got shape {np.shape(arr)}")
+                             f"{q.shape}, got shape {arr.shape}")
     k = validate.float_matrix(keys, "keys", ndim=ndim, packed_rows=True)
     v = k if values is None else validate.float_matrix(values, "values", ndim=ndim, packed_rows=True)
     lay = layout_of(q.shape, k.shape, v.shape)
@@ -98,7 +101,7 @@ def head_bias(bias, layout):
     """
     if bias is None:
         return lambda g: None
-    arr = np.asarray(bias)
+    arr = validate.as_array(bias, "bias")
     if arr.ndim == 2:
         if arr.shape != (layout.Hkv, layout.S):
             raise ValueError(f"bias must have shape ({layout.S},) or ({layout.Hkv}, {layout.S}), "
@@ -127,7 +130,7 @@ def sequence_lengths(seq_lens, layout):
         q_lens = k_lens = seq_lens
     out = []
     for name, lens, top in (("q_lens", q_lens, layout.T), ("k_lens", k_lens, layout.S)):
-        arr = np.asarray(lens)
+        arr = validate.as_array(lens, "seq_lens")
         if arr.dtype.kind not in "iu" or arr.shape != (layout.batch,):
             raise ValueError(f"seq_lens {name} must be {layout.batch} integers, got {arr.dtype} {arr.shape}")
         if (arr < 0).any() or (arr > top).any():

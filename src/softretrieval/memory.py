@@ -9,11 +9,12 @@ online-softmax states) or as the gated mix Memorizing Transformers use.
 
 Storage is one contiguous ``(capacity, dim)`` block per head, so each head
 is read by the kernels in place. On-disk format (``save``/``load``, see
-:mod:`softretrieval.persist`): a folder holding ``keys.npy`` and
-``values.npy`` (the ring, ``(heads, capacity, dim)`` float32) and
-``meta.json`` (format version, shapes, ring position and the SHA-256 of each
-``.npy``). Saving is atomic; loading checks the version, shapes, dtypes and
-checksums and refuses anything else.
+:mod:`softretrieval.persist`): a folder holding the arrays ``keys`` and
+``values`` (the ring, ``(heads, capacity, dim)`` float32) and ``meta.json``
+(format version, shapes, ring position, the SHA-256 of each ``.npy`` and the
+checksum of meta.json itself). Saving is atomic and never replaces anything
+but a saved memory; loading checks the version, shapes, dtypes and checksums
+and refuses anything else.
 """
 
 import os
@@ -25,7 +26,9 @@ import numpy as np
 from . import api, devices, persist, validate
 
 FORMAT = "softretrieval.KNNMemory"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Older versions :meth:`KNNMemory.load` still reads (no meta.json checksum).
+LEGACY_VERSIONS = (2,)
 
 
 class MemoryRead(NamedTuple):
@@ -62,7 +65,8 @@ class KNNMemory:
 
     Thread safety: ``write``, ``read``, ``clear`` and ``save`` hold one lock,
     so a read sees the memory either before or after a concurrent write,
-    never half of it; writes wait for a running read.
+    never half of it; writes wait for a running read. A memory pickles (its
+    ring is copied; the GPU copy is not).
     """
 
     def __init__(self, key_dim, value_dim, capacity, *, heads=1, dtype="float32", metric="ip"):
@@ -82,6 +86,17 @@ class KNNMemory:
         self._device = None      # (keys, values) (capacity, heads, dim) device arrays, or None
         self._lock = threading.RLock()
 
+    def __getstate__(self):
+        with self._lock:
+            state = dict(self.__dict__)
+        del state["_lock"]
+        state["_device"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __len__(self):
         return self._size
 
@@ -91,7 +106,7 @@ class KNNMemory:
 
     def _rows(self, a, name, dim):
         """``a`` as (n, heads, dim) float32 (a 2-D (n, dim) is allowed when heads == 1)."""
-        arr = np.asarray(a)
+        arr = validate.as_array(a, name)
         if arr.ndim == 2 and self.heads == 1:
             arr = arr[:, None, :]
         arr = validate.float_matrix(arr, name, ndim=3)
@@ -119,17 +134,30 @@ class KNNMemory:
         with self._lock:
             pos = (self._next + np.arange(keep)) % self.capacity
             first = min(keep, self.capacity - self._next)   # up to the end of the ring, then from 0
-            for src, dst, width in ((n - keep, self._next, first), (n - keep + first, 0, keep - first)):
+            parts = ((n - keep, self._next, first), (n - keep + first, 0, keep - first))
+            for src, dst, width in parts:
                 self._keys[:, dst:dst + width] = K[src:src + width].transpose(1, 0, 2)
                 self._values[:, dst:dst + width] = V[src:src + width].transpose(1, 0, 2)
-                if self._device is not None and width > 0:
-                    for dev, host in zip(self._device, (K, V)):
-                        dev[dst:dst + width].copy_to_device(
-                            np.ascontiguousarray(host[src:src + width], np.float32))
             slots[n - keep:] = pos
             self._next = int((self._next + keep) % self.capacity)
             self._size = min(self.capacity, self._size + keep)
+            if self._device is not None:
+                self._write_device(parts, K, V)
         return slots
+
+    def _write_device(self, parts, K, V):
+        """Copy the rows just written to the GPU copy of the ring. It is a
+        cache of the host ring: if the copy fails it is dropped (the next GPU
+        read makes it again), so a write never fails halfway."""
+        try:
+            for src, dst, width in parts:
+                if width == 0:
+                    continue
+                for dev, host in zip(self._device, (K, V)):
+                    dev[dst:dst + width].copy_to_device(
+                        np.ascontiguousarray(host[src:src + width], np.float32))
+        except Exception:
+            self._device = None
 
     def clear(self):
         """Forget every entry."""
@@ -138,7 +166,7 @@ class KNNMemory:
             self._next = 0
 
     def _queries(self, queries):
-        q = np.asarray(queries)
+        q = validate.as_array(queries, "queries")
         squeeze = q.ndim == 2
         if squeeze:
             if self.heads != 1:
@@ -230,7 +258,7 @@ class KNNMemory:
     def load(cls, path):
         """Read a memory written by :meth:`save`; a damaged one raises ValueError."""
         path = os.fspath(path)
-        meta, arrays = persist.load_folder(path, FORMAT, FORMAT_VERSION)
+        meta, arrays = persist.load_folder(path, FORMAT, FORMAT_VERSION, legacy=LEGACY_VERSIONS)
         try:
             mem = cls(*(persist.field(meta, path, n, int)
                         for n in ("key_dim", "value_dim", "capacity")),
@@ -245,7 +273,7 @@ class KNNMemory:
             arr = arrays.get(name)
             if arr is None or arr.dtype != np.float32 or arr.shape != dest.shape:
                 got = None if arr is None else (arr.dtype, arr.shape)
-                raise ValueError(f"{path}: {name}.npy holds {got}, expected float32 {dest.shape}")
+                raise ValueError(f"{path}: {name} holds {got}, expected float32 {dest.shape}")
             dest[:] = arr
         mem._size, mem._next = size, nxt
         return mem
@@ -270,11 +298,15 @@ def memory_attention(q, k, v, memory, *, topk=32, causal=True, gate=None, scale=
     the share of the memory's full softmax mass held by its top-k entries.
     ``device``: "cpu", "cuda" or "auto" for both attentions.
     """
-    if np.ndim(q) != 3:
-        raise ValueError(f"q must have shape (T, H, d), got {np.shape(q)}")
+    q = validate.as_array(q, "q")
+    if q.ndim != 3:
+        raise ValueError(f"q must have shape (T, H, d), got {q.shape}")
     if gate is not None:
-        g = np.asarray(gate, np.float64)
-        H = np.shape(q)[1]
+        g = validate.as_array(gate, "gate")
+        H = q.shape[1]
+        if g.dtype.kind not in "fiu":
+            raise TypeError(f"gate must be {H} real numbers in [0, 1] (one per head), got {g.dtype}")
+        g = g.astype(np.float64)
         if g.shape != (H,) or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
             raise ValueError(f"gate must be {H} values in [0, 1] (one per head), got {g}")
     local, lse_local = api.attention(q, k, v, scale=scale, causal=causal, return_lse=True,

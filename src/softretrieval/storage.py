@@ -18,7 +18,10 @@ The dtype the kernels see selects the decoder at compile time
 (``cpu.decode``), so no format flag travels with the arrays.
 
 Encoding rounds to nearest (even); int8 uses a symmetric per-row scale
-``max|row| / 127``. Values outside a format's range raise ``ValueError``.
+``max|row| / 127``. Values outside a format's range raise ``ValueError``, and
+so do rows that float16 or bfloat16 cannot hold to within
+:data:`MAX_RELATIVE_ERROR` (rows of tiny values fall below float16's normal
+range, 6.1e-5, and lose their precision: keys of size 1e-8 all round to 0).
 """
 
 from typing import NamedTuple
@@ -36,6 +39,10 @@ FORMATS = {
 #: Rows encoded at a time, so encoding never holds a float copy of a whole catalog.
 ENCODE_CHUNK = 65536
 
+#: Largest relative error ``|decoded - row| / |row|`` a float16 or bfloat16
+#: row may have (their rounding alone gives at most 4.9e-4 and 3.9e-3).
+MAX_RELATIVE_ERROR = 1e-2
+
 
 class Stored(NamedTuple):
     """Rows in a storage format, as the kernels take them."""
@@ -52,13 +59,15 @@ def check_dtype(dtype):
     return name
 
 
-def encode_rows(x, dtype, data_out, scale_out):
+def encode_rows(x, dtype, data_out, scale_out, center=None):
     """Encode float rows ``x`` (n, d) into ``data_out`` (n, d) (and, for int8,
-    the row scales into ``scale_out`` (n,)), in chunks of :data:`ENCODE_CHUNK`.
+    the row scales into ``scale_out`` (n,)), in chunks of :data:`ENCODE_CHUNK`;
+    with ``center`` (d,), the rows ``x - center``.
 
     Raises ValueError for NaN or inf (after conversion to float32) and, naming
     the format, for a value out of its range (float16: |x| > 65504; bfloat16:
-    rounds to inf). Rows before the offending chunk are already written.
+    rounds to inf) or a row it cannot hold to :data:`MAX_RELATIVE_ERROR`.
+    Rows before the offending chunk are already written.
     """
     for lo in range(0, x.shape[0], ENCODE_CHUNK):
         hi = min(lo + ENCODE_CHUNK, x.shape[0])
@@ -66,6 +75,8 @@ def encode_rows(x, dtype, data_out, scale_out):
             chunk = np.asarray(x[lo:hi], dtype=np.float32)
         if not np.isfinite(chunk).all():
             raise ValueError("keys contains NaN or inf (after conversion to float32)")
+        if center is not None:
+            chunk = (chunk - center).astype(np.float32)
         if dtype == "float32":
             data_out[lo:hi] = chunk
         elif dtype == "float16":
@@ -73,6 +84,7 @@ def encode_rows(x, dtype, data_out, scale_out):
                 raise ValueError("keys exceed the float16 range (|x| <= 65504): "
                                  "use dtype='bfloat16' or 'float32'")
             data_out[lo:hi] = chunk
+            _check_precision(chunk, decode_rows(data_out[lo:hi], dtype), dtype)
         elif dtype == "bfloat16":
             bits = chunk.view(np.uint32)
             rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
@@ -80,6 +92,7 @@ def encode_rows(x, dtype, data_out, scale_out):
             if ((top & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():
                 raise ValueError("keys exceed the bfloat16 range")
             data_out[lo:hi] = top
+            _check_precision(chunk, decode_rows(top, dtype), dtype)
         else:
             amax = np.abs(chunk).max(axis=1)
             scale = (amax / np.float32(127.0)).astype(np.float32)
@@ -87,6 +100,21 @@ def encode_rows(x, dtype, data_out, scale_out):
             q = np.rint(chunk * inv[:, None])
             data_out[lo:hi] = np.clip(q, -127, 127).astype(np.int8)
             scale_out[lo:hi] = scale
+
+
+def _check_precision(rows, decoded, dtype):
+    """ValueError when a row's relative error exceeds MAX_RELATIVE_ERROR."""
+    norm = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+    diff = (decoded - rows).astype(np.float64)
+    err = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    rel = np.divide(err, norm, out=np.zeros_like(err), where=norm > 0)
+    worst = rel.max(initial=0.0)
+    if worst > MAX_RELATIVE_ERROR:
+        raise ValueError(
+            f"keys lose precision in {dtype}: {int((rel > MAX_RELATIVE_ERROR).sum())} rows have a "
+            f"relative error above {MAX_RELATIVE_ERROR:g} (worst {worst:.3g}); their values are "
+            "too small for the format (float16's normal range starts at 6.1e-5): scale the keys "
+            "up, or use dtype='float32' or 'int8'")
 
 
 def decode_rows(data, dtype, scale=None):

@@ -8,8 +8,20 @@ used as they are (the kernels never write to their inputs).
 
 import math
 import numbers
+import os
 
 import numpy as np
+
+
+def as_array(x, name):
+    """``np.asarray(x)``, with a TypeError naming ``name`` for what numpy
+    cannot make an array of (ragged lists, objects that are not numbers)."""
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name} must be an array of numbers (not ragged): {exc}") from None
 
 
 def float_matrix(x, name, ndim=2, packed_rows=False):
@@ -21,10 +33,7 @@ def float_matrix(x, name, ndim=2, packed_rows=False):
     (integers, booleans, complex, objects) and ValueError for another rank or
     a zero-length last axis.
     """
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # e.g. ragged lists
-        raise TypeError(f"{name} must be an array of floats: {exc}") from None
+    arr = as_array(x, name)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
     if arr.ndim != ndim:
@@ -53,6 +62,23 @@ def positive_int(value, name):
     return int(value)
 
 
+def results_fit(rows, k, bytes_per_slot, n_keys):
+    """Refuse a ``k`` whose (rows, k) results cannot fit in this machine's
+    memory, with a ValueError naming ``k`` (instead of a MemoryError)."""
+    need = rows * k * bytes_per_slot
+    if need > _physical_memory():
+        hint = f"; there are only {n_keys} keys, so k = {n_keys} returns them all" if k > n_keys else ""
+        raise ValueError(f"k = {k} is too large: the ({rows}, {k}) results would take "
+                         f"{need / 2**30:,.1f} GiB, more than this machine's memory{hint}")
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**40
+
+
 def scale_value(scale, dim):
     """The logit scale: ``1/sqrt(dim)`` for None, else a finite real number."""
     if scale is None:
@@ -73,7 +99,7 @@ def bias_vector(bias, n, name="bias"):
     """
     if bias is None:
         return None
-    arr = np.asarray(bias)
+    arr = as_array(bias, name)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
     if arr.shape != (n,):
@@ -90,14 +116,15 @@ def exclusion_lists(exclude, n_queries, n_keys):
 
     ``exclude`` is a tuple ``(offsets, ids)`` (CSR: query b excludes
     ``ids[offsets[b]:offsets[b+1]]``) or a list of ``n_queries`` integer
-    arrays. Ids must lie in ``[0, n_keys)``; duplicates are harmless.
+    arrays. Ids must lie in ``[0, n_keys)`` (``n_keys=None``: be >= 0);
+    duplicates are harmless.
     """
     if exclude is None:
         return None
     if isinstance(exclude, tuple):
         if len(exclude) != 2:
             raise ValueError("exclude as a tuple must be (offsets, ids) in CSR form")
-        offsets, ids = (np.asarray(a) for a in exclude)
+        offsets, ids = (as_array(a, "exclude") for a in exclude)
         for name, a in (("exclude offsets", offsets), ("exclude ids", ids)):
             if a.dtype.kind not in "iu" or a.ndim != 1:
                 raise TypeError(f"{name} must be a 1-D integer array, got {a.dtype} {a.shape}")
@@ -108,7 +135,7 @@ def exclusion_lists(exclude, n_queries, n_keys):
     elif isinstance(exclude, list):
         if len(exclude) != n_queries:
             raise ValueError(f"exclude must hold one array per query ({n_queries}), got {len(exclude)}")
-        rows = [np.asarray(r).reshape(-1) for r in exclude]
+        rows = [as_array(r, "exclude").reshape(-1) for r in exclude]
         for r in rows:
             if r.dtype.kind not in "iu" and r.size:
                 raise TypeError(f"exclude ids must be integers, got dtype {r.dtype}")
@@ -119,8 +146,10 @@ def exclusion_lists(exclude, n_queries, n_keys):
         raise TypeError("exclude must be a tuple (offsets, ids) or a list of arrays, "
                         f"got {type(exclude).__name__}")
     ids = ids.astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= n_keys):
-        raise ValueError(f"exclude ids out of range: they must lie in [0, {n_keys})")
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"exclude ids out of range: they must be >= 0, got {ids.min()}")
+    if ids.size and n_keys is not None and ids.max() >= n_keys:
+        raise ValueError(f"exclude ids out of range: they must lie in [0, {n_keys}), got {ids.max()}")
     offsets = offsets.astype(np.int64)
     row = np.repeat(np.arange(n_queries), np.diff(offsets))
     ids = ids[np.lexsort((ids, row))]
