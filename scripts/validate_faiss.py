@@ -17,10 +17,10 @@ import faiss
 import numpy as np
 
 import softretrieval as sr
+from softretrieval import datasets
 from softretrieval.io import read_vectors
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets",
-                    "minilm-pystdlib-384d")
+ROOT = os.path.join(datasets.ROOT, "minilm-pystdlib-384d")
 
 
 def recall(ids, gt, k):

@@ -4,13 +4,13 @@ import os
 import numpy as np
 import pytest
 
-from softretrieval import config
+from softretrieval import config, datasets
 
 # The CUDA simulator tests need NUMBA_ENABLE_CUDASIM=1 from process start:
 # tests/test_cuda.py runs them in a subprocess so set.
 collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else ["cudasim"]
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets")
+DATA = datasets.ROOT
 
 
 @pytest.fixture

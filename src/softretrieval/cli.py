@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import io
+from . import io, validate
 
 MODES = ("soft", "topk", "topk-attention")
 
@@ -26,10 +26,14 @@ class _Fail(Exception):
     pass
 
 
-def _vectors(path, what, dataset):
+def _vectors(path, what, dataset, floats=True):
+    """A (n, dim) array from a vector file; with ``floats``, integer vectors
+    (``.bvecs``, integer ``.npy``) become float32."""
     arr = io.read_vectors(path, dataset)
     if arr.shape[0] == 0:
         raise _Fail(f"{path}: no {what} in the file")
+    if floats and arr.dtype.kind in "iu":
+        arr = arr.astype(np.float32)
     return arr
 
 
@@ -122,25 +126,31 @@ def _score(args):
         raise _Fail(f"queries have dimension {queries.shape[1]} but the index has {index.dim}")
     if args.k < 1 or args.batch_size < 1:
         raise _Fail("-k and --batch-size must be >= 1")
+    validate.results_fit(queries.shape[0], args.k, 12, len(index))
     ext = os.path.splitext(args.out)[1].lower()
     primary = {"soft": {".npy": "out", ".fvecs": "out", ".npz": None},
                "topk": {".npy": "ids", ".ivecs": "ids", ".fvecs": "scores", ".npz": None},
                "topk-attention": {".npy": "out", ".fvecs": "out", ".ivecs": "ids", ".npz": None}}
     if ext not in primary[args.mode]:
         raise _Fail(f"--out {args.out}: mode {args.mode} writes {sorted(primary[args.mode])}")
+    name = primary[args.mode][ext]
+    if name == "ids" and ext == ".ivecs" and index.ids is not None and index.ids.max() > io.INT32_MAX:
+        raise _Fail(f"--out {args.out}: the index has ids up to {index.ids.max()}, beyond the "
+                    "32-bit .ivecs format: write .npy or .npz")
+    gt = None
+    if args.groundtruth is not None and args.mode != "soft":
+        gt = _vectors(args.groundtruth, "ground truth", "neighbors", floats=False)
+        if gt.shape[0] != queries.shape[0]:
+            raise _Fail(f"{args.groundtruth}: {gt.shape[0]} rows for {queries.shape[0]} queries")
     start = time.perf_counter()
     result = score_batches(index, queries, args.mode, args.k, scale=args.scale,
                            temperature=args.temperature, batch_size=args.batch_size,
                            progress=not args.quiet, device=args.device)
     took = time.perf_counter() - start
-    name = primary[args.mode][ext]
     io.write_output(args.out, result if name is None else {name: result[name]})
     print(f"scored {queries.shape[0]} queries x {len(index)} items ({args.mode}) in {took:.2f} s "
           f"({queries.shape[0] / took:,.0f} rows/s) -> {args.out}")
-    if args.groundtruth is not None and "ids" in result:
-        gt = _vectors(args.groundtruth, "ground truth", "neighbors")
-        if gt.shape[0] != queries.shape[0]:
-            raise _Fail(f"{args.groundtruth}: {gt.shape[0]} rows for {queries.shape[0]} queries")
+    if gt is not None:
         print(f"recall@{args.k} against {args.groundtruth}: {_recall(result['ids'], gt, args.k):.4f}")
 
 
@@ -162,7 +172,7 @@ def _validate(args):
     print(f"recall@{args.k} against FAISS {type(flat).__name__}: {_recall(ids, fi, args.k):.4f}; "
           f"max |score difference|: {np.abs(scores - fs).max():.3g}")
     if args.groundtruth is not None:
-        gt = _vectors(args.groundtruth, "ground truth", "neighbors")
+        gt = _vectors(args.groundtruth, "ground truth", "neighbors", floats=False)
         print(f"recall@{args.k} against {args.groundtruth}: {_recall(ids, gt, args.k):.4f} "
               f"(FAISS: {_recall(fi, gt, args.k):.4f})")
 
@@ -187,7 +197,7 @@ def _info(args):
 def _demo(args):
     from . import datasets
 
-    paths = datasets.minilm_paths(args.root)
+    paths = datasets.minilm_paths(args.root, root_name="--root")
     out = args.out
     os.makedirs(out, exist_ok=True)
     common = ["--keys", paths["base"], "--queries", paths["query"], "-k", "10"]
@@ -251,7 +261,8 @@ def parser():
 
     d = sub.add_parser("demo", help="score the shipped MiniLM queries: top-10 with recall, and soft")
     d.add_argument("--out", default="results/demo", help="output folder (default results/demo)")
-    d.add_argument("--root", help="the datasets folder (default: the repository's)")
+    d.add_argument("--root", help="a folder holding minilm-pystdlib-384d/ (default: the copy "
+                                  "shipped in the package)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(run=_demo)
     return p

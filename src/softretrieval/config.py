@@ -28,6 +28,12 @@ MIN_KEYS_PER_SPLIT = 2048
 #: Threads for the CPU kernels; ``None`` means every thread Numba has.
 NUM_THREADS = None
 
+#: CPU kernel calls of more multiply-adds than this (about 10 ms and up)
+#: run in a helper thread while the calling main thread waits, so that
+#: Ctrl-C stops them within one key tile (:func:`runtime.parallel_call`).
+#: Smaller calls run directly (a thread start costs ~50 us).
+INTERRUPTIBLE_WORK = 1 << 26
+
 #: CUDA: threads per block, one query row each.
 CUDA_QUERY_BLOCK = 64
 

@@ -445,7 +445,7 @@ def _topk_row(row, mx, t0, k, bs, bi, count, ts, ti):
 @njit(fastmath=_FAST, cache=True)
 def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef,
                   excl_ids, ptr, end, lo, hi, k0, k1, ktile, simd, want_soft, want_acc, k,
-                  m, l, acc, tk_s, tk_i, tk_n, tk_ts, tk_ti):
+                  m, l, acc, tk_s, tk_i, tk_n, tk_ts, tk_ti, stop):
     """Stream keys ``k0:k1`` into the states of one query block.
 
     Qb (bq, d), bias (N,) or (0,): float32. K (N, WK), V (N, WV): the keys
@@ -457,8 +457,10 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
     ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
     tk_ts, tk_ti (bq,): top-k buffers and their thresholds, updated when
     ``k > 0``. ptr, end (bq,): the block's exclusion lists in ``excl_ids``.
-    lo, hi (bq,) or (0,): each row's key window. Returns the number of rows of score tiles that held a NaN or
-    inf.
+    lo, hi (bq,) or (0,): each row's key window. stop (1,) int64: the
+    range ends early (its states incomplete) once ``stop[0] != 0``, checked
+    before each tile. Returns the number of rows of score tiles that held a
+    NaN or inf.
     """
     bq, d = Qb.shape
     dv = acc.shape[1]
@@ -477,6 +479,8 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
     vscaled = vscale.shape[0] > 0
     bad = 0
     for t0 in range(k0, k1, ktile):
+        if stop[0] != 0:
+            break
         t1 = min(t0 + ktile, k1)
         S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
         ks = kscale[t0:t1] if kscaled else kscale
@@ -515,7 +519,7 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
 @njit(parallel=True, cache=True, nogil=True)
 def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
            excl_off, excl_ids, row_lo, row_hi, nqb, nsplit, ktile, ktile_simd, simd_queries,
-           want_soft, want_acc, k):
+           want_soft, want_acc, k, stop):
     """Stream every key past every query, in ``nqb x nsplit`` parallel items.
 
     Q (B, d), bias (N,) or (0,): float32, C-contiguous. K (N, WK) and V
@@ -531,6 +535,8 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
     each thread's share mixes cheap and costly causal blocks. Query blocks of
     at most ``simd_queries`` use SIMD loops over
     tiles of ``ktile_simd`` keys, larger ones BLAS over tiles of ``ktile``.
+    stop (1,) int64: set it non-zero to end the call early (the results are
+    then incomplete: :func:`runtime.parallel_call` discards them).
 
     Returns ``(m, l, acc, tk_s, tk_i, tk_n, bad)``, one entry per key range:
     m, l (nsplit, B) and acc (nsplit, B, dv) float32 online-softmax states
@@ -582,7 +588,8 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
             excl_ids, ptr, end,
             row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd,
             want_soft, want_acc, k, m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
-            tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1])
+            tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1],
+            stop)
     return m, l, acc, tk_s, tk_i, tk_n, bad.sum()
 
 
@@ -706,11 +713,14 @@ def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_
     nqb, nsplit = plan(Q.shape[0], K.shape[0], runtime.num_threads())
     excl_off, excl_ids = _NONE if exclude is None else exclude
     row_lo, row_hi = _NONE if window is None else window
+    dv = V.shape[1] if dv is None else dv
+    stop = np.zeros(1, np.int64)
     m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
-        stream, Q, K, kscale, V, vscale, kcol, vcol, V.shape[1] if dv is None else dv,
+        stream, Q, K, kscale, V, vscale, kcol, vcol, dv,
         bias, key_mode, np.float32(key_coef), excl_off, excl_ids, row_lo, row_hi, nqb, nsplit,
         config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
-        want_soft, want_acc, k)
+        want_soft, want_acc, k, stop,
+        stop=stop, work=Q.shape[0] * K.shape[0] * (Q.shape[1] + (dv if want_acc else 0)))
     res = {"bad": bad}
     if want_soft:
         res["out"], res["lse"] = merge_states(m, l, acc)

@@ -1,7 +1,8 @@
-"""Datasets: the real data shipped in the repository's ``datasets/`` folder,
-and seeded synthetic catalogs for million-key benchmarks.
+"""Datasets: the real data shipped inside the package (``softretrieval/data/``,
+so an installed wheel has it too), and seeded synthetic catalogs for
+million-key benchmarks.
 
-Shipped (see ``datasets/README.md`` for provenance and licences):
+Shipped (see ``softretrieval/data/README.md`` for provenance and licences):
 
 * ``minilm``: 7,942 base and 1,000 query MiniLM-L6 sentence embeddings
   (384-d, unit norm) with exact top-100 ground truth by inner product.
@@ -13,24 +14,26 @@ import numpy as np
 
 from . import io
 
-#: The repository's datasets folder (next to ``src/``).
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                    "datasets")
+#: The shipped data folder, inside the package.
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 _MINILM = "minilm-pystdlib-384d"
 
 
-def minilm_paths(root=None):
+def minilm_paths(root=None, root_name="root"):
     """Paths of the shipped MiniLM files: a dict with ``base``, ``query``,
-    ``groundtruth`` (ids, .ivecs) and ``groundtruth_ip_scores`` (.fvecs)."""
+    ``groundtruth`` (ids, .ivecs) and ``groundtruth_ip_scores`` (.fvecs).
+    ``root``: a folder holding ``minilm-pystdlib-384d/`` instead of the
+    package's; ``root_name`` names that option in the error message."""
     folder = os.path.join(root or ROOT, _MINILM)
     paths = {"base": "base.fvecs", "query": "query.fvecs", "groundtruth": "groundtruth.ivecs",
              "groundtruth_ip_scores": "groundtruth_ip_scores.fvecs"}
     paths = {name: os.path.join(folder, file) for name, file in paths.items()}
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
-        raise ValueError(f"shipped dataset not found: {missing[0]} (pass root= the repository's "
-                         "datasets folder)")
+        where = "the folder given" if root else "the installed package (a damaged install?)"
+        raise ValueError(f"shipped dataset not found: {missing[0]} is missing from {where}; "
+                         f"{root_name} names a folder that holds {_MINILM}/")
     return paths
 
 

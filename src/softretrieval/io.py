@@ -19,6 +19,7 @@ import uuid
 import numpy as np
 
 _VECS = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
+INT32_MAX = np.iinfo(np.int32).max
 _HDF5 = (".h5", ".hdf5")
 
 
@@ -116,14 +117,24 @@ def write_output(path, arrays):
 
     ``.npz``: every array; ``.npy``, ``.fvecs``, ``.ivecs``: the first
     (2-D; fvecs stores float32, ivecs int32). Returns the path written.
+    Raises ValueError, writing nothing, when the array does not fit the
+    format (``.ivecs``: anything but integers within int32; ``.fvecs``:
+    values beyond float32).
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".npy", ".npz", ".fvecs", ".ivecs"):
         raise ValueError(f"{path}: unknown output extension {ext!r} (use .npy, .npz, .fvecs or .ivecs)")
+    first = np.asarray(next(iter(arrays.values())))
+    if ext == ".ivecs" and first.size and (first.dtype.kind not in "iu" or (
+            first.min() < np.iinfo(np.int32).min or first.max() > INT32_MAX)):
+        raise ValueError(f"{path}: .ivecs holds 32-bit integers; these values ({first.dtype}, up to "
+                         f"{first.max() if first.size else 0}) do not fit: write .npy or .npz")
+    if ext == ".fvecs" and first.size and np.isfinite(first).all() and not np.isfinite(
+            first.astype(np.float32)).all():
+        raise ValueError(f"{path}: values beyond the float32 range of .fvecs: write .npy or .npz")
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    first = next(iter(arrays.values()))
     try:
         with open(tmp, "wb") as f:
             if ext == ".npz":

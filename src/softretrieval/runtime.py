@@ -13,6 +13,13 @@ set-up on the first kernel call, so importing the package stays fast.
 * **BLAS.** ``np.dot`` inside the kernels calls SciPy's OpenBLAS; inside a
   parallel region it must run on one thread, so each call limits the BLAS
   libraries to one thread and restores them afterwards.
+* **Ctrl-C.** Python runs signal handlers only in the main thread, between
+  bytecodes; a long kernel call would hold it for seconds, and a handler
+  that Numba's runtime happens to run mid-call surfaces as ``SystemError``.
+  Long calls therefore run in a helper thread while the main thread waits:
+  Ctrl-C raises ``KeyboardInterrupt`` there at once, sets the kernel's stop
+  flag (polled once per key tile), waits for the kernel to return, and
+  propagates, the partial result discarded.
 """
 
 import os
@@ -52,8 +59,23 @@ def num_threads():
     return max(1, min(int(config.NUM_THREADS), limit))
 
 
-def parallel_call(kernel, *args):
-    """Run a parallel Numba kernel under the lock, BLAS on one thread."""
+def parallel_call(kernel, *args, stop=None, work=0):
+    """Run a parallel Numba kernel under the lock, BLAS on one thread.
+
+    ``stop``: a (1,) int64 array the kernel polls between key tiles (it
+    returns early once ``stop[0] != 0``); ``work``: the call's size in
+    multiply-adds. A call from the main thread with a ``stop`` flag and more
+    than ``config.INTERRUPTIBLE_WORK`` of work runs in a helper thread, so
+    that Ctrl-C interrupts it promptly (module docstring). Either way a
+    Ctrl-C ends the call with ``KeyboardInterrupt``.
+    """
+    if (stop is not None and work > config.INTERRUPTIBLE_WORK
+            and threading.current_thread() is threading.main_thread()):
+        return _in_helper_thread(kernel, args, stop)
+    return _locked_call(kernel, args)
+
+
+def _locked_call(kernel, args):
     import numba
 
     with LOCK:
@@ -65,4 +87,45 @@ def parallel_call(kernel, *args):
             # strided array that never runs (it copies tiles first); Numba
             # warns about it when it compiles.
             warnings.simplefilter("ignore", numba.NumbaPerformanceWarning)
-            return kernel(*args)
+            try:
+                return kernel(*args)
+            except SystemError as exc:
+                if _caused_by_interrupt(exc):
+                    raise KeyboardInterrupt from None
+                raise
+
+
+def _caused_by_interrupt(exc):
+    """Whether a KeyboardInterrupt is in the chain of ``exc``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _in_helper_thread(kernel, args, stop):
+    """:func:`_locked_call` in a helper thread; the main thread waits where
+    Ctrl-C can reach it."""
+    box = {}
+
+    def target():
+        try:
+            box["result"] = _locked_call(kernel, args)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    helper = threading.Thread(target=target, name="softretrieval-kernel", daemon=True)
+    helper.start()
+    try:
+        while helper.is_alive():
+            helper.join(0.05)
+    except KeyboardInterrupt:
+        stop[0] = 1
+        helper.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
