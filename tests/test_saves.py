@@ -1,0 +1,233 @@
+"""Saving never destroys what the user owns, and a crash at any point of a
+save leaves the old or the new object loadable (Index, KNNMemory and the
+build command share :mod:`softretrieval.persist`)."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import softretrieval as sr
+from softretrieval import cli
+
+
+def make_index(seed, n=40, dim=6):
+    rng = np.random.default_rng(seed)
+    index = sr.Index(dim, value_dim=3, dtype="int8")
+    index.add(rng.standard_normal((n, dim)), rng.standard_normal((n, 3)),
+              ids=rng.permutation(10 * n)[:n], bias=rng.standard_normal(n))
+    return index
+
+
+def make_memory(seed):
+    rng = np.random.default_rng(seed)
+    mem = sr.KNNMemory(4, 2, capacity=16, heads=2)
+    mem.write(rng.standard_normal((11, 2, 4)), rng.standard_normal((11, 2, 2)))
+    return mem
+
+
+def same_index(a, b):
+    return (repr(a) == repr(b) and np.array_equal(a.keys(), b.keys())
+            and np.array_equal(a.ids, b.ids) and np.array_equal(a.bias, b.bias))
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+def only_ours(folder):
+    """The folder holds meta.json and exactly the files it lists."""
+    meta = json.loads((folder / "meta.json").read_text())
+    return listing(folder) == sorted(["meta.json"] + [f["file"] for f in meta["files"].values()])
+
+
+SAVERS = {
+    "Index.save": lambda path: make_index(1).save(path),
+    "KNNMemory.save": lambda path: make_memory(1).save(path),
+    "build --out": lambda path: cli.main(["build", "--keys", str(path.parent / "keys.npy"),
+                                          "--out", str(path)]),
+}
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    np.save(tmp_path / "keys.npy", np.random.default_rng(0).standard_normal((20, 4)))
+
+
+@pytest.mark.parametrize("saver", SAVERS)
+def test_save_refuses_a_folder_that_is_not_ours(tmp_path, keys_file, saver):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("four years of work")
+    with pytest.raises((ValueError, SystemExit)):
+        SAVERS[saver](folder)
+    assert listing(folder) == ["thesis.tex"]
+    assert (folder / "thesis.tex").read_text() == "four years of work"
+    assert listing(tmp_path) == ["keys.npy", "thesis"]
+
+
+@pytest.mark.parametrize("saver", SAVERS)
+def test_save_refuses_a_file(tmp_path, keys_file, saver):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises((ValueError, SystemExit)):
+        SAVERS[saver](target)
+    assert target.read_text() == "mine"
+    assert listing(tmp_path) == ["keys.npy", "notes.txt"]     # nothing moved aside, nothing left
+
+
+def test_save_refuses_another_kind_and_damaged_meta(tmp_path):
+    make_memory(1).save(tmp_path / "mem")
+    with pytest.raises(ValueError, match="not a saved softretrieval.Index"):
+        make_index(1).save(tmp_path / "mem")
+    assert isinstance(sr.KNNMemory.load(tmp_path / "mem"), sr.KNNMemory)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="refusing"):
+        make_index(1).save(folder)
+    assert (folder / "meta.json").read_text() == "{not json"
+
+
+def test_save_into_an_empty_folder_and_replace_keeping_foreign_files(tmp_path):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    make_index(1).save(folder)
+    assert only_ours(folder) and same_index(sr.Index.load(folder), make_index(1))
+    (folder / "README.txt").write_text("my notes about this index")
+    make_index(2).save(folder)
+    assert same_index(sr.Index.load(folder), make_index(2))
+    assert (folder / "README.txt").read_text() == "my notes about this index"
+    (folder / "README.txt").unlink()
+    assert only_ours(folder)          # the old generation's files are gone
+    assert listing(tmp_path) == ["idx"]
+
+
+def test_replacing_the_files_an_index_is_mapped_from(tmp_path, rng):
+    make_index(1).save(tmp_path / "idx")
+    mapped = sr.Index.load(tmp_path / "idx", mmap=True)
+    Q = rng.standard_normal((5, 6))
+    before = mapped.search(Q, 4)
+    make_index(2).save(tmp_path / "idx")        # old files unlinked, not truncated
+    after = mapped.search(Q, 4)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    mapped.save(tmp_path / "idx")               # and saving the mapped index back works
+    assert same_index(sr.Index.load(tmp_path / "idx"), make_index(1))
+
+
+def test_legacy_folders_still_load(tmp_path):
+    """Folders saved before meta.json had a checksum (Index v1, KNNMemory v2)
+    load; saving over them upgrades them in place."""
+    from softretrieval import persist
+
+    for obj, version in ((make_index(1), 1), (make_memory(1), 2)):
+        folder = tmp_path / type(obj).__name__
+        obj.save(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        for name, info in meta["files"].items():
+            (folder / info.pop("file")).rename(folder / f"{name}.npy")
+        meta.pop("checksum")
+        (folder / "meta.json").write_text(json.dumps(dict(meta, version=version)))
+        back = type(obj).load(folder)
+        assert repr(back) == repr(obj)
+        back.save(folder)
+        assert only_ours(folder)
+        assert json.loads((folder / "meta.json").read_text())["version"] != version
+        assert repr(type(obj).load(folder)) == repr(obj)
+    assert persist.meta_checksum({"a": 1}) == persist.meta_checksum({"a": 1, "checksum": "x"})
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[4])
+    import test_saves
+    path, kill_at, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    calls = [0]
+
+    def deadly(real):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("makedirs", "fsync", "rename", "replace", "unlink", "rmdir"):
+        setattr(os, name, deadly(getattr(os, name)))
+    (test_saves.make_index(2) if kind == "index" else test_saves.make_memory(2)).save(path)
+    print(calls[0])
+""")
+
+
+@pytest.mark.parametrize("kind", ["index", "memory"])
+@pytest.mark.parametrize("existing", [True, False])
+def test_a_save_killed_at_any_point_leaves_old_or_new(tmp_path, kind, existing):
+    """SIGKILL the saving process at each of its file-system steps in turn
+    (folder creation, every fsync, rename and unlink): the path then loads
+    as the old or the new object, never neither; the next save cleans up."""
+    make, load = (make_index, sr.Index.load) if kind == "index" else (make_memory, sr.KNNMemory.load)
+    old, new = make(1), make(2)
+    same = same_index if kind == "index" else (
+        lambda a, b: repr(a) == repr(b) and np.array_equal(a._keys, b._keys))
+    path = tmp_path / "obj"
+    outcomes = set()
+    for kill_at in range(1, 40):
+        if existing:
+            old.save(path)
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(kill_at), kind,
+                               os.path.dirname(__file__)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            assert int(proc.stdout) == kill_at - 1      # every step was tried
+            assert same(load(path), new) and only_ours(path)
+            break
+        assert proc.returncode == -9, proc.stderr
+        if not existing and not path.exists():
+            outcomes.add("absent")
+        else:
+            got = load(path)
+            assert same(got, new) or (existing and same(got, old))
+            outcomes.add("new" if same(got, new) else "old")
+        new.save(path)                       # a later save succeeds and leaves only its files
+        assert only_ours(path) and same(load(path), new)
+        for leftover in listing(tmp_path):
+            if leftover != "obj":            # a new folder's hidden temporary sibling
+                assert leftover.startswith(".obj.tmp-")
+                for f in os.listdir(tmp_path / leftover):
+                    os.unlink(tmp_path / leftover / f)
+                os.rmdir(tmp_path / leftover)
+        shutil.rmtree(path)
+    else:
+        pytest.fail("the save never completed")
+    assert outcomes == ({"old", "new"} if existing else {"absent", "new"})
+
+
+def test_pickle_round_trips(tmp_path, rng):
+    index = make_index(3)
+    index.save(tmp_path / "idx")
+    far = sr.Index(5, metric="l2")
+    far.add(rng.standard_normal((30, 5)) + 3000.0)
+    Q = rng.standard_normal((4, 6))
+    for obj in (index, sr.Index.load(tmp_path / "idx", mmap=True)):
+        back = pickle.loads(pickle.dumps(obj))
+        assert same_index(back, obj)
+        for a, b in zip(back.retrieve_topk(Q, 3), obj.retrieve_topk(Q, 3)):
+            np.testing.assert_array_equal(a, b)
+        back.add(rng.standard_normal((2, 6)), rng.standard_normal((2, 3)), ids=[10**6, 10**6 + 1])
+        assert len(back) == len(obj) + 2
+    back = pickle.loads(pickle.dumps(far))
+    np.testing.assert_array_equal(back.center, far.center)
+    np.testing.assert_array_equal(back.search(Q[:, :5] + 3000, 3)[1], far.search(Q[:, :5] + 3000, 3)[1])
+    mem = make_memory(4)
+    back = pickle.loads(pickle.dumps(mem))
+    q = rng.standard_normal((3, 2, 4))
+    for a, b in zip(back.read(q, k=4), mem.read(q, k=4)):
+        np.testing.assert_array_equal(a, b)
+    back.write(rng.standard_normal((1, 2, 4)), rng.standard_normal((1, 2, 2)))
+    assert len(back) == len(mem) + 1
