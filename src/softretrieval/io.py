@@ -130,8 +130,10 @@ def write_output(path, arrays):
             first.min() < np.iinfo(np.int32).min or first.max() > INT32_MAX)):
         raise ValueError(f"{path}: .ivecs holds 32-bit integers; these values ({first.dtype}, up to "
                          f"{first.max() if first.size else 0}) do not fit: write .npy or .npz")
-    if ext == ".fvecs" and first.size and np.isfinite(first).all() and not np.isfinite(
-            first.astype(np.float32)).all():
+    with np.errstate(over="ignore"):
+        overflows = first.size and np.isfinite(first).all() and not np.isfinite(
+            first.astype(np.float32)).all()
+    if ext == ".fvecs" and overflows:
         raise ValueError(f"{path}: values beyond the float32 range of .fvecs: write .npy or .npz")
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
