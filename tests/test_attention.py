@@ -179,11 +179,26 @@ def test_driver_any_split(rng, nqb, nsplit):
     f32 = np.zeros(0, np.float32)
     m, l, acc, _, _, _, bad = runtime.parallel_call(
         cpu.stream, Qs, K, f32, V, f32, 0, 0, V.shape[1], f32, 0, np.float32(0),
-        none, none, none, none, nqb, nsplit, 16, 8, 2, True, True, 0)
+        none, none, none, none, nqb, nsplit, 16, 8, 2, True, True, 0, np.zeros(1, np.int64))
     out, lse = cpu.merge_states(m, l, acc)
     assert bad == 0
     lse = lse.astype(np.float32)
     assert_matches(out, lse, *attention_ref(Q, K, V))
+
+
+def test_stop_flag_ends_the_stream_before_its_next_tile(rng):
+    """What Ctrl-C sets (runtime.parallel_call): the kernel returns at once,
+    its states untouched (the caller discards them)."""
+    from softretrieval import cpu
+    from softretrieval.constants import NEG_INIT
+
+    Q, K, V = make(rng, 11, 123, 6, 5)
+    none = np.zeros(0, np.int64)
+    f32 = np.zeros(0, np.float32)
+    m, l, acc, _, _, tk_n, _ = cpu.stream(
+        Q.astype(np.float32), K, f32, V, f32, 0, 0, 5, f32, 0, np.float32(0),
+        none, none, none, none, 2, 3, 16, 8, 2, True, True, 4, np.ones(1, np.int64))
+    assert (m == NEG_INIT).all() and (l == 0).all() and (acc == 0).all() and (tk_n == 0).all()
 
 
 # ---------------------------------------------------------------- bad input

@@ -75,6 +75,29 @@ def test_exclusions_hold_while_another_thread_adds(rng):
         thread.join()
 
 
+def test_kernel_calls_from_several_threads_queue_and_agree(rng):
+    Q, K, V = rng.standard_normal((300, 16)), rng.standard_normal((5000, 16)), rng.standard_normal((5000, 4))
+    want = sr.attention(Q, K, V), sr.topk(Q, K, 5)[1]
+    results, errors = [], []
+
+    def call():
+        try:
+            for _ in range(3):
+                results.append((sr.attention(Q, K, V), sr.topk(Q, K, 5)[1]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12
+    for out, ids in results:
+        np.testing.assert_array_equal(out, want[0])
+        np.testing.assert_array_equal(ids, want[1])
+
+
 def test_an_add_inside_a_search_does_not_shift_its_exclusions(monkeypatch, rng):
     """The same race made deterministic: an add lands after the search took
     its snapshot (here, while it validates the queries)."""
@@ -321,6 +344,23 @@ def test_bvecs_keys_and_queries_in_build_and_score(capsys, tmp_path, rng):
 def test_ragged_inputs_name_the_argument(call, match):
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def test_ragged_inputs_to_index_and_memory_name_the_argument(rng):
+    ragged = [[1.0, 2.0, 3.0, 4.0], [1.0]]
+    index = sr.Index(4)
+    with pytest.raises(TypeError, match="keys"):
+        index.add(ragged)
+    index.add(rng.standard_normal((5, 4)))
+    with pytest.raises(TypeError, match="queries"):
+        index.search(ragged, 2)
+    with pytest.raises(TypeError, match="ids"):
+        sr.Index(4).add(rng.standard_normal((2, 4)), ids=[[1], [2, 3]])
+    mem = sr.KNNMemory(4, 4, 10)
+    with pytest.raises(TypeError, match="keys"):
+        mem.write(ragged, np.ones((2, 4)))
+    with pytest.raises(TypeError, match="queries"):
+        mem.read(ragged)
 
 
 def test_gate_and_exclude_messages(rng):

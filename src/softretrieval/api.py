@@ -171,6 +171,8 @@ def far_center(rows):
     X = np.asarray(rows, np.float64)
     if X.shape[0] == 0:
         return None
+    if not np.isfinite(X).all():
+        return None            # refused later, naming the array
     mean = X.mean(axis=0)
     spread = ((X - mean) ** 2).sum(axis=1).mean()
     if (mean ** 2).sum() <= FAR_RATIO * spread:

@@ -307,7 +307,7 @@ def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_
     tk_n = cuda.device_array((nsplit, B), np.int64)
     bad = to(np.zeros(1, np.int64))
     dK = to(K)
-    dV = dK if V is K else to(V)
+    dV = dK if V is K or not want_acc else to(V)    # values unread without want_acc
     kernel = stream_kernel(np.dtype(dK.dtype), np.dtype(dV.dtype), tile, vd)
     shared = 4 * tile * (d + vd + 1)
     kernel[(nqb, nsplit), threads, 0, shared](

@@ -172,6 +172,48 @@ def test_memory_keeps_its_ring_on_the_gpu(rng, copied):
         mem.read(np.full((1, 4, 4), np.nan), device="cuda")
 
 
+@pytest.mark.parametrize("dtype,value_dim", [("float32", 2), ("float16", None)])
+def test_index_top_k_attention_on_the_gpu(rng, copied, dtype, value_dim):
+    """retrieve_topk with device="cuda" gathers the top-k values on the host
+    (no catalog-sized copy of them), like the CPU; the command too."""
+    from softretrieval import cli
+
+    K, V, Q = rng.standard_normal((30, 6)), rng.standard_normal((30, 2)), rng.standard_normal((5, 6))
+    index = sr.Index(6, dtype=dtype, value_dim=value_dim)
+    index.add(K, V if value_dim else None, ids=np.arange(30) * 5)
+    for _ in range(2):
+        copied.clear()
+        a, b = index.retrieve_topk(Q, 4, device="cuda"), index.retrieve_topk(Q, 4)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, **TOL)
+    assert all(shape[0] != 30 for shape in copied), copied
+    res = cli.score_batches(index, Q, "topk-attention", 4, batch_size=2, progress=False,
+                            device="cuda")
+    np.testing.assert_array_equal(res["ids"], b.ids)
+
+
+def test_memory_write_after_a_gpu_read_is_all_or_nothing(rng, monkeypatch):
+    """One-head memories take 2-D rows; a write after a GPU read updates the
+    device copy, and if that copy fails the write still completes (the copy
+    is dropped and made again by the next GPU read)."""
+    mem = sr.KNNMemory(4, 3, capacity=10)
+    mem.write(rng.standard_normal((6, 4)), rng.standard_normal((6, 3)))
+    q = rng.standard_normal((2, 4))
+    mem.read(q, device="cuda")
+    mem.write(rng.standard_normal((7, 4)), rng.standard_normal((7, 3)))      # wraps
+    np.testing.assert_allclose(mem.read(q, device="cuda").out, mem.read(q).out, **TOL)
+    dev_keys = mem._device[0]
+    monkeypatch.setattr(type(dev_keys), "copy_to_device",
+                        lambda self, *a, **kw: (_ for _ in ()).throw(RuntimeError("device lost")))
+    keys, values = rng.standard_normal((3, 4)), rng.standard_normal((3, 3))
+    slots = mem.write(keys, values)
+    monkeypatch.undo()
+    assert mem._device is None and len(mem) == 10
+    np.testing.assert_array_equal(mem._keys[0, slots], keys.astype(np.float32))
+    np.testing.assert_allclose(mem.read(q, device="cuda").out, mem.read(q).out, **TOL)
+
+
 def test_memory_and_auto_device(rng):
     mem = sr.KNNMemory(4, 3, capacity=20, heads=2)
     mem.write(rng.standard_normal((25, 2, 4)), rng.standard_normal((25, 2, 3)))
