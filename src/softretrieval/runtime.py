@@ -32,6 +32,7 @@ from . import config
 LOCK = threading.Lock()
 
 _blas = None
+_helper = None    # one long-lived thread for interruptible calls (thread-local Numba state stays warm)
 
 
 def _setup():
@@ -107,25 +108,21 @@ def _caused_by_interrupt(exc):
 
 
 def _in_helper_thread(kernel, args, stop):
-    """:func:`_locked_call` in a helper thread; the main thread waits where
+    """:func:`_locked_call` in the helper thread; the main thread waits where
     Ctrl-C can reach it."""
-    box = {}
+    global _helper
+    if _helper is None:
+        from concurrent.futures import ThreadPoolExecutor
 
-    def target():
-        try:
-            box["result"] = _locked_call(kernel, args)
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    helper = threading.Thread(target=target, name="softretrieval-kernel", daemon=True)
-    helper.start()
+        _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softretrieval-kernel")
+    future = _helper.submit(_locked_call, kernel, args)
     try:
-        while helper.is_alive():
-            helper.join(0.05)
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except TimeoutError:
+                continue
     except KeyboardInterrupt:
         stop[0] = 1
-        helper.join()
+        future.exception()       # wait for the kernel to notice
         raise
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
