@@ -85,10 +85,12 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
                               (arr(f32, 2), arr(i64, 2), arr(i64, 1), f32, t.boolean, f32,
                                arr(f32, 2), arr(i64, 2)), cc=cc)
     assert target in ptx
-    ptx, _ = cuda.compile_ptx(gpu.finish_topk_attention_kernel.py_func,
-                              (arr(f32, 2), arr(i64, 2), arr(i64, 1), arr(f32, 1), arr(f32, 2),
-                               arr(f32, 2), arr(i64, 2), arr(f32, 2), arr(f32, 1)), cc=cc)
-    assert target in ptx
+    for dtype in dtypes:
+        ptx, _ = cuda.compile_ptx(gpu.finish_topk_attention_kernel(np.dtype(dtype)).py_func,
+                                  (arr(f32, 2), arr(i64, 2), arr(i64, 1), arr(f32, 1),
+                                   arr(getattr(t, dtype), 2), arr(f32, 1), i64, arr(f32, 2),
+                                   arr(f32, 2), arr(i64, 2), arr(f32, 1)), cc=cc)
+        assert target in ptx
     strided = lambda nd: t.Array(f32, nd, "A")  # noqa: E731  (head views of device arrays)
     for kernel, sig in ((gpu.gather_rows_kernel, (strided(3), arr(f32, 2))),
                         (gpu.scatter_rows_kernel, (arr(f32, 2), strided(3))),

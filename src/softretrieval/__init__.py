@@ -5,9 +5,10 @@ computed tile by tile with an online softmax so the B x N score matrix never
 exists. Numba kernels are compiled on first use (and cached on disk).
 """
 
-from .api import TopKAttention, attention, merge, topk, topk_attention
+from .api import attention, merge, topk, topk_attention
 from .index import Index
-from .memory import KNNMemory, MemoryRead, memory_attention
+from .memory import KNNMemory, memory_attention
+from .terms import MemoryRead, TopKAttention
 
 __version__ = "0.1.0"
 __all__ = ["attention", "merge", "topk", "topk_attention", "TopKAttention", "Index", "KNNMemory",

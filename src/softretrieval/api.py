@@ -12,28 +12,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import devices, gpu_api, layout, validate
-from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, LOG2E, MASKED, NEG_INIT
+from .constants import LOG2E, NEG_INIT
+from .terms import FAR_SAMPLE, TopKAttention, check_metric, far_center, logit_terms, prepare_bias
 
-METRICS = ("ip", "cosine", "l2")
 _NO_SCALE = np.zeros(0, np.float32)
-
-
-class TopKAttention(NamedTuple):
-    """Result of :func:`topk_attention` (all float32 but ``ids``).
-
-    out (B, dv): softmax over the top-k keys applied to their values.
-    ids (B, k) int64: the top-k keys, best first; -1 where fewer are valid.
-    weights (B, k): their softmax weights (0 for -1 slots); rows sum to 1.
-    lse (B,): log-partition over the FULL catalog.
-    coverage (B,): share of the full softmax mass the top-k keys hold,
-    ``exp(lse_topk - lse)``; 0 for a query with no valid key.
-    """
-
-    out: np.ndarray
-    ids: np.ndarray
-    weights: np.ndarray
-    lse: np.ndarray
-    coverage: np.ndarray
 
 
 class _Prepared(NamedTuple):
@@ -65,26 +47,22 @@ def problem_terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window
     (``scale`` = 1). K and V may be in compact storage
     (:mod:`softretrieval.storage`), with ``scales = (kscale, vscale)``.
     """
-    d = Q.shape[1]
-    unit = LOG2E if softmax else 1.0
-    mult = validate.scale_value(scale, d) * unit if softmax else 1.0
+    t = logit_terms(metric, scale, Q.shape[1], softmax)
     row_const = np.zeros(Q.shape[0])
-    key_mode, key_coef = KEYS_PLAIN, 0.0
-    if metric == "cosine":
+    if t.qunit:
         norms = np.linalg.norm(Q.astype(np.float64), axis=1, keepdims=True)
         Q = np.divide(Q, norms, out=np.zeros(Q.shape), where=norms > 0)
-        key_mode = KEYS_UNIT
-    elif metric == "l2":
-        row_const = -(mult / unit) * np.einsum("ij,ij->i", Q.astype(np.float64), Q.astype(np.float64))
-        key_mode, key_coef = KEYS_SQNORM, -mult
-        mult *= 2.0
+    if t.qsq_coef:
+        Q64 = Q.astype(np.float64)
+        row_const = (t.qsq_coef / t.unit) * np.einsum("ij,ij->i", Q64, Q64)
+    mult = t.qmult
     with np.errstate(over="ignore"):
         Qs = (Q * np.float64(mult)).astype(np.float32)
     if not np.isfinite(Qs).all():
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
     return _Prepared(Qs, K, V, kcol, vcol, dv, values_given,
-                     prepare_bias(bias, K.shape[0], unit), key_mode, key_coef, row_const, exclude,
-                     window, *scales)
+                     prepare_bias(bias, K.shape[0], t.unit), t.key_mode, t.key_coef, row_const,
+                     exclude, window, *scales)
 
 
 def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
@@ -96,8 +74,7 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
     outputs.
     """
     q4, k4, v4, lay = layout.as_heads(queries, keys, values)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_metric(metric)
     window = layout.check_window(causal, window)
     lens = layout.sequence_lengths(seq_lens, lay)
     bias_of = layout.head_bias(bias, lay)
@@ -149,47 +126,6 @@ def _fill(dest, lay, b, g, rows):
     """Write a problem's (T * G, ...) result into dest (batch, T, H, ...)."""
     G = lay.group
     dest[b, :, g * G:(g + 1) * G] = rows.reshape((lay.T, G) + rows.shape[1:])
-
-
-#: Rows of the keys sampled to decide whether "l2" data are far from the origin.
-FAR_SAMPLE = 256
-#: "l2" rows whose mean's squared norm exceeds this many times their mean
-#: squared distance from the mean count as far from the origin.
-FAR_RATIO = 16.0
-
-
-def far_center(rows):
-    """For "l2": the mean of ``rows`` (n, d) as (d,) float32 when the rows lie
-    far from the origin compared with their spread, else None.
-
-    Squared distances are computed as ``|q|^2 - 2 q.k + |k|^2`` (so that the
-    dot products run on BLAS); in float32 this cancels when every point
-    shares a large offset (e.g. coordinates around 3000: no correct digit
-    left). Distances do not change when queries and keys are shifted by the
-    same point, so such data are shifted by their mean first.
-    """
-    X = np.asarray(rows, np.float64)
-    if X.shape[0] == 0:
-        return None
-    if not np.isfinite(X).all():
-        return None            # refused later, naming the array
-    mean = X.mean(axis=0)
-    spread = ((X - mean) ** 2).sum(axis=1).mean()
-    if (mean ** 2).sum() <= FAR_RATIO * spread:
-        return None
-    return mean.astype(np.float32)
-
-
-def prepare_bias(bias, n, unit):
-    """Bias in logit units as float32 (n,), excluded keys at MASKED; (0,) for none."""
-    b = validate.bias_vector(bias, n)
-    if b is None:
-        return np.zeros(0, np.float32)
-    with np.errstate(over="ignore"):
-        b2 = (b * unit).astype(np.float32)
-    if not np.isfinite(b2[b2 > 0]).all():
-        raise ValueError("bias has values too large for float32 logits")
-    return np.maximum(b2, MASKED)
 
 
 def _run(p, kernels, **mode):
@@ -453,23 +389,17 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res, logits, top_ids, count, valid = _run_topk(p, kernels, k, want_soft=True)
-        top = np.where(count > 0, logits[:, 0], 0.0).astype(np.float64)
-        w = np.where(valid, np.exp2(logits - top[:, None]), 0.0)
-        total = w.sum(axis=1)
-        wn = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] > 0)
-        wn = wn.astype(np.float32)
-        rows = cpu.gather_weighted(p.V, p.vscale, p.vcol, p.dv, top_ids, wn)
+        res, logits, top_ids, count, _ = _run_topk(p, kernels, k, want_soft=True)
+        # the finish runs on the host (where the values are, also for an Index on the GPU)
+        rows, row_ids, row_w, cov = cpu.finish_topk_attention(
+            logits, top_ids, count, res["lse"], p.V, p.vscale, p.vcol, p.dv, k)
         if not np.isfinite(rows).all():
             _refuse_non_finite(p)
         _fill(out, lay, b, g, rows)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lse_top = (top + np.log2(total)) * LN2   # float64, like the kernel's lse
-            cov = np.where(count > 0, np.minimum(np.exp(lse_top - res["lse"]), 1.0), 0.0)
-        _fill(coverage, lay, b, g, cov.astype(np.float32))
+        _fill(coverage, lay, b, g, cov)
         _fill(lse, lay, b, g, _with_row_const(res["lse"], p.row_const))
-        _fill(ids, lay, b, g, _pad(top_ids, k, -1))
-        _fill(weights, lay, b, g, _pad(wn, k, 0.0))
+        _fill(ids, lay, b, g, row_ids)
+        _fill(weights, lay, b, g, row_w)
     return TopKAttention(*(lay.heads_out(a) for a in (out, ids, weights, lse, coverage)))
 
 

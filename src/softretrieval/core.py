@@ -20,7 +20,6 @@ Conventions (all float32):
 
 import math
 import types
-from types import SimpleNamespace
 
 import numpy as np
 from llvmlite import ir
@@ -45,6 +44,11 @@ def float32_from_bits(bits):
     return np.array([bits], np.int32).view(np.float32)[0]
 
 
+def float32_bits(x):
+    """The IEEE bit pattern of the float32 ``x``, as an int32."""
+    return np.array([x], np.float32).view(np.int32)[0]
+
+
 @intrinsic
 def _bitcast_int32_float32(typingctx, bits):
     sig = nbtypes.float32(nbtypes.int32)
@@ -55,11 +59,29 @@ def _bitcast_int32_float32(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def _bitcast_float32_int32(typingctx, x):
+    sig = nbtypes.int32(nbtypes.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+# Compiled (CPU and CUDA): plain bitcasts, which LLVM vectorizes.
 @overload(float32_from_bits, inline="always")
 def _float32_from_bits_compiled(bits):
-    # Compiled: a plain bitcast, which LLVM vectorizes.
     def impl(bits):
         return _bitcast_int32_float32(np.int32(bits))
+
+    return impl
+
+
+@overload(float32_bits, inline="always")
+def _float32_bits_compiled(x):
+    def impl(x):
+        return _bitcast_float32_int32(np.float32(x))
 
     return impl
 
@@ -155,22 +177,29 @@ def finalize(m, l):
     return 0.0, -math.inf
 
 
-def compile_for(decorator, funcs=None):
+#: The functions of this module that every target compiles, in dependency order.
+FUNCTIONS = (pow2i, exp2, half_to_float, bfloat16_to_float, rescale, merge_pair, finalize)
+
+
+def compile_for(decorator, funcs=None, scope=None):
     """Compile plain functions with ``decorator``, e.g. a target's jit.
 
     Each function is rebuilt with globals in which the functions it calls
-    (earlier in ``funcs``) are the already compiled ones, so a single source
-    becomes a set of functions that call each other on the target.
-    ``funcs`` defaults to the core functions of this module. Returns a
-    namespace with one attribute per function.
+    (earlier in ``funcs``) are the already compiled ones, and the names in
+    ``scope`` (e.g. compiled modules it calls through, or a target's own
+    ``decode``) are bound as given, so a single source becomes a set of
+    functions that call each other on the target. ``funcs`` defaults to
+    :data:`FUNCTIONS`. Returns a module object with one attribute per
+    function (a module, so compiled code can call through it).
     """
     compiled = {}
-    for func in funcs or (pow2i, exp2, half_to_float, bfloat16_to_float, rescale, merge_pair,
-                          finalize):
-        scope = dict(func.__globals__, **compiled)
-        rebuilt = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__)
+    for func in funcs or FUNCTIONS:
+        names = dict(func.__globals__, **(scope or {}), **compiled)
+        rebuilt = types.FunctionType(func.__code__, names, func.__name__, func.__defaults__)
         compiled[func.__name__] = decorator(rebuilt)
-    return SimpleNamespace(**compiled)
+    module = types.ModuleType(f"{funcs[0].__module__ if funcs else __name__}.compiled")
+    module.__dict__.update(compiled)
+    return module
 
 
 #: The core for the CPU kernels, inlined into its callers (so each takes its

@@ -27,27 +27,17 @@ from numba import types as nbtypes
 from llvmlite import ir
 from numba.core.extending import intrinsic, overload
 
-from . import config, core, runtime, topk_buffer
-from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, MASKED, NEG_INIT
-from .core import float32_from_bits
+from . import config, core, rules, runtime, topk_buffer
+from .constants import KEYS_PLAIN, NEG_INIT
 
 exp2 = core.cpu.exp2
 rescale = core.cpu.rescale
-merge_pair = core.cpu.merge_pair
-finalize = core.cpu.finalize
 bfloat16_to_float = core.cpu.bfloat16_to_float
-_topk = core.compile_for(njit(inline="always"), topk_buffer.FUNCTIONS)
-topk_offer = _topk.offer
-topk_finish = _topk.finish
-topk_capacity = _topk.capacity
+topk_capacity = njit(inline="always")(topk_buffer.capacity)
 
 # Fast-math without 'nnan'/'ninf': NaN and inf flow through to the outputs,
 # where the API detects them (a NaN in the values must not be folded away).
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
-_EXPONENT = np.int32(0x7F800000)
-_MAGNITUDE = np.int32(0x7FFFFFFF)
-
 
 @intrinsic
 def half_to_float(typingctx, bits):
@@ -60,25 +50,6 @@ def half_to_float(typingctx, bits):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return sig, codegen
-
-
-@njit(cache=True)
-def _row_max_finite(bits):
-    """Max of a float32 vector given as its int32 bits, and whether all are finite.
-
-    Works on the bits because LLVM vectorizes integer max reductions but not
-    Numba's float ``max``: ``b ^ ((b >> 31) & 0x7FFFFFFF)`` orders the bit
-    patterns of floats like the floats themselves (and is its own inverse).
-    A value is NaN or inf when its exponent bits are all set.
-    """
-    best = np.int32(-2147483647)
-    expo = np.int32(0)
-    for j in range(bits.shape[0]):
-        b = bits[j]
-        best = max(best, b ^ ((b >> 31) & _MAGNITUDE))
-        expo = max(expo, b & _EXPONENT)
-    mx = float32_from_bits(best ^ ((best >> 31) & _MAGNITUDE))
-    return mx, expo != _EXPONENT
 
 
 def decode(x):
@@ -100,6 +71,13 @@ def _decode_for(x):
     if x == nbtypes.int8:
         return lambda x: np.float32(x)
     return None
+
+
+#: The shared core, top-k buffer and per-row rules (:mod:`softretrieval.rules`),
+#: compiled for the CPU and inlined into the kernels below.
+shared = rules.shared(njit(inline="always"), decode)
+topk_offer = shared.topk_buffer.offer
+topk_finish = shared.topk_buffer.finish
 
 
 def is_float32(X):
@@ -324,69 +302,38 @@ def _squared_norms(Kt, out):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _key_terms(bias_t, has_bias, key_mode, key_coef, S, terms):
-    """Turn dot products into logits, in place: the per-key part.
+def _key_terms(bias_t, has_bias, key_mode, key_coef, S, terms, factors):
+    """Turn dot products into logits, in place, by the shared rules
+    (:func:`rules.key_factor`, :func:`rules.key_offset`, :func:`rules.logit`).
 
-    bias_t (tn,) (read when ``has_bias``), S (bq, tn), terms (>= tn,): holds
+    bias_t (tn,) (read when ``has_bias``), S (bq, tn); terms (>= tn,) holds
     the keys' squared norms on entry unless ``key_mode == KEYS_PLAIN``, then
-    used as scratch. See KEYS_PLAIN, KEYS_SQNORM and KEYS_UNIT.
+    their offsets; factors (>= tn,) scratch.
     """
     tn = S.shape[1]
     if key_mode == KEYS_PLAIN and not has_bias:
         return
-    if key_mode == KEYS_PLAIN:
-        terms[:tn] = 0.0
-    if key_mode == KEYS_UNIT:
-        for j in range(tn):
-            terms[j] = np.float32(1.0) / np.sqrt(terms[j]) if terms[j] > 0 else np.float32(0.0)
-        for i in range(S.shape[0]):
-            row = S[i]
-            for j in range(tn):
-                row[j] *= terms[j]
-        if not has_bias:
-            return
-        terms[:tn] = 0.0
-    elif key_mode == KEYS_SQNORM:
-        for j in range(tn):
-            terms[j] *= key_coef
-    if has_bias:
-        for j in range(tn):
-            terms[j] += bias_t[j]
+    for j in range(tn):
+        b = bias_t[j] if has_bias else np.float32(0.0)
+        factors[j] = shared.key_factor(key_mode, terms[j])
+        terms[j] = shared.key_offset(key_mode, key_coef, terms[j], b)
     for i in range(S.shape[0]):
         row = S[i]
         for j in range(tn):
-            row[j] += terms[j]
+            row[j] = shared.logit(row[j], factors[j], terms[j])
 
 
 @njit(cache=True)
-def _exclude(S, t0, excl_ids, ptr, end):
-    """Set excluded keys' logits to MASKED; ``ptr`` advances per row.
-
-    Row i of S excludes ``excl_ids[ptr[i]:end[i]]`` (sorted) that fall in
-    ``[t0, t0 + tn)``.
-    """
-    t1 = t0 + S.shape[1]
-    for i in range(S.shape[0]):
-        p = ptr[i]
-        while p < end[i] and excl_ids[p] < t1:
-            S[i, excl_ids[p] - t0] = MASKED
-            p += 1
-        ptr[i] = p
-
-
-@njit(cache=True)
-def _window(S, t0, lo, hi):
-    """Mask the keys outside each row's window ``[lo[i], hi[i])`` (a causal
-    or sliding-window limit); rows the tile lies inside are left alone."""
+def _masks(S, t0, excl_ids, ptr, end, lo, hi):
+    """Mask each row's excluded keys (:func:`rules.exclude_row`; ``ptr``
+    advances per row) and keys outside its window ``[lo[i], hi[i])``
+    (:func:`rules.window_row`, when ``lo`` is not empty)."""
     tn = S.shape[1]
     for i in range(S.shape[0]):
-        a = min(max(lo[i] - t0, 0), tn)
-        b = min(max(hi[i] - t0, a), tn)
-        if a == 0 and b == tn:
-            continue
-        row = S[i]
-        row[:a] = MASKED
-        row[b:] = MASKED
+        if ptr[i] < end[i]:
+            ptr[i] = shared.exclude_row(S[i], tn, t0, excl_ids, ptr[i], end[i])
+        if lo.shape[0] > 0:
+            shared.window_row(S[i], tn, t0, lo[i], hi[i])
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -467,6 +414,7 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
     has_bias = bias.shape[0] > 0
     scores = np.empty(bq * ktile, np.float32)
     terms = np.empty(ktile, np.float32)
+    factors = np.empty(ktile, np.float32)
     corr = np.ones(bq, np.float32)
     pv = np.empty((bq, dv), np.float32)
     kplain = is_float32(K)
@@ -491,13 +439,11 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
             _scores(Qb, Kt, S, simd)
             if key_mode != KEYS_PLAIN:
                 _squared_norms(Kt, terms)
-        _key_terms(bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms)
-        _exclude(S, t0, excl_ids, ptr, end)
-        if lo.shape[0] > 0:
-            _window(S, t0, lo, hi)
-        bits = S.view(np.int32)
+        _key_terms(bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms,
+                   factors)
+        _masks(S, t0, excl_ids, ptr, end, lo, hi)
         for i in range(bq):
-            mx, finite = _row_max_finite(bits[i])
+            mx, finite = shared.row_max_finite(S[i], t1 - t0)
             if not finite:
                 bad += 1
             if k > 0:
@@ -595,42 +541,32 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
 
 @njit(cache=True)
 def merge_states(m, l, acc):
-    """Merge states over disjoint key sets and normalize them.
+    """Merge states over disjoint key sets and normalize them
+    (:func:`rules.merge_row` per query).
 
     m, l (P, B) and acc (P, B, dv) float32: P partial states per query, in
     the base-2 convention of :mod:`softretrieval.core`.
     Returns ``(out (B, dv) float32, lse (B,) float64)``; a query with no
     valid key gets ``out = 0`` and ``lse = -inf``.
     """
-    P, B = m.shape
-    dv = acc.shape[2]
-    out = np.empty((B, dv), np.float32)
+    B = m.shape[1]
+    out = np.empty((B, acc.shape[2]), np.float32)
     lse = np.empty(B, np.float64)
     for b in range(B):
-        mb = m[0, b]
-        lb = l[0, b]
-        o = out[b]
-        o[:] = acc[0, b]
-        for p in range(1, P):
-            mb, lb, c1, c2 = merge_pair(mb, lb, m[p, b], l[p, b])
-            a = acc[p, b]
-            for c in range(dv):
-                o[c] = o[c] * c1 + a[c] * c2
-        inv_l, lse[b] = finalize(mb, lb)
-        for c in range(dv):
-            o[c] *= inv_l
+        lse[b] = shared.merge_row(m, l, acc, b, out[b])
     return out, lse
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def merge_topk(tk_s, tk_i, tk_n, k):
-    """Best k of the candidates of every key range, best first.
+    """Best k of the candidates of every key range, best first
+    (:func:`rules.merge_topk_row` per query).
 
     tk_s, tk_i (P, B, cap), tk_n (P, B) as returned by :func:`stream`.
     Returns ``(scores (B, k) float32, ids (B, k) int64, count (B,))``: order
     by higher logit then lower id; slots past ``count`` hold NEG_INIT and -1.
     """
-    P, B, _ = tk_s.shape
+    B = tk_n.shape[1]
     scores = np.full((B, k), NEG_INIT, np.float32)
     ids = np.full((B, k), -1, np.int64)
     count = np.zeros(B, np.int64)
@@ -638,43 +574,26 @@ def merge_topk(tk_s, tk_i, tk_n, k):
     for b in prange(B):
         bs = np.empty(cap, np.float32)
         bi = np.empty(cap, np.int64)
-        n = 0
-        ts = NEG_INIT
-        ti = -1
-        for p in range(P):
-            for j in range(tk_n[p, b]):
-                n, ts, ti = topk_offer(bs, bi, n, k, ts, ti, tk_s[p, b, j], tk_i[p, b, j])
-        n = topk_finish(bs, bi, n, k)
-        scores[b, :n] = bs[:n]
-        ids[b, :n] = bi[:n]
-        count[b] = n
+        count[b] = shared.merge_topk_row(tk_s, tk_i, tk_n, b, k, bs, bi, scores[b], ids[b])
     return scores, ids, count
 
 
-@njit(cache=True)
-def gather_weighted(V, vscale, vcol, dv, ids, weights):
-    """out[b] = sum_j weights[b, j] * V[ids[b, j], vcol:vcol + dv] over the ids >= 0.
-
-    V (N, WV) in a storage dtype (:func:`decode`; int8 row scales ``vscale`` (N,),
-    else (0,)), ids (B, k) int64, weights (B, k) float32.
-    Returns (B, dv) float32.
-    """
-    B, k = ids.shape
-    out = np.zeros((B, dv), np.float32)
-    row = np.empty((1, dv), np.float32)
-    scaled = vscale.shape[0] > 0
-    for b in range(B):
-        o = out[b]
-        for j in range(k):
-            i = ids[b, j]
-            if i < 0:
-                continue
-            w = weights[b, j]
-            vs = vscale[i:i + 1] if scaled else vscale
-            v = _tile(V[i:i + 1], vcol, dv, row, vs)[0]
-            for c in range(dv):
-                o[c] += w * v[c]
-    return out
+@njit(parallel=True, cache=True, nogil=True)
+def finish_topk_attention(logits, ids, count, lse, V, vscale, vcol, dv, k):
+    """Top-k attention from merged top-k buffers (:func:`rules.topk_attention_row`
+    per query): logits, ids (B, k') and count (B,) from :func:`merge_topk`,
+    lse (B,) natural-log partitions; V (N, WV) in a storage dtype with int8
+    row scales ``vscale`` (N,), else (0,), the values in columns ``vcol:vcol + dv``.
+    Returns ``(out (B, dv), ids (B, k), weights (B, k), coverage (B,))``."""
+    B = logits.shape[0]
+    out = np.empty((B, dv), np.float32)
+    ids_out = np.empty((B, k), np.int64)
+    weights = np.empty((B, k), np.float32)
+    coverage = np.empty(B, np.float32)
+    for b in prange(B):
+        coverage[b] = shared.topk_attention_row(logits[b], ids[b], count[b], lse[b], V, vscale,
+                                                vcol, out[b], weights[b], ids_out[b])
+    return out, ids_out, weights, coverage
 
 
 def plan(B, N, threads):

@@ -26,18 +26,12 @@ import math
 import numpy as np
 from numba import cuda, float32, int64
 
-from . import config, core, topk_buffer
-from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LN2, MASKED, NEG_INIT
+from . import config, core, rules, topk_buffer
+from .constants import KEYS_PLAIN, MASKED, NEG_INIT
 
-#: The shared core, compiled as CUDA device functions.
-dev = core.compile_for(cuda.jit(device=True))
-#: The top-k buffer update, compiled as CUDA device functions.
-topk = core.compile_for(cuda.jit(device=True), topk_buffer.FUNCTIONS)
-exp2 = dev.exp2
-merge_pair = dev.merge_pair
-finalize = dev.finalize
-topk_offer = topk.offer
-topk_finish = topk.finish
+_device = cuda.jit(device=True)
+#: The shared core as CUDA device functions.
+dev = core.compile_for(_device)
 
 
 @cuda.jit(device=True)
@@ -53,6 +47,19 @@ def _integer(x):
 #: Decoder of one stored element per storage dtype (see :mod:`softretrieval.storage`).
 DECODERS = {np.dtype(np.float32): _same, np.dtype(np.uint16): dev.half_to_float,
             np.dtype(np.int16): dev.bfloat16_to_float, np.dtype(np.int8): _integer}
+
+
+@functools.lru_cache(maxsize=None)
+def shared_for(vdtype):
+    """The shared core, top-k buffer and per-row rules
+    (:mod:`softretrieval.rules`) as device functions, decoding values
+    stored as ``vdtype``."""
+    return rules.shared(_device, DECODERS[np.dtype(vdtype)])
+
+
+#: The shared functions for float32 values (every kernel but the top-k
+#: attention finish of compact values).
+shared = shared_for(np.float32)
 
 
 def available():
@@ -71,8 +78,15 @@ def stream_kernel(kdtype, vdtype, tile, vd):
     combination is its own kernel (compiled on first launch)."""
     kdec = DECODERS[np.dtype(kdtype)]
     vdec = DECODERS[np.dtype(vdtype)]
-    rescale = dev.rescale
-    offer = topk_offer
+    rescale = shared.core.rescale
+    exp2 = shared.core.exp2
+    offer = shared.topk_buffer.offer
+    key_factor = shared.key_factor
+    key_offset = shared.key_offset
+    logit = shared.logit
+    exclude_row = shared.exclude_row
+    window_row = shared.window_row
+    row_max_finite = shared.row_max_finite
     acc_size = max(vd, 1)
 
     @cuda.jit
@@ -87,10 +101,10 @@ def stream_kernel(kdtype, vdtype, tile, vd):
         sp = cuda.blockIdx.y
         split = (N + cuda.gridDim.y - 1) // cuda.gridDim.y
         active = row < B
-        shared = cuda.shared.array(0, float32)
-        ktile = shared[: tile * d]
-        vtile = shared[tile * d: tile * (d + vd)]
-        norms = shared[tile * (d + vd): tile * (d + vd + 1)]
+        shared_mem = cuda.shared.array(0, float32)
+        ktile = shared_mem[: tile * d]
+        vtile = shared_mem[tile * d: tile * (d + vd)]
+        norms = shared_mem[tile * (d + vd): tile * (d + vd + 1)]
         limits = cuda.shared.array(2, int64)
         logits = cuda.local.array(tile, float32)
         acc = cuda.local.array(acc_size, float32)
@@ -98,7 +112,8 @@ def stream_kernel(kdtype, vdtype, tile, vd):
             acc[c] = float32(0.0)
         lo = 0
         hi = N
-        if row_lo.shape[0] > 0 and active:
+        windowed = row_lo.shape[0] > 0
+        if windowed and active:
             lo = row_lo[row]
             hi = row_hi[row]
         if tid == 0:
@@ -155,29 +170,20 @@ def stream_kernel(kdtype, vdtype, tile, vd):
                 cuda.syncthreads()
             if not active:
                 continue
-            mx = MASKED
             for j in range(tn):
                 s = float32(0.0)
                 for c in range(d):
                     s += Q[row, c] * ktile[j * d + c]
-                s *= qs
-                if key_mode == KEYS_UNIT:
-                    s = s / math.sqrt(norms[j]) if norms[j] > 0 else float32(0.0)
-                elif key_mode == KEYS_SQNORM:
-                    s += key_coef * norms[j] + rowc
-                if bias.shape[0] > 0:
-                    s += bias[t0 + j] * bias_mult
-                    if s < MASKED:       # a -inf bias excludes the key
-                        s = MASKED
-                key = t0 + j
-                while p < pend and excl_ids[p] < key:
-                    p += 1
-                if (p < pend and excl_ids[p] == key) or key < lo or key >= hi:
-                    s = MASKED
-                if not math.isfinite(s):
-                    nbad += 1
-                logits[j] = s
-                mx = max(mx, s)
+                b = bias[t0 + j] * bias_mult if bias.shape[0] > 0 else float32(0.0)
+                logits[j] = logit(s * qs, key_factor(key_mode, norms[j]),
+                                  key_offset(key_mode, key_coef, norms[j], b) + rowc)
+            if p < pend:
+                p = exclude_row(logits, tn, t0, excl_ids, p, pend)
+            if windowed:
+                window_row(logits, tn, t0, lo, hi)
+            mx, finite = row_max_finite(logits, tn)
+            if not finite:
+                nbad += 1
             if k > 0 and mx >= ts:
                 for j in range(tn):
                     if logits[j] >= ts:      # keys ascend: below ts cannot enter
@@ -210,43 +216,20 @@ def stream_kernel(kdtype, vdtype, tile, vd):
 @cuda.jit
 def merge_states_kernel(m, l, acc, out, lse):
     """One thread per query: merge the key splits' states and normalize
-    (the CUDA twin of :func:`cpu.merge_states`)."""
+    (:func:`rules.merge_row`, as :func:`cpu.merge_states`)."""
     b = cuda.grid(1)
-    if b >= m.shape[1]:
-        return
-    dv = acc.shape[2]
-    mb = m[0, b]
-    lb = l[0, b]
-    for c in range(dv):
-        out[b, c] = acc[0, b, c]
-    for p in range(1, m.shape[0]):
-        mb, lb, c1, c2 = merge_pair(mb, lb, m[p, b], l[p, b])
-        for c in range(dv):
-            out[b, c] = out[b, c] * c1 + acc[p, b, c] * c2
-    inv_l, lse[b] = finalize(mb, lb)
-    for c in range(dv):
-        out[b, c] *= inv_l
+    if b < m.shape[1]:
+        lse[b] = shared.merge_row(m, l, acc, b, out[b])
 
 
 @cuda.jit
 def merge_topk_kernel(tk_s, tk_i, tk_n, k, bs, bi, scores, ids, count):
     """One thread per query: the best k of every split's buffer, best first,
-    through a buffer ``bs``, ``bi`` (B, capacity(k)) (the CUDA twin of
-    :func:`cpu.merge_topk`)."""
+    through a buffer ``bs``, ``bi`` (B, capacity(k)) (:func:`rules.merge_topk_row`,
+    as :func:`cpu.merge_topk`)."""
     b = cuda.grid(1)
-    if b >= tk_n.shape[1]:
-        return
-    n = 0
-    ts = NEG_INIT
-    ti = -1
-    for p in range(tk_n.shape[0]):
-        for j in range(tk_n[p, b]):
-            n, ts, ti = topk_offer(bs[b], bi[b], n, k, ts, ti, tk_s[p, b, j], tk_i[p, b, j])
-    n = topk_finish(bs[b], bi[b], n, k)
-    for j in range(n):
-        scores[b, j] = bs[b, j]
-        ids[b, j] = bi[b, j]
-    count[b] = n
+    if b < tk_n.shape[1]:
+        count[b] = shared.merge_topk_row(tk_s, tk_i, tk_n, b, k, bs[b], bi[b], scores[b], ids[b])
 
 
 def key_tile(d, vd):
@@ -367,35 +350,22 @@ def finish_topk_kernel(logits, ids, count, sign, clamp, pad, scores_out, ids_out
             ids_out[b, j] = -1
 
 
-@cuda.jit
-def finish_topk_attention_kernel(logits, ids, count, lse, V, out, ids_out, weights, coverage):
-    """One thread per query: softmax over the top-k base-2 logits, the
-    weighted sum of their values, and the share of the full softmax mass
-    (natural-log ``lse``) they hold; slots past ``count`` get id -1, weight 0."""
-    b = cuda.grid(1)
-    if b >= logits.shape[0]:
-        return
-    n = count[b]
-    for c in range(out.shape[1]):
-        out[b, c] = float32(0.0)
-    for j in range(weights.shape[1]):
-        weights[b, j] = float32(0.0)
-        ids_out[b, j] = -1
-    coverage[b] = float32(0.0)
-    if n == 0:
-        return
-    top = logits[b, 0]
-    total = float32(0.0)
-    for j in range(n):
-        total += exp2(logits[b, j] - top)
-    for j in range(n):
-        w = exp2(logits[b, j] - top) / total
-        weights[b, j] = w
-        ids_out[b, j] = ids[b, j]
-        for c in range(out.shape[1]):
-            out[b, c] += w * V[ids[b, j], c]
-    lse_top = (top + math.log2(total)) * LN2
-    coverage[b] = min(math.exp(lse_top - lse[b]), 1.0)
+@functools.lru_cache(maxsize=None)
+def finish_topk_attention_kernel(vdtype):
+    """One thread per query: :func:`rules.topk_attention_row` (as
+    :func:`cpu.finish_topk_attention`) for values stored as ``vdtype``.
+    Arguments: logits, ids (B, k'), count (B,), lse (B,), V, vscale, vcol,
+    and the outputs out (B, dv), weights, ids_out (B, k), coverage (B,)."""
+    row_rule = shared_for(vdtype).topk_attention_row
+
+    @cuda.jit
+    def kernel(logits, ids, count, lse, V, vscale, vcol, out, weights, ids_out, coverage):
+        b = cuda.grid(1)
+        if b < logits.shape[0]:
+            coverage[b] = row_rule(logits[b], ids[b], count[b], lse[b], V, vscale, vcol, out[b],
+                                   weights[b], ids_out[b])
+
+    return kernel
 
 
 @cuda.jit

@@ -18,7 +18,7 @@ logits that come out non-finite still raise ``ValueError``.
 import numpy as np
 
 from . import layout, validate
-from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LOG2E
+from .terms import TopKAttention, check_metric, logit_terms, prepare_bias
 
 
 def on_device(*arrays):
@@ -61,11 +61,9 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
     yields ``((b, g), (Q, K, V, bias, terms))`` on the device."""
     from numba import cuda
 
-    from . import api
     from . import cuda as gpu
 
-    if metric not in api.METRICS:
-        raise ValueError(f"metric must be one of {api.METRICS}, got {metric!r}")
+    check_metric(metric)
     ndim = len(getattr(queries, "shape", ()))
     if ndim not in (2, 3, 4):
         raise ValueError(f"queries must have 2, 3 or 4 dimensions, got shape {getattr(queries, 'shape', None)}")
@@ -78,13 +76,10 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
     if exclude is not None and (causal or lay.ndim == 4):
         raise ValueError("exclude applies to retrieval (2-D or 3-D queries without causal)")
     excl = layout.stacked_exclude(validate.exclusion_lists(exclude, lay.T, lay.S), lay)
-    unit = LOG2E if softmax else 1.0
-    mult = validate.scale_value(scale, lay.d) * unit if softmax else 1.0
-    terms = dict(qmult=mult, key_mode=KEYS_PLAIN, exclude=excl)
-    if metric == "cosine":
-        terms.update(qunit=True, key_mode=KEYS_UNIT)
-    elif metric == "l2":
-        terms.update(qmult=2 * mult, qsq_coef=-mult, key_mode=KEYS_SQNORM, key_coef=-mult)
+    t = logit_terms(metric, scale, lay.d, softmax)
+    unit = t.unit
+    terms = dict(qmult=t.qmult, qunit=t.qunit, qsq_coef=t.qsq_coef, key_mode=t.key_mode,
+                 key_coef=t.key_coef, exclude=excl)
     if on_device(bias):
         dbias = _array(bias, "bias", 1)
         if tuple(dbias.shape) != (lay.S,):
@@ -93,7 +88,7 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
         bias_of = lambda g: dbias  # noqa: E731
     else:
         rows = layout.head_bias(bias, lay)
-        bias_of = lambda g: api.prepare_bias(rows(g), lay.S, unit)  # noqa: E731
+        bias_of = lambda g: prepare_bias(rows(g), lay.S, unit)  # noqa: E731
 
     def each():
         G = lay.group
@@ -203,7 +198,6 @@ def topk_attention(queries, keys, values, k, *, scale, bias, metric, exclude, ca
     from numba import cuda
 
     from . import cuda as gpu
-    from .api import TopKAttention
 
     lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                               exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
@@ -218,8 +212,9 @@ def topk_attention(queries, keys, values, k, *, scale, bias, metric, exclude, ca
         weights = cuda.device_array((R, k), np.float32)
         coverage = cuda.device_array(R, np.float32)
         if R:
-            gpu.finish_topk_attention_kernel[_blocks(R)](
-                res["topk_logits"], res["topk_ids"], res["topk_count"], res["lse"], p[2], out, ids,
-                weights, coverage)
+            V = p[2]
+            gpu.finish_topk_attention_kernel(np.dtype(V.dtype))[_blocks(R)](
+                res["topk_logits"], res["topk_ids"], res["topk_count"], res["lse"], V,
+                gpu.device_view(np.zeros(0, np.float32)), 0, out, weights, ids, coverage)
         outs.fill(b, g, (out, ids, weights, res["lse"], coverage))
     return TopKAttention(*outs.arrays)

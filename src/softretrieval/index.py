@@ -32,7 +32,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import api, devices, layout, persist, storage, validate
+from . import api, devices, layout, persist, storage, terms, validate
+from .constants import LOG2E
 
 FORMAT = "softretrieval.Index"
 FORMAT_VERSION = 2
@@ -83,9 +84,7 @@ class Index:
 
     def __init__(self, dim, *, metric="ip", value_dim=None, dtype="float32"):
         self.dim = validate.positive_int(dim, "dim")
-        if metric not in api.METRICS:
-            raise ValueError(f"metric must be one of {api.METRICS}, got {metric!r}")
-        self.metric = metric
+        self.metric = terms.check_metric(metric)
         self.value_dim = None if value_dim is None else validate.positive_int(value_dim, "value_dim")
         self.dtype = storage.check_dtype(dtype)
         self._n = 0
@@ -197,7 +196,7 @@ class Index:
                 raise ValueError("ids already in the index")
             center = self._center
             if self._n == 0 and self.metric == "l2":
-                center = api.far_center(K[: storage.ENCODE_CHUNK])
+                center = terms.far_center(K[: storage.ENCODE_CHUNK])
             self._reserve(self._n + n)
             lo, hi = self._n, self._n + n
             storage.encode_rows(K, self.dtype, self._data[lo:hi], self._scales[lo:hi], center)
@@ -367,17 +366,17 @@ class Index:
     def _call_bias(self, bias, n, softmax):
         """The kernels' bias for a call (cached for the stored bias), and the
         name of its GPU copy when it is the stored bias (else None)."""
-        unit = api.LOG2E if softmax else 1.0
+        unit = LOG2E if softmax else 1.0
         if bias is False:
             return np.zeros(0, np.float32), None
         if bias is not None:
-            return api.prepare_bias(bias, n, unit), None
+            return terms.prepare_bias(bias, n, unit), None
         with self._lock:
             if self._bias is None:
                 return np.zeros(0, np.float32), None
             key = (n, unit)
             if key not in self._bias_cache:
-                self._bias_cache[key] = api.prepare_bias(self._bias[:n], n, unit)
+                self._bias_cache[key] = terms.prepare_bias(self._bias[:n], n, unit)
             return self._bias_cache[key], f"bias {unit}"
 
     # ------------------------------------------------------------------ files

@@ -19,31 +19,16 @@ and refuses anything else.
 
 import os
 import threading
-from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import api, devices, persist, validate
+from . import api, devices, persist, terms, validate
+from .terms import MemoryRead
 
 FORMAT = "softretrieval.KNNMemory"
 FORMAT_VERSION = 3
 #: Older versions :meth:`KNNMemory.load` still reads (no meta.json checksum).
 LEGACY_VERSIONS = (2,)
-
-
-class MemoryRead(NamedTuple):
-    """Result of :meth:`KNNMemory.read` (float32 but ``ids``).
-
-    out (B, heads, value_dim) — or (B, value_dim) for a one-head memory read
-    with 2-D queries; lse like out without its last axis (over the whole live
-    memory); with top-k, ids (..., k) int64 slots (-1 where fewer entries
-    exist) and coverage (...) the share of the full softmax mass in the top-k.
-    """
-
-    out: np.ndarray
-    lse: np.ndarray
-    ids: Optional[np.ndarray] = None
-    coverage: Optional[np.ndarray] = None
 
 
 class KNNMemory:
@@ -76,9 +61,7 @@ class KNNMemory:
         self.heads = validate.positive_int(heads, "heads")
         if dtype not in ("float32", np.float32):
             raise ValueError(f"dtype must be 'float32', got {dtype!r}")
-        if metric not in api.METRICS:
-            raise ValueError(f"metric must be one of {api.METRICS}, got {metric!r}")
-        self.metric = metric
+        self.metric = terms.check_metric(metric)
         self._keys = np.zeros((self.heads, self.capacity, self.key_dim), np.float32)
         self._values = np.zeros((self.heads, self.capacity, self.value_dim), np.float32)
         self._size = 0

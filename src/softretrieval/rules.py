@@ -1,0 +1,195 @@
+"""The per-row rules of every kernel, one source for every target.
+
+Plain Python functions on scalars and 1-D/2-D arrays, like
+:mod:`softretrieval.core` and :mod:`softretrieval.topk_buffer`: the CPU
+drivers compile them with ``numba.njit(inline="always")`` and the CUDA drivers
+as device functions (both through :func:`shared`); they also run as plain
+Python (the CUDA simulator runs them so). A driver decides only who computes
+which row and where the data sit; what a row's numbers mean is decided here:
+
+* a key's logit: :func:`key_factor`, :func:`key_offset` and :func:`logit`
+  (metric terms, bias, and "a ``-inf`` bias excludes the key"), then
+  :func:`exclude_row` (per-query exclusion lists), :func:`window_row`
+  (causal and sliding-window limits) and :func:`row_max_finite` (the row's
+  max and the NaN/inf check);
+* the merge of the online-softmax states of key splits: :func:`merge_row`;
+* the merge of the top-k buffers of key splits: :func:`merge_topk_row`;
+* the top-k-attention finish: :func:`topk_attention_row` (softmax over the
+  top-k logits, the weighted sum of their values, the coverage).
+
+``decode`` (one stored element to float32, by storage dtype) is provided by
+each target when it compiles these functions (see :func:`shared`).
+"""
+
+import math
+
+import numpy as np
+
+from . import core, topk_buffer
+from .constants import KEYS_SQNORM, KEYS_UNIT, LN2, MASKED, NEG_INIT
+from .core import float32_bits, float32_from_bits
+
+_EXPONENT = np.int32(0x7F800000)
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+
+
+def key_factor(key_mode, sqnorm):
+    """What a key multiplies its dot products by: ``1/|k|`` for cosine
+    (``KEYS_UNIT``; 0 for a zero key, which then scores 0), else 1."""
+    if key_mode == KEYS_UNIT:
+        return np.float32(1.0) / np.float32(math.sqrt(sqnorm)) if sqnorm > 0 else np.float32(0.0)
+    return np.float32(1.0)
+
+
+def key_offset(key_mode, key_coef, sqnorm, bias):
+    """What a key adds to its logits: ``key_coef * |k|^2`` for l2
+    (``KEYS_SQNORM``), plus its bias (in logit units; ``-inf`` excludes)."""
+    if key_mode == KEYS_SQNORM:
+        return np.float32(key_coef * sqnorm + bias)
+    return np.float32(bias)
+
+
+def logit(s, factor, offset):
+    """The logit of a dot product ``s`` (query terms applied) with its key's
+    ``factor`` and ``offset``; at least :data:`constants.MASKED`, which is how
+    a ``-inf`` bias (or an overflow to ``-inf``) becomes an excluded key."""
+    return max(s * factor + offset, MASKED)
+
+
+def exclude_row(row, n, t0, excl_ids, p, pend):
+    """Mask the excluded keys of one query in its logits ``row[:n]`` (keys
+    ``t0 .. t0 + n - 1``): the sorted ids ``excl_ids[p:pend]`` that fall in
+    the tile get :data:`constants.MASKED`. Returns the advanced ``p`` (the
+    first id at or beyond the tile), so a scan over ascending tiles reads
+    each id once."""
+    t1 = t0 + n
+    while p < pend and excl_ids[p] < t1:
+        if excl_ids[p] >= t0:
+            row[excl_ids[p] - t0] = MASKED
+        p += 1
+    return p
+
+
+def window_row(row, n, t0, lo, hi):
+    """Mask the keys of ``row[:n]`` (keys ``t0 ..``) outside the query's
+    window ``[lo, hi)`` (causal, sliding-window and length limits)."""
+    a = min(max(lo - t0, 0), n)
+    b = min(max(hi - t0, a), n)
+    for j in range(a):
+        row[j] = MASKED
+    for j in range(b, n):
+        row[j] = MASKED
+
+
+def row_max_finite(row, n):
+    """``(max of row[:n], whether all are finite)``.
+
+    Works on the bits, because LLVM vectorizes integer max reductions but not
+    float ones: ``b ^ ((b >> 31) & 0x7FFFFFFF)`` orders the bit patterns of
+    floats like the floats themselves (and is its own inverse); a value is
+    NaN or inf when its exponent bits are all set.
+    """
+    best = np.int32(-2147483647)
+    expo = np.int32(0)
+    for j in range(n):
+        b = float32_bits(row[j])
+        best = max(best, b ^ ((b >> np.int32(31)) & _MAGNITUDE))
+        expo = max(expo, b & _EXPONENT)
+    mx = float32_from_bits(best ^ ((best >> np.int32(31)) & _MAGNITUDE))
+    return mx, expo != _EXPONENT
+
+
+def merge_row(m, l, acc, b, out):
+    """Merge the P split states of query ``b`` — m, l (P, B) and acc
+    (P, B, dv) float32, base 2 — into ``out`` (dv,), normalized. Returns
+    the natural-log partition; a query with no valid key gets ``out = 0``
+    and ``-inf``."""
+    dv = out.shape[0]
+    mb = m[0, b]
+    lb = l[0, b]
+    for c in range(dv):
+        out[c] = acc[0, b, c]
+    for p in range(1, m.shape[0]):
+        mb, lb, c1, c2 = core.merge_pair(mb, lb, m[p, b], l[p, b])
+        for c in range(dv):
+            out[c] = out[c] * c1 + acc[p, b, c] * c2
+    inv_l, lse = core.finalize(mb, lb)
+    for c in range(dv):
+        out[c] *= inv_l
+    return lse
+
+
+def merge_topk_row(tk_s, tk_i, tk_n, b, k, bs, bi, scores, ids):
+    """The best k of query ``b``'s candidates in every split — tk_s, tk_i
+    (P, B, cap), tk_n (P, B) — through the buffer ``bs``, ``bi`` (cap,),
+    best first (higher logit, then lower id), into ``scores``, ``ids`` (k,).
+    Returns how many slots hold a key."""
+    n = 0
+    ts = NEG_INIT
+    ti = -1
+    for p in range(tk_n.shape[0]):
+        for j in range(tk_n[p, b]):
+            n, ts, ti = topk_buffer.offer(bs, bi, n, k, ts, ti, tk_s[p, b, j], tk_i[p, b, j])
+    n = topk_buffer.finish(bs, bi, n, k)
+    for j in range(n):
+        scores[j] = bs[j]
+        ids[j] = bi[j]
+    return n
+
+
+def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_out):
+    """Finish top-k attention for one query: the softmax over its ``n``
+    top-k base-2 ``logits`` (best first) with key ``ids``, applied to their
+    values ``V[id, vcol:vcol + dv]`` (stored rows, decoded; int8 row scales
+    ``vscale`` (N,), else (0,)) into ``out`` (dv,); ``weights`` and
+    ``ids_out`` (k,) padded with 0 and -1. Returns the coverage: the share
+    of the full softmax mass (natural-log partition ``lse``) the n hold."""
+    dv = out.shape[0]
+    for c in range(dv):
+        out[c] = np.float32(0.0)
+    for j in range(weights.shape[0]):
+        weights[j] = np.float32(0.0)
+        ids_out[j] = -1
+    if n == 0:
+        return np.float32(0.0)
+    top = logits[0]
+    total = np.float32(0.0)
+    for j in range(n):
+        total += core.exp2(logits[j] - top)
+    scaled = vscale.shape[0] > 0
+    for j in range(n):
+        w = core.exp2(logits[j] - top) / total
+        i = ids[j]
+        weights[j] = w
+        ids_out[j] = i
+        if scaled:
+            w = w * vscale[i]
+        for c in range(dv):
+            out[c] += w * decode(V[i, vcol + c])   # noqa: F821 (given by the target)
+    lse_top = (top + math.log2(total)) * LN2
+    return np.float32(min(math.exp(lse_top - lse), 1.0))
+
+
+#: The rules, in dependency order (each may call the ones before it and the
+#: functions of :mod:`core` and :mod:`topk_buffer`).
+FUNCTIONS = (key_factor, key_offset, logit, exclude_row, window_row, row_max_finite, merge_row,
+             merge_topk_row, topk_attention_row)
+
+#: Modules whose functions every target compiles from one source, in order.
+SHARED = (core, topk_buffer)
+
+
+def shared(decorator, decode):
+    """Compile the shared functions — :mod:`core`'s, :mod:`topk_buffer`'s and
+    these rules — for one target: ``decorator`` is its jit (e.g.
+    ``numba.njit(inline="always")`` or ``numba.cuda.jit(device=True)``) and
+    ``decode`` its compiled decoder of one stored element. Returns a
+    namespace with one attribute per function (and ``core``,
+    ``topk_buffer`` namespaces the rules call through)."""
+    scope = {"decode": decode}
+    for module in SHARED:
+        scope[module.__name__.rsplit(".", 1)[1]] = core.compile_for(decorator, module.FUNCTIONS)
+    compiled = core.compile_for(decorator, FUNCTIONS, scope)
+    compiled.core = scope["core"]
+    compiled.topk_buffer = scope["topk_buffer"]
+    return compiled
