@@ -1,6 +1,12 @@
-"""The shared scalar core: the vectorizable exp2 and the state merge."""
+"""The shared scalar core: the vectorizable exp2 and the state merge; the
+shared functions every target compiles; the linter."""
+
+import os
+import shutil
+import subprocess
 
 import numpy as np
+import pytest
 from numba import njit
 
 from softretrieval import core, cpu
@@ -87,3 +93,44 @@ def test_16_bit_decoders_on_every_pattern():
     same = np.isfinite(want_bf16)
     np.testing.assert_array_equal(got[1][same], want_bf16[same])
     assert core.half_to_float(np.uint16(0x0001)) == np.float32(2.0**-24)   # plain Python too
+
+
+def test_every_target_compiles_the_same_shared_functions():
+    """The per-row rules, the core and the top-k buffer exist once
+    (rules.py, core.py, topk_buffer.py) and every target compiles all of
+    them (`python scripts/shared_functions.py` prints the table)."""
+    from softretrieval import cpu, devices, rules, topk_buffer
+
+    targets = [cpu]
+    try:
+        from softretrieval import cuda as gpu
+        targets.append(gpu)
+    except ImportError:
+        pass
+    want = {"rules": {f.__name__ for f in rules.FUNCTIONS},
+            "core": {f.__name__ for f in core.FUNCTIONS},
+            "topk_buffer": {f.__name__ for f in topk_buffer.FUNCTIONS}}
+    for target in targets:
+        assert isinstance(target.NAME, str) and isinstance(target.IS_GPU, bool)
+        for member in ("available", "run", "device_view"):
+            assert callable(getattr(target, member)), (target.NAME, member)
+        got = {"rules": {n for n in want["rules"] if hasattr(target.shared, n)},
+               "core": {n for n in want["core"] if hasattr(target.shared.core, n)},
+               "topk_buffer": {n for n in want["topk_buffer"] if hasattr(target.shared.topk_buffer, n)}}
+        assert got == want, target.NAME
+        assert devices.is_gpu(target) == target.IS_GPU
+    # no target keeps a twin of a shared rule under the same name
+    names = set().union(*want.values())
+    for target in targets:
+        twins = {n for n, v in vars(target).items() if n in names and callable(v)
+                 and getattr(v, "__module__", "") == target.__name__}
+        assert not twins, (target.NAME, twins)
+
+
+def test_the_linter_passes():
+    """ruff, configured in pyproject.toml, over src, tests and scripts."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ruff = shutil.which("ruff") or pytest.skip("ruff is not installed (the test extra has it)")
+    res = subprocess.run([ruff, "check", "src", "tests", "scripts"], cwd=root, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]

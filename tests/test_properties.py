@@ -147,7 +147,8 @@ def test_topk_attention_matches_the_reference(c):
 
 
 @SETTINGS
-@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 12), st.sampled_from([(1, 1), (4, 2), (3, 1), (2, 2)]),
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 12),
+       st.sampled_from([(1, 1), (4, 2), (3, 1), (2, 2)]),
        st.integers(1, 5), st.booleans(), st.sampled_from([None, 1, 4]), st.integers(0, 2**32 - 1))
 def test_heads_and_causal_sequences_match_the_reference(batch, T, S, heads, d, causal, window, seed):
     H, Hkv = heads
@@ -270,7 +271,8 @@ def test_index_matches_topk_on_its_decoded_keys(dtype, metric, N, B, k, with_ids
     want_out, want_lse = sr.attention(Q, decoded, scale=0.5, metric=metric, return_lse=True)
     np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(lse, want_lse, rtol=1e-4, atol=1e-4)
-    for bad, exc in ((Q[:, :5], ValueError), (Q.astype(int), TypeError), (np.full_like(Q, np.nan), ValueError)):
+    for bad, exc in ((Q[:, :5], ValueError), (Q.astype(int), TypeError),
+                     (np.full_like(Q, np.nan), ValueError)):
         with pytest.raises(exc, match="queries"):
             index.search(bad, k)
     with pytest.raises((ValueError, TypeError), match="k"):

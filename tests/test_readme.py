@@ -1,20 +1,36 @@
-"""Every ```python block of README.md runs as written."""
+"""Every ```python block of README.md and docs/*.md runs as written."""
 
+import glob
 import os
 import re
 
 import pytest
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
 def python_blocks():
-    with open(README, encoding="utf-8") as f:
-        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    blocks = []
+    for page in PAGES:
+        with open(page, encoding="utf-8") as f:
+            for block in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S):
+                blocks.append((os.path.relpath(page, ROOT), block))
+    return blocks
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_block_runs(index, capsys):
-    exec(compile(python_blocks()[index], f"README block {index}", "exec"), {})
+    page, block = python_blocks()[index]
+    exec(compile(block, f"{page} block {index}", "exec"), {})
     printed = capsys.readouterr().out
     assert "False" not in printed
+
+
+def test_docs_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists."""
+    for page in PAGES:
+        with open(page, encoding="utf-8") as f:
+            for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", f.read()):
+                path = os.path.normpath(os.path.join(os.path.dirname(page), target))
+                assert os.path.exists(path), f"{page}: broken link {target}"

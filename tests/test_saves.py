@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_save_refuses_a_file(tmp_path, keys_file, saver):
 
 def test_save_refuses_another_kind_and_damaged_meta(tmp_path):
     make_memory(1).save(tmp_path / "mem")
-    with pytest.raises(ValueError, match="not a saved softretrieval.Index"):
+    with pytest.raises(ValueError, match="not an intact saved softretrieval.Index"):
         make_index(1).save(tmp_path / "mem")
     assert isinstance(sr.KNNMemory.load(tmp_path / "mem"), sr.KNNMemory)
     folder = tmp_path / "odd"
@@ -194,18 +195,108 @@ def test_a_save_killed_at_any_point_leaves_old_or_new(tmp_path, kind, existing):
             got = load(path)
             assert same(got, new) or (existing and same(got, old))
             outcomes.add("new" if same(got, new) else "old")
-        new.save(path)                       # a later save succeeds and leaves only its files
+        new.save(path)     # a later save succeeds and removes what the killed one left
         assert only_ours(path) and same(load(path), new)
-        for leftover in listing(tmp_path):
-            if leftover != "obj":            # a new folder's hidden temporary sibling
-                assert leftover.startswith(".obj.tmp-")
-                for f in os.listdir(tmp_path / leftover):
-                    os.unlink(tmp_path / leftover / f)
-                os.rmdir(tmp_path / leftover)
+        assert listing(tmp_path) == ["obj"]
         shutil.rmtree(path)
     else:
         pytest.fail("the save never completed")
     assert outcomes == ({"old", "new"} if existing else {"absent", "new"})
+
+
+def test_concurrent_saves_to_one_path_leave_one_of_them(tmp_path):
+    """Saves of different objects to one path from several threads (or
+    processes) are serialized by a lock on the folder: the path then holds
+    one of them, whole, and only its files."""
+    objects = [make_index(seed, n=3000 + 500 * seed) for seed in range(4)]
+    for existing in (False, True):
+        path = tmp_path / f"idx{existing}"
+        if existing:
+            make_index(9).save(path)
+        errors = []
+
+        def save(obj):
+            try:
+                obj.save(path)
+            except ValueError as exc:          # a new path created meanwhile by another save
+                errors.append(exc)
+
+        threads = [threading.Thread(target=save, args=(obj,)) for obj in objects]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = sr.Index.load(path)
+        assert any(same_index(got, obj) for obj in objects) and only_ours(path)
+        assert all("created by someone else" in str(e) for e in errors)
+        assert not existing or not errors
+    assert sorted(listing(tmp_path)) == ["idxFalse", "idxTrue"]
+
+
+def test_loads_racing_saves_read_a_whole_generation(tmp_path):
+    objects = [make_index(1, n=2000), make_index(2, n=2500)]
+    path = tmp_path / "idx"
+    objects[0].save(path)
+    stop = threading.Event()
+
+    def saver():
+        i = 0
+        while not stop.is_set():
+            objects[i % 2].save(path)
+            i += 1
+
+    thread = threading.Thread(target=saver)
+    thread.start()
+    try:
+        for _ in range(60):
+            got = sr.Index.load(path)
+            assert any(same_index(got, obj) for obj in objects)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_damaged_or_forged_meta_is_not_trusted_by_a_save(tmp_path):
+    """A folder whose meta.json fails its checksum is refused by save as by
+    load (its file list is not trusted to decide what to delete); files of
+    yours named like ours survive a save; a legacy version number on a
+    current meta.json does not bypass the checksum."""
+    path = tmp_path / "idx"
+    make_index(1).save(path)
+    (path / "mydata.csv").write_text("precious")
+    (path / "embeddings.0123456789abcdef.npy").write_bytes(b"mine too")
+    make_index(2).save(path)
+    assert (path / "mydata.csv").read_text() == "precious"
+    assert (path / "embeddings.0123456789abcdef.npy").read_bytes() == b"mine too"
+    meta = json.loads((path / "meta.json").read_text())
+    forged = dict(meta, files=dict(meta["files"], x={"file": "mydata.csv", "sha256": "0"}))
+    (path / "meta.json").write_text(json.dumps(forged))
+    with pytest.raises(ValueError, match="edited"):
+        make_index(3).save(path)
+    assert (path / "mydata.csv").read_text() == "precious"
+    for version in (1,):
+        (path / "meta.json").write_text(json.dumps(dict(meta, version=version, metric="l2")))
+        with pytest.raises(ValueError, match="edited"):
+            sr.Index.load(path)
+
+
+def test_save_path_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="path must not be empty"):
+        make_index(1).save("")
+    with pytest.raises(TypeError, match="path"):
+        make_index(1).save(3)
+    make_index(1).save(b"bytes_path")
+    assert same_index(sr.Index.load("bytes_path"), make_index(1))
+    (tmp_path / "dirmeta").mkdir()
+    (tmp_path / "dirmeta" / "meta.json").mkdir()
+    with pytest.raises(ValueError, match="meta.json"):
+        sr.Index.load(tmp_path / "dirmeta")
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "meta.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="damaged"):
+        sr.Index.load(tmp_path / "deep")
+    assert sorted(listing(tmp_path)) == ["bytes_path", "deep", "dirmeta"]
 
 
 def test_pickle_round_trips(tmp_path, rng):

@@ -416,3 +416,85 @@ def test_demo_with_a_wrong_root_names_the_option(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--root", tmp_path, "--out", tmp_path / "o")
     assert code == 2 and "--root" in err and "root=" not in err
 
+
+
+# ---------------------------------------------------------------- found by the second probe
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--temperature", "0"], "temperature"),
+    (["--temperature", "nan"], "temperature"),
+    (["--scale", "inf"], "scale"),
+    (["--device", "cuda"], "cuda"),
+    (["--out", "{tmp}/missing/out.npy"], "does not exist"),
+])
+def test_score_refuses_before_scoring_in_one_line(capsys, tmp_path, rng, extra, match):
+    np.save(tmp_path / "keys.npy", rng.standard_normal((30, 4)))
+    np.save(tmp_path / "q.npy", rng.standard_normal((3, 4)))
+    from softretrieval import cuda as gpu
+    if "cuda" in extra and gpu.available():
+        pytest.skip("a GPU is present")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "out.npy")]
+    code, _, err = run(capsys, "score", "--keys", tmp_path / "keys.npy", "--queries",
+                       tmp_path / "q.npy", "--mode", "soft", *extra, *out)   # progress bar on
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["keys.npy", "q.npy"]
+
+
+def test_command_input_files_that_are_not_arrays(capsys, tmp_path, rng):
+    np.savez(tmp_path / "keys.npy", a=rng.standard_normal((5, 4)))        # an .npz named .npy
+    np.save(tmp_path / "q.npy", np.array([["a", "b"]]))
+    np.save(tmp_path / "k2.npy", rng.standard_normal((5, 2)))
+    for argv in (["build", "--keys", tmp_path / "keys.npy", "--out", tmp_path / "idx"],
+                 ["build", "--keys", tmp_path / "k2.npy", "--ids", tmp_path / "keys.npy",
+                  "--out", tmp_path / "idx"],
+                 ["validate", "--base", tmp_path / "q.npy", "--queries", tmp_path / "q.npy"],
+                 ["score", "--keys", tmp_path / "k2.npy", "--queries", tmp_path / "q.npy",
+                  "--mode", "topk", "--out", tmp_path / "o.npy"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+    proc = subprocess.run([sys.executable, "-m", "softretrieval", "info", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("softretrieval: error:")
+
+
+def test_overflowing_and_unsigned_arguments_are_named(rng):
+    Q, K = rng.standard_normal((2, 4)), rng.standard_normal((6, 4))
+    with pytest.raises(ValueError, match="scale"):
+        sr.attention(Q, K, scale=10**400)
+    index = sr.Index(4)
+    index.add(K)
+    for t in (10**400, 5e-324):
+        with pytest.raises(ValueError, match="temperature"):
+            index.retrieve(Q, temperature=t)
+    seq = rng.standard_normal((5, 1, 4)).astype(np.float32)
+    np.testing.assert_allclose(sr.attention(seq, seq, seq, causal=True, window=10**30),
+                               sr.attention(seq, seq, seq, causal=True), rtol=1e-6)
+    with pytest.raises(ValueError, match="capacity"):
+        sr.KNNMemory(8, 8, 10**13)
+    with pytest.raises(ValueError, match="dtype"):
+        sr.Index(8, dtype=[1])
+    big = np.array([2**63, 2**63 + 1], np.uint64)
+    with pytest.raises(ValueError, match="2\\*\\*63"):
+        sr.Index(4).add(K[:2], ids=big)
+    with pytest.raises(ValueError, match="2\\*\\*63"):
+        sr.topk(Q, K, 2, exclude=[big, big])
+
+
+def test_an_empty_memory_still_checks_its_input():
+    mem = sr.KNNMemory(4, 2, 8)
+    with pytest.raises(ValueError, match="queries"):
+        mem.read(np.full((1, 4), np.nan))
+    with pytest.raises(TypeError, match="queries"):
+        mem.read(np.ones((1, 4), np.int64))
+    with pytest.raises(TypeError, match="scale"):
+        mem.read(np.ones((1, 4)), scale="x")
+    assert np.isneginf(mem.read(np.ones((1, 4))).lse).all()
+
+
+def test_merge_of_lses_near_the_float32_limit(rng):
+    o = rng.standard_normal((2, 3)).astype(np.float32)
+    out, lse = sr.merge([o, o], [np.full(2, 3e38, np.float32)] * 2)
+    np.testing.assert_allclose(out, o, rtol=1e-6)
+    assert np.isfinite(lse).all() and (lse == np.float32(3e38)).all()

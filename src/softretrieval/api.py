@@ -7,15 +7,21 @@ pre-scaled, a per-key term, a per-query constant). The kernels
 ``import softretrieval``.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import devices, gpu_api, layout, validate
 from .constants import LOG2E, NEG_INIT
 from .terms import FAR_SAMPLE, TopKAttention, check_metric, far_center, logit_terms, prepare_bias
 
 _NO_SCALE = np.zeros(0, np.float32)
+
+#: Per-query exclusions: a list of B integer arrays, or CSR ``(offsets, ids)``.
+Exclude = Union[None, list, Tuple[ArrayLike, ArrayLike]]
+#: Sequence lengths: one (batch,) array, or ``(q_lens, k_lens)``.
+SeqLens = Union[None, ArrayLike, Tuple[ArrayLike, ArrayLike]]
 
 
 class _Prepared(NamedTuple):
@@ -186,9 +192,11 @@ def _with_shapes(f):
         f.__doc__ += _SHAPES
 
 
-def attention(queries, keys, values=None, *, scale=None, bias=None, metric="ip",
-              exclude=None, return_lse=False, causal=False, window=None, seq_lens=None,
-              device="cpu"):
+def attention(queries: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike] = None, *,
+              scale: Optional[float] = None, bias: Optional[ArrayLike] = None, metric: str = "ip",
+              exclude: Exclude = None, return_lse: bool = False, causal: bool = False,
+              window: Optional[int] = None, seq_lens: SeqLens = None,
+              device: str = "cpu") -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Soft retrieval: softmax attention of every query over all keys.
 
     ``out[b] = sum_n softmax_n(logit(q_b, k_n) + bias_n) * v_n``, streamed
@@ -285,8 +293,10 @@ def _pad(a, k, fill):
     return out
 
 
-def topk(queries, keys, k, *, metric="ip", bias=None, exclude=None, causal=False, window=None,
-         seq_lens=None, device="cpu"):
+def topk(queries: ArrayLike, keys: ArrayLike, k: int, *, metric: str = "ip",
+         bias: Optional[ArrayLike] = None, exclude: Exclude = None, causal: bool = False,
+         window: Optional[int] = None, seq_lens: SeqLens = None,
+         device: str = "cpu") -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-k retrieval, with FAISS's conventions.
 
     Parameters
@@ -347,8 +357,11 @@ def solve_topk(lay, problems, k, metric, device="cpu"):
     return lay.heads_out(scores), lay.heads_out(ids)
 
 
-def topk_attention(queries, keys, values=None, k=32, *, scale=None, bias=None, metric="ip",
-                   exclude=None, causal=False, window=None, seq_lens=None, device="cpu"):
+def topk_attention(queries: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike] = None,
+                   k: int = 32, *, scale: Optional[float] = None, bias: Optional[ArrayLike] = None,
+                   metric: str = "ip", exclude: Exclude = None, causal: bool = False,
+                   window: Optional[int] = None, seq_lens: SeqLens = None,
+                   device: str = "cpu") -> TopKAttention:
     """Top-k attention: softmax over each query's k best keys, in one pass.
 
     Arguments as :func:`attention` (``device`` too), plus ``k`` (int >= 1;
@@ -403,7 +416,7 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
     return TopKAttention(*(lay.heads_out(a) for a in (out, ids, weights, lse, coverage)))
 
 
-def merge(outs, lses):
+def merge(outs: ArrayLike, lses: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
     """Combine results over disjoint key sets into the result over their union.
 
     Parameters
@@ -438,10 +451,15 @@ def merge(outs, lses):
     P = O.shape[0]
     rows = L[0].size
     valid = np.isfinite(L)
-    m = np.where(valid, L * LOG2E, NEG_INIT).astype(np.float32).reshape(P, rows)
+    # relative to each row's largest part (merging is shift-invariant), so
+    # lses near the float32 limit do not overflow on the way to base 2
+    top = np.where(valid.any(axis=0), np.max(np.where(valid, L, -np.inf), axis=0), 0.0)
+    shifted = np.where(valid, (L.astype(np.float64) - top) * LOG2E, NEG_INIT)
+    m = shifted.astype(np.float32).reshape(P, rows)
     l = valid.astype(np.float32).reshape(P, rows)
     acc = O.reshape(P, rows, O.shape[-1])
     from . import cpu
 
     out, lse = cpu.merge_states(m, l, acc)
-    return out.reshape(O.shape[1:]), lse.astype(np.float32).reshape(L.shape[1:])
+    lse = lse.reshape(L.shape[1:]) + top
+    return out.reshape(O.shape[1:]), lse.astype(np.float32)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import io, validate
+from . import devices, io, validate
 
 MODES = ("soft", "topk", "topk-attention")
 
@@ -32,6 +32,8 @@ def _vectors(path, what, dataset, floats=True):
     arr = io.read_vectors(path, dataset)
     if arr.shape[0] == 0:
         raise _Fail(f"{path}: no {what} in the file")
+    if arr.dtype.kind not in "fiu":
+        raise _Fail(f"{path}: {what} must be numbers, got dtype {arr.dtype}")
     if floats and arr.dtype.kind in "iu":
         arr = arr.astype(np.float32)
     return arr
@@ -39,7 +41,7 @@ def _vectors(path, what, dataset, floats=True):
 
 def _column(path, what, dataset=None):
     """A per-row file (ids, bias) as a 1-D array: (n,) .npy or (n, 1) vecs."""
-    arr = io.read_vectors(path, dataset) if not path.endswith(".npy") else np.load(path)
+    arr = io.read_vectors(path, dataset) if not path.endswith(".npy") else io.read_npy(path)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
@@ -89,7 +91,7 @@ def score_batches(index, queries, mode, k, *, scale=None, temperature=None, batc
     B = queries.shape[0]
     result = {}
     bar = tqdm(total=B, unit="rows", unit_scale=True, disable=not progress, file=sys.stderr,
-               desc=f"score {mode}")
+               desc=f"score {mode}", leave=False)   # cleared at the end: errors stay one line
     try:
         for lo in range(0, B, batch_size):
             q = queries[lo:lo + batch_size]
@@ -127,6 +129,15 @@ def _score(args):
     if args.k < 1 or args.batch_size < 1:
         raise _Fail("-k and --batch-size must be >= 1")
     validate.results_fit(queries.shape[0], args.k, 12, len(index))
+    # everything that can be refused is refused before the first batch
+    validate.all_finite(validate.float_matrix(queries, f"queries ({args.queries})"),
+                        f"queries ({args.queries})")
+    if args.mode != "topk":
+        validate.scale_value(validate.logit_scale(args.scale, args.temperature), index.dim)
+    devices.kernels(args.device)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise _Fail(f"--out {args.out}: the folder {folder} does not exist")
     ext = os.path.splitext(args.out)[1].lower()
     primary = {"soft": {".npy": "out", ".fvecs": "out", ".npz": None},
                "topk": {".npy": "ids", ".ivecs": "ids", ".fvecs": "scores", ".npz": None},
@@ -279,3 +290,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("softretrieval: interrupted; nothing was written", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -616,6 +616,20 @@ def plan(B, N, threads):
 _NONE = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 _NO_SCALE = np.zeros(0, np.float32)
 
+#: The target protocol (:class:`softretrieval.devices.Target`).
+NAME = "cpu"
+IS_GPU = False
+
+
+def available():
+    """The CPU target always runs."""
+    return True
+
+
+def device_view(a):
+    """The CPU kernels read host arrays in place."""
+    return a
+
 
 def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_SCALE,
         key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None, want_soft=True,

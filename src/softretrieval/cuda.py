@@ -27,7 +27,7 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from . import config, core, rules, topk_buffer
-from .constants import KEYS_PLAIN, MASKED, NEG_INIT
+from .constants import KEYS_PLAIN, NEG_INIT
 
 _device = cuda.jit(device=True)
 #: The shared core as CUDA device functions.
@@ -60,6 +60,11 @@ def shared_for(vdtype):
 #: The shared functions for float32 values (every kernel but the top-k
 #: attention finish of compact values).
 shared = shared_for(np.float32)
+
+
+#: The target protocol (:class:`softretrieval.devices.Target`).
+NAME = "cuda"
+IS_GPU = True
 
 
 def available():

@@ -66,7 +66,8 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
     check_metric(metric)
     ndim = len(getattr(queries, "shape", ()))
     if ndim not in (2, 3, 4):
-        raise ValueError(f"queries must have 2, 3 or 4 dimensions, got shape {getattr(queries, 'shape', None)}")
+        raise ValueError("queries must have 2, 3 or 4 dimensions, got shape "
+                         f"{getattr(queries, 'shape', None)}")
     Q = _array(queries, "queries", ndim)
     K = _array(keys, "keys", ndim)
     V = K if values is None else _array(values, "values", ndim)

@@ -24,16 +24,19 @@ On-disk format (:meth:`Index.save`, :meth:`Index.load`; see
   shape and SHA-256, and the checksum of meta.json itself.
 """
 
-import math
-import numbers
 import os
 import threading
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import api, devices, layout, persist, storage, terms, validate
+from .api import Exclude
 from .constants import LOG2E
+
+#: A call's bias: None (the stored one), an (N,) array, or False (none).
+Bias = Union[None, bool, ArrayLike]
 
 FORMAT = "softretrieval.Index"
 FORMAT_VERSION = 2
@@ -82,7 +85,8 @@ class Index:
     :meth:`release_device`), so later calls move only the queries.
     """
 
-    def __init__(self, dim, *, metric="ip", value_dim=None, dtype="float32"):
+    def __init__(self, dim: int, *, metric: str = "ip", value_dim: Optional[int] = None,
+                 dtype: str = "float32") -> None:
         self.dim = validate.positive_int(dim, "dim")
         self.metric = terms.check_metric(metric)
         self.value_dim = None if value_dim is None else validate.positive_int(value_dim, "value_dim")
@@ -117,7 +121,7 @@ class Index:
     # ------------------------------------------------------------------ contents
 
     @property
-    def ntotal(self):
+    def ntotal(self) -> int:
         """Number of items."""
         return self._n
 
@@ -129,18 +133,18 @@ class Index:
                 f"dtype={self.dtype!r}, ntotal={self._n})")
 
     @property
-    def ids(self):
+    def ids(self) -> Optional[np.ndarray]:
         """(N,) int64 external ids, or None when items are known by row number."""
         return None if self._ids is None else self._ids[: self._n]
 
     @property
-    def bias(self):
+    def bias(self) -> Optional[np.ndarray]:
         """(N,) float64 stored per-item bias, or None. Assign an (N,) array
         (``-inf`` hides an item) or None."""
         return None if self._bias is None else self._bias[: self._n]
 
     @bias.setter
-    def bias(self, value):
+    def bias(self, value: Optional[ArrayLike]) -> None:
         with self._lock:
             b = validate.bias_vector(value, self._n)
             if b is None:
@@ -152,12 +156,12 @@ class Index:
             self._resident = {}
 
     @property
-    def center(self):
+    def center(self) -> Optional[np.ndarray]:
         """(dim,) float32 point the l2 keys are stored relative to, or None
         (see the class docstring)."""
         return self._center
 
-    def keys(self):
+    def keys(self) -> np.ndarray:
         """The stored keys decoded to float32 (N, dim), as the kernels see them
         (plus ``center`` when set)."""
         with self._lock:
@@ -165,7 +169,8 @@ class Index:
             rows = storage.decode_rows(self._data[:n], self.dtype, self._scales[:n])
         return rows if self._center is None else rows + self._center
 
-    def add(self, keys, values=None, ids=None, bias=None):
+    def add(self, keys: ArrayLike, values: Optional[ArrayLike] = None,
+            ids: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None) -> None:
         """Append items.
 
         keys (n, dim) float array (any float dtype; read in chunks of
@@ -238,7 +243,7 @@ class Index:
             return arr.astype(np.int64)
         if arr.dtype.kind not in "iu" or arr.shape != (n,):
             raise TypeError(f"ids must be a ({n},) integer array, got {arr.dtype} {arr.shape}")
-        arr = arr.astype(np.int64)
+        arr = validate.int64_ids(arr, "ids")
         if n and arr.min() < 0:
             raise ValueError("ids must be >= 0 (-1 marks a missing result)")
         if np.unique(arr).size != n:
@@ -252,6 +257,8 @@ class Index:
             return
         cap = max(total, cap + cap // 2)
         n = self._n
+        per_item = self.dim * self._data.itemsize + 4 * (self.value_dim or 0) + 24
+        validate.fits_in_memory(total * per_item, f"an index of {total} items of dimension {self.dim}")
 
         def grown(a, shape):
             out = np.empty(shape, a.dtype)
@@ -270,7 +277,8 @@ class Index:
 
     # ------------------------------------------------------------------ queries
 
-    def search(self, queries, k, *, exclude=None, bias=None, device="cpu"):
+    def search(self, queries: ArrayLike, k: int, *, exclude: Exclude = None, bias: Bias = None,
+               device: str = "cpu") -> Tuple[np.ndarray, np.ndarray]:
         """Exact top-k: ``(scores (B, k) float32, ids (B, k) int64)``, with
         the conventions of :func:`softretrieval.topk` (ids are external ids
         when the index has them; -1 pads)."""
@@ -280,8 +288,10 @@ class Index:
         scores, rows = api.solve_topk(lay, problems, k, self.metric, device)
         return scores, snap.external(rows)
 
-    def retrieve(self, queries, *, scale=None, temperature=None, bias=None, exclude=None,
-                 return_lse=False, device="cpu"):
+    def retrieve(self, queries: ArrayLike, *, scale: Optional[float] = None,
+                 temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,
+                 return_lse: bool = False,
+                 device: str = "cpu") -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         """Soft retrieval over the whole catalog.
 
         Returns ``out`` (B, value_dim or dim) float32 — the softmax-weighted
@@ -289,32 +299,35 @@ class Index:
         ``lse`` (B,) float32, as :func:`softretrieval.attention`.
         """
         snap, lay, problems = self._problems(queries, softmax=True,
-                                             scale=_scale(scale, temperature), bias=bias,
+                                             scale=validate.logit_scale(scale, temperature), bias=bias,
                                              exclude=exclude, device=device)
         out, lse = api.solve_attention(lay, problems, True, device)
         out = snap.uncenter(out, np.isfinite(lse))
         return (out, lse) if return_lse else out
 
-    def retrieve_topk(self, queries, k, *, scale=None, temperature=None, bias=None, exclude=None,
-                      device="cpu"):
+    def retrieve_topk(self, queries: ArrayLike, k: int, *, scale: Optional[float] = None,
+                      temperature: Optional[float] = None, bias: Bias = None,
+                      exclude: Exclude = None, device: str = "cpu") -> terms.TopKAttention:
         """Top-k attention in one pass: a :class:`softretrieval.TopKAttention`
         (out, ids, weights, full-catalog lse, coverage); ids as in :meth:`search`."""
         k = validate.positive_int(k, "k")
         snap, lay, problems = self._problems(queries, softmax=True,
-                                             scale=_scale(scale, temperature), bias=bias,
+                                             scale=validate.logit_scale(scale, temperature), bias=bias,
                                              exclude=exclude, device=device, values_on_host=True)
         res = api.solve_topk_attention(lay, problems, k, device)
         return res._replace(ids=snap.external(res.ids), out=snap.uncenter(res.out, res.ids[:, 0] >= 0))
 
-    def logsumexp(self, queries, *, scale=None, temperature=None, bias=None, exclude=None,
-                  device="cpu"):
+    def logsumexp(self, queries: ArrayLike, *, scale: Optional[float] = None,
+                  temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,
+                  device: str = "cpu") -> np.ndarray:
         """``log sum_n exp(logit(q, k_n) + bias_n)`` over the whole catalog,
         (B,) float32: the normalizer of an exact full-softmax loss."""
-        _, lay, problems = self._problems(queries, softmax=True, scale=_scale(scale, temperature),
+        _, lay, problems = self._problems(queries, softmax=True,
+                                          scale=validate.logit_scale(scale, temperature),
                                           bias=bias, exclude=exclude, device=device)
         return api.solve_logsumexp(lay, problems, device)
 
-    def release_device(self):
+    def release_device(self) -> None:
         """Free the GPU copies of the stored arrays now (the next call with
         ``device="cuda"`` copies them again). Changing the index frees them too."""
         with self._lock:
@@ -381,7 +394,7 @@ class Index:
 
     # ------------------------------------------------------------------ files
 
-    def save(self, path):
+    def save(self, path: "os.PathLike[str] | str") -> None:
         """Write the index to the folder ``path`` atomically (module docstring)."""
         with self._lock:
             n = self._n
@@ -398,10 +411,12 @@ class Index:
                 arrays["center"] = self._center
             fields = {"dim": self.dim, "metric": self.metric, "dtype": self.dtype,
                       "value_dim": self.value_dim, "ntotal": n}
-            persist.save_folder(path, FORMAT, FORMAT_VERSION, arrays, fields)
+            persist.save_folder(path, FORMAT, FORMAT_VERSION, arrays, fields,
+                                legacy=LEGACY_VERSIONS)
 
     @classmethod
-    def load(cls, path, mmap=False, verify=True):
+    def load(cls, path: "os.PathLike[str] | str", mmap: bool = False,
+             verify: bool = True) -> "Index":
         """Read an index written by :meth:`save`.
 
         ``mmap=True`` memory-maps the arrays, so a catalog larger than RAM
@@ -522,16 +537,3 @@ def _resident_problem(p, kernels, resident, keys_as_values, stored_bias, values_
     if stored_bias is not None:
         p = p._replace(bias=keep(stored_bias, p.bias))
     return p
-
-
-def _scale(scale, temperature):
-    """The logit scale from ``scale`` or ``temperature`` (1 when neither)."""
-    if temperature is None:
-        return 1.0 if scale is None else scale
-    if scale is not None:
-        raise ValueError("give scale or temperature, not both")
-    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return 1.0 / float(temperature)

@@ -81,6 +81,18 @@ def read_hdf5(path, name):
         raise ValueError(f"{path}: not a readable HDF5 file: {exc}") from None
 
 
+def read_npy(path):
+    """A ``.npy`` file memory-mapped read-only; ValueError naming the file for
+    anything else (truncated, an ``.npz`` archive, pickled objects)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable .npy file (truncated?): {exc}") from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{path}: not a .npy array file (an .npz archive?)")
+    return arr
+
+
 def read_vectors(spec, dataset=None):
     """Read a (n, dim) array by the file's extension.
 
@@ -96,10 +108,7 @@ def read_vectors(spec, dataset=None):
     if ext in _VECS:
         arr = _read_vecs(path, _VECS[ext])
     elif ext == ".npy":
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise ValueError(f"{path}: not a readable .npy file (truncated?): {exc}") from None
+        arr = read_npy(path)
     elif ext in _HDF5:
         if name is None:
             raise ValueError(f"{path}: name the HDF5 dataset as {path}:train (or :test, :neighbors)")
@@ -147,7 +156,8 @@ def write_output(path, arrays):
                 dtype = _VECS[ext]
                 rows = np.asarray(first).reshape(len(first), -1)
                 rec = np.empty((rows.shape[0], rows.shape[1] + 1), dtype)
-                rec[:, 0] = np.array(rows.shape[1], np.int32).view(dtype) if ext == ".fvecs" else rows.shape[1]
+                width = np.array(rows.shape[1], np.int32)
+                rec[:, 0] = width.view(dtype) if ext == ".fvecs" else width
                 rec[:, 1:] = rows
                 rec.tofile(f)
             f.flush()

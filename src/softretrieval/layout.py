@@ -171,7 +171,8 @@ def check_window(causal, window):
         return None
     if not causal:
         raise ValueError("window needs causal=True")
-    return validate.positive_int(window, "window")
+    # a window wider than any sequence changes nothing: clamp (int64 rows)
+    return min(validate.positive_int(window, "window"), np.iinfo(np.int64).max // 4)
 
 
 def stacked_exclude(excl, layout):

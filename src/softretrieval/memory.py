@@ -20,7 +20,10 @@ and refuses anything else.
 import os
 import threading
 
+from typing import Optional, Tuple
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import api, devices, persist, terms, validate
 from .terms import MemoryRead
@@ -54,7 +57,8 @@ class KNNMemory:
     ring is copied; the GPU copy is not).
     """
 
-    def __init__(self, key_dim, value_dim, capacity, *, heads=1, dtype="float32", metric="ip"):
+    def __init__(self, key_dim: int, value_dim: int, capacity: int, *, heads: int = 1,
+                 dtype: str = "float32", metric: str = "ip") -> None:
         self.key_dim = validate.positive_int(key_dim, "key_dim")
         self.value_dim = validate.positive_int(value_dim, "value_dim")
         self.capacity = validate.positive_int(capacity, "capacity")
@@ -62,6 +66,8 @@ class KNNMemory:
         if dtype not in ("float32", np.float32):
             raise ValueError(f"dtype must be 'float32', got {dtype!r}")
         self.metric = terms.check_metric(metric)
+        validate.fits_in_memory(4 * self.heads * self.capacity * (self.key_dim + self.value_dim),
+                                f"a memory of capacity {self.capacity}")
         self._keys = np.zeros((self.heads, self.capacity, self.key_dim), np.float32)
         self._values = np.zeros((self.heads, self.capacity, self.value_dim), np.float32)
         self._size = 0
@@ -99,7 +105,7 @@ class KNNMemory:
         validate.all_finite(arr, name)
         return arr
 
-    def write(self, keys, values):
+    def write(self, keys: ArrayLike, values: ArrayLike) -> np.ndarray:
         """Append pairs; when full, the oldest entries are evicted first.
 
         keys (n, heads, key_dim), values (n, heads, value_dim) (or without the
@@ -142,7 +148,7 @@ class KNNMemory:
         except Exception:
             self._device = None
 
-    def clear(self):
+    def clear(self) -> None:
         """Forget every entry."""
         with self._lock:
             self._size = 0
@@ -161,7 +167,8 @@ class KNNMemory:
                              f"{self.heads} heads, got {np.shape(queries)}")
         return q, squeeze
 
-    def read(self, queries, *, k=None, scale=None, device="cpu"):
+    def read(self, queries: ArrayLike, *, k: Optional[int] = None, scale: Optional[float] = None,
+             device: str = "cpu") -> MemoryRead:
         """Look up the memory.
 
         queries (B, H, key_dim), H a multiple of ``heads`` (or (B, key_dim)
@@ -171,6 +178,9 @@ class KNNMemory:
         ``device``: "cpu", "cuda" or "auto". Returns a :class:`MemoryRead`.
         """
         q, squeeze = self._queries(queries)
+        q = validate.float_matrix(q, "queries", ndim=3)   # checked even when the memory is empty
+        validate.all_finite(q, "queries")
+        validate.scale_value(scale, self.key_dim)
         if k is not None:
             k = validate.positive_int(k, "k")
             if k > self.capacity:
@@ -212,7 +222,7 @@ class KNNMemory:
             res = (r.out, r.lse, r.ids, r.coverage)
         return MemoryRead(*(a.copy_to_host() for a in res))
 
-    def release_device(self):
+    def release_device(self) -> None:
         """Free the device copy of the ring (the next GPU read makes it again)."""
         with self._lock:
             self._device = None
@@ -228,17 +238,18 @@ class KNNMemory:
             return MemoryRead(out, lse)
         return MemoryRead(out, lse, np.full((B, H, k), -1, np.int64), np.zeros((B, H), np.float32))
 
-    def save(self, path):
+    def save(self, path: "os.PathLike[str] | str") -> None:
         """Write the memory to the folder ``path`` atomically (see the module docstring)."""
         with self._lock:
             fields = {"key_dim": self.key_dim, "value_dim": self.value_dim,
                       "capacity": self.capacity, "heads": self.heads, "metric": self.metric,
                       "size": self._size, "next": self._next}
             persist.save_folder(path, FORMAT, FORMAT_VERSION,
-                                {"keys": self._keys, "values": self._values}, fields)
+                                {"keys": self._keys, "values": self._values}, fields,
+                                legacy=LEGACY_VERSIONS)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: "os.PathLike[str] | str") -> "KNNMemory":
         """Read a memory written by :meth:`save`; a damaged one raises ValueError."""
         path = os.fspath(path)
         meta, arrays = persist.load_folder(path, FORMAT, FORMAT_VERSION, legacy=LEGACY_VERSIONS)
@@ -262,8 +273,10 @@ class KNNMemory:
         return mem
 
 
-def memory_attention(q, k, v, memory, *, topk=32, causal=True, gate=None, scale=None,
-                     device="cpu"):
+def memory_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, memory: KNNMemory, *,
+                     topk: int = 32, causal: bool = True, gate: Optional[ArrayLike] = None,
+                     scale: Optional[float] = None,
+                     device: str = "cpu") -> Tuple[np.ndarray, np.ndarray]:
     """One step of a memorizing-transformer layer.
 
     q (T, H, d), k (S, Hkv, d), v (S, Hkv, dv): the sequence's own queries,

@@ -22,95 +22,191 @@ Saving never destroys what is not ours and never leaves neither version:
   the old ones under fresh generation names, then ``meta.json`` is replaced
   in one atomic rename, and only then are the old generation's files
   removed. A crash at any point leaves the old or the new object loadable;
-  files of a crashed save are removed by the next save. Files in the folder
-  that are not ours are never touched, and an object memory-mapped from the
-  old files keeps working (their files are unlinked, not truncated).
+  what a crashed save made (listed in its journal ``meta.json.pending``, or
+  a hidden sibling folder whose lock is free) is removed by the next save to
+  that path. Files in the folder that are not ours are never touched, and
+  an object memory-mapped from the old files keeps working (their files are
+  unlinked, not truncated). Saves to one path are serialized by an advisory
+  lock on the folder.
 
 Loading checks the format name and version, the meta checksum, that every
 listed file exists with the recorded dtype and shape, and (``verify``) its
 SHA-256, and raises ``ValueError`` naming the folder and the problem.
 """
 
+import contextlib
 import hashlib
 import json
 import os
-import re
 import uuid
 
 import numpy as np
 
 META = "meta.json"
-#: Our own files in a saved folder: arrays of a generation, meta.json being written.
-_OURS = re.compile(r"^(?:[a-z_]+\.[0-9a-f]{16}\.npy|meta\.json\.tmp-[0-9a-f]{16})$")
+#: Journal of an in-place save: the files it is about to create and those it
+#: replaces (if it crashes, the next save removes those that meta.json does
+#: not list).
+PENDING = "meta.json.pending"
 
 
-def save_folder(path, fmt, version, arrays, fields):
+def save_folder(path, fmt, version, arrays, fields, legacy=()):
     """Write ``arrays`` (name -> array) and ``fields`` (JSON-serializable) as
     the saved object ``path`` (see the module docstring).
 
     Raises ValueError, changing nothing, when ``path`` exists and is neither
-    an empty folder nor a saved ``fmt``.
+    an empty folder nor an intact saved ``fmt`` (of ``version`` or one of
+    the ``legacy`` versions). Saves to one path are serialized by a lock on
+    the folder (and on a new folder while it is written).
     """
-    path = os.fspath(path)
-    old = _existing(path, fmt)
-    if old is None:
-        tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                           f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:16]}")
-        os.makedirs(tmp)
-        try:
-            _write(tmp, fmt, version, arrays, fields)
-            os.rename(tmp, path)
-        except BaseException:
-            _remove_tree(tmp)
-            raise
-        _sync_dir(os.path.dirname(os.path.abspath(path)))
-        return
-    written = []
-    try:
-        _write(path, fmt, version, arrays, fields, written)
-    except BaseException:
-        for file in written:
-            _unlink(os.path.join(path, file))
-        raise
-    keep = set(written) | {META}
-    for file in os.listdir(path):
-        if file not in keep and (file in old or _OURS.match(file)):
-            _unlink(os.path.join(path, file))
-
-
-def _existing(path, fmt):
-    """The files of the saved ``fmt`` at ``path`` (a set), None when ``path``
-    does not exist; an empty folder gives an empty set. Anything else raises."""
+    path = _path(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    _remove_stale_temporaries(parent, os.path.basename(path))
     if not os.path.lexists(path):
-        return None
+        _save_new(path, parent, fmt, version, arrays, fields)
+        return
     if not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a folder: refusing to replace it with a "
                          f"saved {fmt} (nothing was changed)")
+    with _locked(path):
+        old = _existing(path, fmt, version, legacy)
+        pending = os.path.join(path, PENDING)
+        if os.path.lexists(pending):
+            # A save that crashed: of the files it made and the files it was
+            # to replace, remove those the current meta.json does not list.
+            for file in _read_pending(pending) - old:
+                if os.path.isfile(os.path.join(path, file)):
+                    _unlink(os.path.join(path, file))
+            _unlink(pending)
+        gen = uuid.uuid4().hex[:16]
+        new = {f"{name}.{gen}.npy" for name in arrays} | {f"{META}.tmp-{gen}"}
+        _write_json(pending, sorted(new | old))
+        try:
+            _write(path, fmt, version, arrays, fields, gen)
+        except BaseException:
+            for file in new:
+                _unlink(os.path.join(path, file))
+            _unlink(pending)
+            raise
+        for file in old - new:
+            if os.path.isfile(os.path.join(path, file)):
+                _unlink(os.path.join(path, file))
+        _unlink(pending)
+
+
+def _path(path):
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if not path:
+        raise ValueError("path must not be empty")
+    return path
+
+
+def _save_new(path, parent, fmt, version, arrays, fields):
+    """A new folder: written as a locked hidden sibling, then renamed into place."""
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:16]}")
+    os.makedirs(tmp)
+    try:
+        with _locked(tmp):
+            _write(tmp, fmt, version, arrays, fields, uuid.uuid4().hex[:16])
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if os.path.lexists(path):
+                    raise ValueError(f"{path} was created by someone else during this save: "
+                                     "nothing was changed") from None
+                raise
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    _sync_dir(parent)
+
+
+def _remove_stale_temporaries(parent, name):
+    """Remove the hidden folders of saves to ``parent/name`` that died before
+    their rename (their lock is free); a save in progress keeps its lock."""
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    prefix = f".{name}.tmp-"
+    for entry in entries:
+        folder = os.path.join(parent, entry)
+        if not (entry.startswith(prefix) and len(entry) == len(prefix) + 16
+                and os.path.isdir(folder) and not os.path.islink(folder)):
+            continue
+        try:
+            with _locked(folder, wait=False):
+                _remove_tree(folder)
+        except (BlockingIOError, OSError):
+            continue
+
+
+@contextlib.contextmanager
+def _locked(folder, wait=True):
+    """An exclusive advisory lock on ``folder`` (``fcntl.flock`` on the
+    folder itself: no lock file). ``wait=False`` raises BlockingIOError when
+    another process holds it. No-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+    finally:
+        os.close(fd)
+
+
+def _existing(path, fmt, version, legacy):
+    """The files of the intact saved ``fmt`` at the folder ``path`` (a set);
+    an empty folder gives an empty set. Anything else raises ValueError."""
     names = os.listdir(path)
     if not names:
         return set()
     try:
-        with open(os.path.join(path, META)) as f:
-            meta = json.load(f)
-        if meta.get("format") == fmt:
-            files = meta.get("files", {})
-            return {info.get("file", f"{name}.npy") for name, info in files.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
-    raise ValueError(f"{path} exists and is not a saved {fmt}: refusing to write into it "
-                     "(nothing was changed; choose a new path or an empty folder)")
+        meta = _read_meta(path, fmt, version, legacy)
+    except ValueError as exc:
+        raise ValueError(f"{path} exists and is not an intact saved {fmt}: refusing to write into "
+                         f"it (nothing was changed; choose a new path or an empty folder): "
+                         f"{exc}") from None
+    return {_file_of(name, info) for name, info in meta["files"].items()}
 
 
-def _write(folder, fmt, version, arrays, fields, written=None):
-    """Write a new generation of files into ``folder``, then its meta.json
-    (atomically replacing any old one). ``written`` collects the array
-    files as they are created."""
-    gen = uuid.uuid4().hex[:16]
-    written = [] if written is None else written
+def _file_of(name, info):
+    """The file name of array ``name`` (legacy folders: ``name.npy``)."""
+    file = info.get("file", f"{name}.npy")
+    if not isinstance(file, str) or os.path.basename(file) != file or not file.endswith(".npy"):
+        raise ValueError(f"meta.json has a bad file name for {name}: {file!r}")
+    return file
+
+
+def _read_pending(pending):
+    try:
+        with open(pending) as f:
+            files = json.load(f)
+        return {f for f in files if isinstance(f, str) and os.path.basename(f) == f
+                and f not in (META, PENDING)}
+    except (OSError, ValueError, TypeError, RecursionError):
+        return set()
+
+
+def _write_json(file, obj):
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write(folder, fmt, version, arrays, fields, gen):
+    """Write generation ``gen`` of the array files into ``folder``, then its
+    meta.json (atomically replacing any old one)."""
     files = {}
     for name, arr in arrays.items():
         file = f"{name}.{gen}.npy"
-        written.append(file)
         with open(os.path.join(folder, file), "wb") as f:
             np.save(f, arr)
             f.flush()
@@ -121,10 +217,7 @@ def _write(folder, fmt, version, arrays, fields, written=None):
     meta["checksum"] = meta_checksum(meta)
     tmp = os.path.join(folder, f"{META}.tmp-{gen}")
     try:
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_json(tmp, meta)
         os.replace(tmp, os.path.join(folder, META))
     except BaseException:
         _unlink(tmp)
@@ -137,36 +230,68 @@ def load_folder(path, fmt, version, *, mmap=False, verify=True, legacy=()):
 
     Returns ``(meta, arrays)``. With ``mmap`` the arrays are memory-mapped
     copy-on-write: writes to them stay in memory, but changes that another
-    program makes to the files show through (docs/guarantees.md). ``verify=False`` skips the files' checksums
-    (meta.json's own, shapes and dtypes are still checked). ``legacy`` lists
-    older versions that are still read: they name their files ``name.npy``
-    and their meta.json carries no checksum.
+    program makes to the files show through (docs/guarantees.md).
+    ``verify=False`` skips the files' checksums (meta.json's own, shapes and
+    dtypes are still checked). ``legacy`` lists older versions that are
+    still read: they name their files ``name.npy`` and their meta.json
+    carries no checksum. A load that races a save replacing the folder
+    reads the new generation (it retries when meta.json changed under it).
     """
-    path = os.fspath(path)
+    path = _path(path)
+    for attempt in range(_RETRIES):
+        meta = _read_meta(path, fmt, version, legacy)
+        try:
+            return meta, _load_arrays(path, meta, mmap, verify)
+        except ValueError:
+            try:
+                changed = _read_meta(path, fmt, version, legacy) != meta
+            except ValueError:
+                changed = True
+            if not changed or attempt == _RETRIES - 1:
+                raise
+
+
+_RETRIES = 5
+
+
+def _read_meta(path, fmt, version, legacy):
+    """meta.json of the folder ``path``, checked: format, version (or a legacy
+    one: no checksum, files named ``name.npy``), its checksum, a files table."""
     try:
         with open(os.path.join(path, META)) as f:
             meta = json.load(f)
     except (FileNotFoundError, NotADirectoryError):
         raise ValueError(f"{path}: not a saved {fmt} (no meta.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: meta.json is damaged: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: meta.json is damaged: {str(exc)[:200]}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: meta.json cannot be read: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != fmt or (
             meta.get("version") != version and meta.get("version") not in legacy):
-        got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else meta
+        got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta)
         raise ValueError(f"{path}: unsupported format {got!r} (expected {fmt!r} version {version})")
-    if meta["version"] == version and meta.get("checksum") != meta_checksum(meta):
-        raise ValueError(f"{path}: meta.json is damaged or was edited (its checksum does not match)")
     files = meta.get("files")
-    if not isinstance(files, dict):
-        raise ValueError(f"{path}: meta.json has no 'files' table")
+    if not isinstance(files, dict) or not all(isinstance(i, dict) for i in files.values()):
+        raise ValueError(f"{path}: meta.json has no valid 'files' table")
+    if meta["version"] == version:
+        if meta.get("checksum") != meta_checksum(meta):
+            raise ValueError(f"{path}: meta.json is damaged or was edited (its checksum does not "
+                             "match)")
+    elif "checksum" in meta or any("file" in info for info in files.values()):
+        raise ValueError(f"{path}: meta.json is damaged or was edited (version {meta['version']} "
+                         "with the fields of a later one)")
+    return meta
+
+
+def _load_arrays(path, meta, mmap, verify):
     arrays = {}
-    for name, info in files.items():
+    for name, info in meta["files"].items():
         try:
-            file = os.path.join(path, info.get("file", f"{name}.npy"))
+            base = _file_of(name, info)
             expected = info["sha256"]
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{path}: meta.json has a bad entry for {name}: {exc!r}") from None
-        base = os.path.basename(file)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: meta.json has a bad entry for {name}: {exc}") from None
+        file = os.path.join(path, base)
         if not os.path.isfile(file):
             raise ValueError(f"{path}: {base} is missing")
         if verify and sha256(file) != expected:
@@ -179,7 +304,7 @@ def load_folder(path, fmt, version, *, mmap=False, verify=True, legacy=()):
             raise ValueError(f"{path}: {base} holds {arr.dtype.str} {list(arr.shape)}, "
                              f"meta.json says {info.get('dtype')} {info.get('shape')}")
         arrays[name] = arr
-    return meta, arrays
+    return arrays
 
 
 def meta_checksum(meta):

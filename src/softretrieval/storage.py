@@ -53,7 +53,10 @@ class Stored(NamedTuple):
 
 def check_dtype(dtype):
     """The storage name for ``dtype`` (a name or numpy dtype); ValueError if unknown."""
-    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", str(dtype))
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except (TypeError, ValueError):
+        name = None
     if name not in FORMATS:
         raise ValueError(f"dtype must be one of {tuple(FORMATS)}, got {dtype!r}")
     return name

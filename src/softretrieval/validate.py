@@ -62,6 +62,21 @@ def positive_int(value, name):
     return int(value)
 
 
+def int64_ids(ids, name):
+    """Integer ids as int64; ValueError naming ``name`` for unsigned ids
+    beyond int64 (which would wrap to negative numbers)."""
+    if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} must be below 2**63, got {ids.max()}")
+    return ids.astype(np.int64)
+
+
+def fits_in_memory(nbytes, what):
+    """ValueError naming ``what`` when ``nbytes`` exceed this machine's memory."""
+    if nbytes > _physical_memory():
+        raise ValueError(f"{what} would take {nbytes / 2**30:,.1f} GiB, more than this "
+                         "machine's memory")
+
+
 def results_fit(rows, k, bytes_per_slot, n_keys):
     """Refuse a ``k`` whose (rows, k) results cannot fit in this machine's
     memory, with a ValueError naming ``k`` (instead of a MemoryError)."""
@@ -85,7 +100,10 @@ def scale_value(scale, dim):
         return 1.0 / math.sqrt(dim)
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except OverflowError:
+        raise ValueError("scale must be finite, got an integer beyond the float range") from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
@@ -141,11 +159,12 @@ def exclusion_lists(exclude, n_queries, n_keys):
                 raise TypeError(f"exclude ids must be integers, got dtype {r.dtype}")
         offsets = np.zeros(n_queries + 1, np.int64)
         np.cumsum([r.size for r in rows], out=offsets[1:])
-        ids = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+        rows = [int64_ids(r, "exclude ids") for r in rows]    # (an empty list may be float)
+        ids = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     else:
         raise TypeError("exclude must be a tuple (offsets, ids) or a list of arrays, "
                         f"got {type(exclude).__name__}")
-    ids = ids.astype(np.int64)
+    ids = int64_ids(ids, "exclude ids")
     if ids.size and ids.min() < 0:
         raise ValueError(f"exclude ids out of range: they must be >= 0, got {ids.min()}")
     if ids.size and n_keys is not None and ids.max() >= n_keys:
@@ -154,3 +173,22 @@ def exclusion_lists(exclude, n_queries, n_keys):
     row = np.repeat(np.arange(n_queries), np.diff(offsets))
     ids = ids[np.lexsort((ids, row))]
     return offsets, ids
+
+
+def logit_scale(scale, temperature):
+    """The logit scale from ``scale`` or ``temperature`` (1 when neither)."""
+    if temperature is None:
+        return 1.0 if scale is None else scale
+    if scale is not None:
+        raise ValueError("give scale or temperature, not both")
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    try:
+        t = float(temperature)
+    except OverflowError:
+        t = math.inf
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {t:.3g}")
+    if not math.isfinite(1.0 / t):
+        raise ValueError(f"temperature is too small: 1 / {t:.3g} overflows")
+    return 1.0 / t

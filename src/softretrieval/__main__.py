@@ -1,0 +1,5 @@
+"""``python -m softretrieval``: the ``softretrieval`` command."""
+
+from .cli import main
+
+main()
