@@ -172,14 +172,16 @@ def test_driver_any_split(rng, nqb, nsplit):
     """The CPU driver with any number of query blocks and key ranges, merged."""
     from softretrieval import cpu, runtime
     from softretrieval.constants import LOG2E
+    from softretrieval.devices import Logits, Masks, Mode, Rows
 
     Q, K, V = make(rng, 11, 123, 6, 5)
     Qs = (Q * (LOG2E / np.sqrt(6))).astype(np.float32)
     none = np.zeros(0, np.int64)
     f32 = np.zeros(0, np.float32)
     m, l, acc, _, _, _, bad = runtime.parallel_call(
-        cpu.stream, Qs, K, f32, V, f32, 0, 0, V.shape[1], f32, 0, np.float32(0),
-        none, none, none, none, nqb, nsplit, 16, 8, 2, True, True, 0, np.zeros(1, np.int64))
+        cpu.stream, Qs, Rows(K, f32, 0, 6), Rows(V, f32, 0, 5), Logits(f32, 0, np.float32(0)),
+        Masks(none, none, none, none), (nqb, nsplit, 16, 8, 2), Mode(True, True, 0),
+        np.zeros(1, np.int64))
     out, lse = cpu.merge_states(m, l, acc)
     assert bad == 0
     lse = lse.astype(np.float32)
@@ -191,13 +193,14 @@ def test_stop_flag_ends_the_stream_before_its_next_tile(rng):
     its states untouched (the caller discards them)."""
     from softretrieval import cpu
     from softretrieval.constants import NEG_INIT
+    from softretrieval.devices import Logits, Masks, Mode, Rows
 
     Q, K, V = make(rng, 11, 123, 6, 5)
     none = np.zeros(0, np.int64)
     f32 = np.zeros(0, np.float32)
     m, l, acc, _, _, tk_n, _ = cpu.stream(
-        Q.astype(np.float32), K, f32, V, f32, 0, 0, 5, f32, 0, np.float32(0),
-        none, none, none, none, 2, 3, 16, 8, 2, True, True, 4, np.ones(1, np.int64))
+        Q.astype(np.float32), Rows(K, f32, 0, 6), Rows(V, f32, 0, 5), Logits(f32, 0, np.float32(0)),
+        Masks(none, none, none, none), (2, 3, 16, 8, 2), Mode(True, True, 4), np.ones(1, np.int64))
     assert (m == NEG_INIT).all() and (l == 0).all() and (acc == 0).all() and (tk_n == 0).all()
 
 

@@ -68,7 +68,7 @@ def test_import_does_not_load_numba_or_compile():
 
 half_core = core.cpu.half_to_float
 bf16_core = core.cpu.bfloat16_to_float
-half_f16c = cpu.half_to_float
+half_f16c = cpu.f16c_to_float
 
 
 @njit

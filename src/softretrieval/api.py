@@ -7,16 +7,15 @@ pre-scaled, a per-key term, a per-query constant). The kernels
 ``import softretrieval``.
 """
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from . import devices, gpu_api, layout, validate
 from .constants import LOG2E, NEG_INIT
+from .devices import Logits, Mode, Problem, Rows
 from .terms import FAR_SAMPLE, TopKAttention, check_metric, far_center, logit_terms, prepare_bias
-
-_NO_SCALE = np.zeros(0, np.float32)
 
 #: Per-query exclusions: a list of B integer arrays, or CSR ``(offsets, ids)``.
 Exclude = Union[None, list, Tuple[ArrayLike, ArrayLike]]
@@ -24,34 +23,14 @@ Exclude = Union[None, list, Tuple[ArrayLike, ArrayLike]]
 SeqLens = Union[None, ArrayLike, Tuple[ArrayLike, ArrayLike]]
 
 
-class _Prepared(NamedTuple):
-    """One kernel problem (a batch element and KV head) in the kernels' terms."""
+def problem_terms(Q, keys, values, values_given, *, metric, scale, bias, exclude, window,
+                  softmax):
+    """One problem's inputs as a :class:`devices.Problem` in the kernels' terms.
 
-    Q: np.ndarray          # (R, d) float32, the kernel's queries (pre-scaled)
-    K: np.ndarray          # (N, WK) float32 C-contiguous: the keys are K[:, kcol:kcol + d]
-    V: np.ndarray          # (N, WV) float32 C-contiguous: the values are V[:, vcol:vcol + dv]
-    kcol: int
-    vcol: int
-    dv: int
-    values_given: bool
-    bias: np.ndarray       # (N,) float32 in logit units, or (0,)
-    key_mode: int
-    key_coef: float
-    row_const: np.ndarray  # (R,) float64, natural-log units: logit = kernel logit + row_const
-    exclude: object        # (offsets, ids) or None
-    window: object         # (lo, hi) or None
-    kscale: np.ndarray = _NO_SCALE  # (N,) int8 row scales of K and V (storage.Stored), or (0,)
-    vscale: np.ndarray = _NO_SCALE
-
-
-def problem_terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window, softmax, kcol,
-                  vcol, dv, scales=()):
-    """Turn one problem's inputs into the kernels' terms.
-
-    With ``softmax`` the kernel logits are base 2 (``log2(e)`` folded into
-    the scale and the bias); without, they are the raw similarity
-    (``scale`` = 1). K and V may be in compact storage
-    (:mod:`softretrieval.storage`), with ``scales = (kscale, vscale)``.
+    Q (R, d) queries; keys, values: :class:`devices.Rows` (compact storage
+    allowed, :mod:`softretrieval.storage`). With ``softmax`` the kernel
+    logits are base 2 (``log2(e)`` folded into the scale and the bias);
+    without, they are the raw similarity (``scale`` = 1).
     """
     t = logit_terms(metric, scale, Q.shape[1], softmax)
     row_const = np.zeros(Q.shape[0])
@@ -66,9 +45,10 @@ def problem_terms(Q, K, V, values_given, *, metric, scale, bias, exclude, window
         Qs = (Q * np.float64(mult)).astype(np.float32)
     if not np.isfinite(Qs).all():
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
-    return _Prepared(Qs, K, V, kcol, vcol, dv, values_given,
-                     prepare_bias(bias, K.shape[0], t.unit), t.key_mode, t.key_coef, row_const,
-                     exclude, window, *scales)
+    logits = Logits(prepare_bias(bias, keys.data.shape[0], t.unit), t.key_mode,
+                    np.float32(t.key_coef))
+    return Problem(Qs, keys, values, values_given, logits, devices.masks(exclude, window),
+                   row_const)
 
 
 def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
@@ -111,9 +91,10 @@ def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, excl
                 if center is not None:
                     Q = (Q - center).astype(np.float32)
                     K, kcol = (K[:, kcol:kcol + lay.d] - center).astype(np.float32), 0
-            yield (b, g), problem_terms(Q, K, V, values_given, metric=metric, scale=scale,
-                                        bias=bias_of(g), exclude=exclude, window=rows,
-                                        softmax=softmax, kcol=kcol, vcol=vcol, dv=lay.dv)
+            yield (b, g), problem_terms(Q, Rows(K, col=kcol, width=lay.d),
+                                        Rows(V, col=vcol, width=lay.dv), values_given,
+                                        metric=metric, scale=scale, bias=bias_of(g),
+                                        exclude=exclude, window=rows, softmax=softmax)
 
 
 def _head(a4, b, g):
@@ -134,12 +115,10 @@ def _fill(dest, lay, b, g, rows):
     dest[b, :, g * G:(g + 1) * G] = rows.reshape((lay.T, G) + rows.shape[1:])
 
 
-def _run(p, kernels, **mode):
-    """Run the kernels (:mod:`cpu` or :mod:`cuda`) on one problem; name the
+def _run(p, kernels, mode):
+    """Run a target (:mod:`cpu` or :mod:`cuda`) on one problem; name the
     argument behind a NaN/inf."""
-    res = kernels.run(p.Q, p.K, p.V, p.bias, kcol=p.kcol, vcol=p.vcol, dv=p.dv,
-                  kscale=p.kscale, vscale=p.vscale, key_mode=p.key_mode,
-                  key_coef=p.key_coef, exclude=p.exclude, window=p.window, **mode)
+    res = kernels.run(p, mode)
     out = res.get("out")
     if res["bad"] or (out is not None and not np.isfinite(out).all()):
         _refuse_non_finite(p)
@@ -149,10 +128,10 @@ def _run(p, kernels, **mode):
 def _refuse_non_finite(p):
     """Raise the ValueError behind a non-finite result: NaN/inf in the keys
     or values (named), or else float32 overflow."""
-    if isinstance(p.K, np.ndarray):      # (an Index's GPU copies were checked when added)
-        validate.all_finite(p.K, "keys")
-    if p.values_given and isinstance(p.V, np.ndarray):
-        validate.all_finite(p.V, "values")
+    if isinstance(p.keys.data, np.ndarray):   # (an Index's GPU copies were checked when added)
+        validate.all_finite(p.keys.data, "keys")
+    if p.values_given and isinstance(p.values.data, np.ndarray):
+        validate.all_finite(p.values.data, "values")
     raise ValueError(
         "non-finite result: the logits (scale * q.k + bias) or the weighted sum of "
         "values overflow float32; reduce scale or the norms of keys/values")
@@ -257,7 +236,7 @@ def solve_attention(lay, problems, return_lse, device="cpu"):
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res = _run(p, kernels, want_soft=True, want_acc=True)
+        res = _run(p, kernels, Mode(want_soft=True, want_acc=True))
         _fill(out, lay, b, g, res["out"])
         _fill(lse, lay, b, g, _with_row_const(res["lse"], p.row_const))
     out, lse = lay.heads_out(out), lay.heads_out(lse)
@@ -271,7 +250,7 @@ def solve_logsumexp(lay, problems, device="cpu"):
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res = _run(p, kernels, want_soft=True, want_acc=False)
+        res = _run(p, kernels, Mode(want_soft=True, want_acc=False))
         _fill(lse, lay, b, g, _with_row_const(res["lse"], p.row_const))
     return lay.heads_out(lse)
 
@@ -279,7 +258,8 @@ def solve_logsumexp(lay, problems, device="cpu"):
 def _run_topk(p, kernels, k, want_soft):
     """Top-k of one problem: ``(res, logits, ids, count, valid)``, where
     ``valid`` (R, min(k, N)) marks the slots that hold a key."""
-    res = _run(p, kernels, want_soft=want_soft, want_acc=False, k=min(k, p.K.shape[0]))
+    res = _run(p, kernels, Mode(want_soft=want_soft, want_acc=False,
+                                k=min(k, p.keys.data.shape[0])))
     logits, ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
     valid = np.arange(logits.shape[1])[None, :] < count[:, None]
     return res, logits, ids, count, valid
@@ -347,7 +327,7 @@ def solve_topk(lay, problems, k, metric, device="cpu"):
         _, logits, top_ids, count, valid = _run_topk(p, kernels, k, want_soft=False)
         if metric == "l2":
             sc = (-p.row_const[:, None] - logits).astype(np.float32)
-            if p.bias.shape[0] == 0:
+            if p.logits.bias.shape[0] == 0:
                 np.maximum(sc, 0, out=sc)
         else:
             sc = logits.copy()
@@ -404,8 +384,9 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
             continue
         res, logits, top_ids, count, _ = _run_topk(p, kernels, k, want_soft=True)
         # the finish runs on the host (where the values are, also for an Index on the GPU)
+        v = p.values
         rows, row_ids, row_w, cov = cpu.finish_topk_attention(
-            logits, top_ids, count, res["lse"], p.V, p.vscale, p.vcol, p.dv, k)
+            logits, top_ids, count, res["lse"], v.data, v.scale, v.col, v.width, k)
         if not np.isfinite(rows).all():
             _refuse_non_finite(p)
         _fill(out, lay, b, g, rows)

@@ -39,11 +39,14 @@ topk_capacity = njit(inline="always")(topk_buffer.capacity)
 # where the API detects them (a NaN in the values must not be folded away).
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
+
 @intrinsic
-def half_to_float(typingctx, bits):
+def f16c_to_float(typingctx, bits):
     """float32 of the IEEE half whose bits are the uint16 ``bits``: an LLVM
     ``fpext``, which becomes the F16C ``vcvtph2ps`` instruction on x86 (3x
-    faster than the portable bit manipulation of ``core.half_to_float``)."""
+    faster than the portable bit manipulation of ``core.half_to_float``, which
+    the other targets use). The CPU's own decoder instruction, not a second
+    copy of a rule: ``decode`` below picks it for float16 storage."""
     sig = nbtypes.float32(nbtypes.uint16)
 
     def codegen(context, builder, signature, args):
@@ -65,7 +68,7 @@ def _decode_for(x):
     if x == nbtypes.float32:
         return lambda x: x
     if x == nbtypes.uint16:
-        return lambda x: half_to_float(x)
+        return lambda x: f16c_to_float(x)
     if x == nbtypes.int16:
         return lambda x: bfloat16_to_float(x)
     if x == nbtypes.int8:
@@ -390,25 +393,29 @@ def _topk_row(row, mx, t0, k, bs, bi, count, ts, ti):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef,
-                  excl_ids, ptr, end, lo, hi, k0, k1, ktile, simd, want_soft, want_acc, k,
-                  m, l, acc, tk_s, tk_i, tk_n, tk_ts, tk_ti, stop):
+def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, lo, hi, k0, k1, ktile, simd, mode,
+                  states, stop):
     """Stream keys ``k0:k1`` into the states of one query block.
 
-    Qb (bq, d), bias (N,) or (0,): float32. K (N, WK), V (N, WV): the keys
-    are ``K[:, kcol:kcol + d]`` and the values ``V[:, vcol:vcol + dv]`` (a
-    head of a multi-head array; WK = d and kcol = 0 for a plain one), in
-    storage dtypes (:func:`decode`) with per-row scales ``kscale`` /
-    ``vscale`` (N,) for int8, else (0,).
-    m, l (bq,), acc (bq, dv): online-softmax states, updated when
-    ``want_soft`` (acc only when ``want_acc``). tk_s, tk_i (bq, cap), tk_n,
-    tk_ts, tk_ti (bq,): top-k buffers and their thresholds, updated when
-    ``k > 0``. ptr, end (bq,): the block's exclusion lists in ``excl_ids``.
-    lo, hi (bq,) or (0,): each row's key window. stop (1,) int64: the
-    range ends early (its states incomplete) once ``stop[0] != 0``, checked
-    before each tile. Returns the number of rows of score tiles that held a
-    NaN or inf.
+    Qb (bq, d) float32. keys, values: :class:`devices.Rows` (the keys are
+    ``keys.data[:, keys.col:keys.col + d]`` in a storage dtype
+    (:func:`decode`), int8 row scales in ``keys.scale``; likewise the
+    ``values.width`` value columns). logits: :class:`devices.Logits`.
+    excl_ids: the sorted excluded ids, row i's in ``excl_ids[ptr[i]:end[i]]``
+    (ptr, end (bq,)). lo, hi (bq,) or (0,): each row's key window. mode:
+    :class:`devices.Mode`. states: ``(m, l, acc, tk_s, tk_i, tk_n, tk_ts,
+    tk_ti)``: m, l (bq,), acc (bq, dv) online-softmax states, updated when
+    ``want_soft`` (acc only when ``want_acc``); tk_s, tk_i (bq, cap), tk_n,
+    tk_ts, tk_ti (bq,) top-k buffers and their thresholds, updated when
+    ``k > 0``. stop (1,) int64: the range ends early (its states
+    incomplete) once ``stop[0] != 0``, checked before each tile. Returns
+    the number of rows of score tiles that held a NaN or inf.
     """
+    K, kscale, kcol = keys.data, keys.scale, keys.col
+    V, vscale, vcol = values.data, values.scale, values.col
+    bias, key_mode, key_coef = logits
+    want_soft, want_acc, k = mode
+    m, l, acc, tk_s, tk_i, tk_n, tk_ts, tk_ti = states
     bq, d = Qb.shape
     dv = acc.shape[1]
     has_bias = bias.shape[0] > 0
@@ -463,26 +470,23 @@ def _stream_range(Qb, K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
-           excl_off, excl_ids, row_lo, row_hi, nqb, nsplit, ktile, ktile_simd, simd_queries,
-           want_soft, want_acc, k, stop):
+def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     """Stream every key past every query, in ``nqb x nsplit`` parallel items.
 
-    Q (B, d), bias (N,) or (0,): float32, C-contiguous. K (N, WK) and V
-    (N, WV) C-contiguous hold the keys in columns ``kcol:kcol + d`` and the
-    values in ``vcol:vcol + dv`` (one head of a multi-head array), in
-    storage dtypes (:func:`decode`) with int8 row scales ``kscale`` /
-    ``vscale`` (N,), else (0,).
-    excl_off (B + 1,) or (0,), excl_ids: int64 CSR exclusion lists, sorted
-    per query. row_lo, row_hi (B,) or (0,): int64 key window ``[lo, hi)`` of
-    each query (causal and sliding-window modes); key tiles outside every
-    window of a block are skipped, tiles that cross a window edge masked.
-    Query blocks are visited in zigzag order (first, last, second, ...) so
-    each thread's share mixes cheap and costly causal blocks. Query blocks of
-    at most ``simd_queries`` use SIMD loops over
-    tiles of ``ktile_simd`` keys, larger ones BLAS over tiles of ``ktile``.
-    stop (1,) int64: set it non-zero to end the call early (the results are
-    then incomplete: :func:`runtime.parallel_call` discards them).
+    Q (B, d) float32, C-contiguous. keys, values: :class:`devices.Rows`
+    (C-contiguous storage rows, e.g. one head of a multi-head array at its
+    column offset); logits: :class:`devices.Logits`; masks:
+    :class:`devices.Masks` — CSR exclusion lists sorted per query, and the
+    int64 key window ``[lo, hi)`` of each query (causal and sliding-window
+    modes): key tiles outside every window of a block are skipped, tiles
+    that cross a window edge masked. tiling: ``(nqb, nsplit, ktile,
+    ktile_simd, simd_queries)``: query blocks of at most ``simd_queries`` use
+    SIMD loops over tiles of ``ktile_simd`` keys, larger ones BLAS over
+    tiles of ``ktile``; blocks are visited in zigzag order (first, last,
+    second, ...) so each thread's share mixes cheap and costly causal
+    blocks. mode: :class:`devices.Mode`. stop (1,) int64: set it non-zero to
+    end the call early (the results are then incomplete:
+    :func:`runtime.parallel_call` discards them).
 
     Returns ``(m, l, acc, tk_s, tk_i, tk_n, bad)``, one entry per key range:
     m, l (nsplit, B) and acc (nsplit, B, dv) float32 online-softmax states
@@ -491,6 +495,11 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
     ``topk_buffer.capacity(k)``), tk_n (nsplit, B) their counts (with
     ``k > 0``); ``bad`` the number of score-tile rows that held NaN or inf.
     """
+    K = keys.data
+    dv = values.width
+    excl_off, excl_ids, row_lo, row_hi = masks
+    nqb, nsplit, ktile, ktile_simd, simd_queries = tiling
+    want_soft, want_acc, k = mode
     B = Q.shape[0]
     N = K.shape[0]
     qblock = (B + nqb - 1) // nqb
@@ -529,13 +538,10 @@ def stream(Q, K, kscale, V, vscale, kcol, vcol, dv, bias, key_mode, key_coef,
                 end[i] = lo + np.searchsorted(excl_ids[lo:hi], k1)
         simd = q1 - q0 <= simd_queries
         tile = ktile_simd if simd else ktile
-        bad[w] = _stream_range(
-            Q[q0:q1], K, kscale, V, vscale, kcol, vcol, bias, key_mode, key_coef,
-            excl_ids, ptr, end,
-            row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd,
-            want_soft, want_acc, k, m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1],
-            tk_s[sp, q0:q1], tk_i[sp, q0:q1], tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1],
-            stop)
+        states = (m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1], tk_s[sp, q0:q1], tk_i[sp, q0:q1],
+                  tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1])
+        bad[w] = _stream_range(Q[q0:q1], keys, values, logits, excl_ids, ptr, end, row_lo[q0:q1],
+                               row_hi[q0:q1], k0, k1, tile, simd, mode, states, stop)
     return m, l, acc, tk_s, tk_i, tk_n, bad.sum()
 
 
@@ -613,8 +619,6 @@ def plan(B, N, threads):
     return nqb, nsplit
 
 
-_NONE = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-_NO_SCALE = np.zeros(0, np.float32)
 
 #: The target protocol (:class:`softretrieval.devices.Target`).
 NAME = "cpu"
@@ -631,33 +635,28 @@ def device_view(a):
     return a
 
 
-def run(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_SCALE,
-        key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None, want_soft=True,
-        want_acc=True, k=0):
+def run(problem, mode):
     """Plan, run :func:`stream` under the runtime lock, and merge the splits.
 
-    Arguments as :func:`stream`; ``exclude`` is ``(offsets, ids)`` or None,
-    ``window`` is ``(row_lo, row_hi)`` or None.
-    Returns a dict with, as asked: ``out`` (B, dv) and ``lse`` (B,) (base-e,
-    of the prepared logits), ``m``, ``l`` (B,) merged base-2 state,
-    ``topk_logits`` (B, k), ``topk_ids`` (B, k), ``topk_count`` (B,); and
-    ``bad`` (count of score rows with NaN/inf).
+    problem: a :class:`devices.Problem` of host arrays; mode: a
+    :class:`devices.Mode`. Returns a dict with, as asked: ``out`` (R, dv)
+    and ``lse`` (R,) (base-e, of the prepared logits), ``topk_logits``
+    (R, k), ``topk_ids`` (R, k), ``topk_count`` (R,); and ``bad`` (count of
+    score rows with NaN/inf).
     """
-    nqb, nsplit = plan(Q.shape[0], K.shape[0], runtime.num_threads())
-    excl_off, excl_ids = _NONE if exclude is None else exclude
-    row_lo, row_hi = _NONE if window is None else window
-    dv = V.shape[1] if dv is None else dv
+    Q = problem.Q
+    nqb, nsplit = plan(Q.shape[0], problem.keys.data.shape[0], runtime.num_threads())
+    tiling = (nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES)
     stop = np.zeros(1, np.int64)
+    work = Q.shape[0] * problem.keys.data.shape[0] * (
+        Q.shape[1] + (problem.values.width if mode.want_acc else 0))
     m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
-        stream, Q, K, kscale, V, vscale, kcol, vcol, dv,
-        bias, key_mode, np.float32(key_coef), excl_off, excl_ids, row_lo, row_hi, nqb, nsplit,
-        config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES,
-        want_soft, want_acc, k, stop,
-        stop=stop, work=Q.shape[0] * K.shape[0] * (Q.shape[1] + (dv if want_acc else 0)))
+        stream, Q, problem.keys, problem.values, problem.logits, problem.masks, tiling, mode, stop,
+        stop=stop, work=work)
     res = {"bad": bad}
-    if want_soft:
+    if mode.want_soft:
         res["out"], res["lse"] = merge_states(m, l, acc)
-    if k > 0:
+    if mode.k > 0:
         res["topk_logits"], res["topk_ids"], res["topk_count"] = runtime.parallel_call(
-            merge_topk, tk_s, tk_i, tk_n, k)
+            merge_topk, tk_s, tk_i, tk_n, mode.k)
     return res

@@ -27,6 +27,7 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from . import config, core, rules, topk_buffer
+from .devices import QueryTerms
 from .constants import KEYS_PLAIN, NEG_INIT
 
 _device = cuda.jit(device=True)
@@ -261,30 +262,27 @@ def plan(B, N):
     return nqb, nsplit, threads
 
 
-_NONE = np.zeros(0, np.int64)
-_NO_SCALE = np.zeros(0, np.float32)
 
 
-def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_NO_SCALE,
-           key_mode=KEYS_PLAIN, key_coef=0.0, exclude=None, window=None, want_soft=True,
-           want_acc=True, k=0, qmult=1.0, qunit=False, qsq_coef=0.0, bias_mult=1.0,
-           lse_dtype=np.float64):
-    """Run the kernels on arrays already on the device (or host arrays, which
-    are copied). Arguments as :func:`cpu.run`, plus the query terms the
-    kernel can apply itself (for inputs that never visit the host): logits
-    are ``qmult * q.k`` (divided by ``|q|`` with ``qunit``) ``+ qsq_coef *
-    |q|^2`` ``+ bias_mult * bias``. Returns device arrays: ``out``, ``lse``,
-    ``topk_logits``, ``topk_ids``, ``topk_count`` as asked, and ``bad``
-    (host int: logits that were NaN or inf).
+def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
+    """Run the kernels on a :class:`devices.Problem` whose arrays are on the
+    device (host arrays are copied), in :class:`devices.Mode` ``mode``.
+    ``query`` (:class:`devices.QueryTerms`): the query terms the kernel
+    applies itself, for queries that never visit the host. Returns device
+    arrays ``out``, ``lse`` (``lse_dtype``), ``topk_logits``, ``topk_ids``,
+    ``topk_count`` as asked, and ``bad`` (host int: logits that were NaN or
+    inf).
     """
+    Q, keys, values = problem.Q, problem.keys, problem.values
+    K, V = keys.data, values.data
+    want_soft, want_acc, k = mode
+    bias, key_mode, key_coef = problem.logits
+    excl_off, excl_ids, row_lo, row_hi = problem.masks
     B, d = Q.shape
     N = K.shape[0]
-    dv = V.shape[1] if dv is None else dv
-    vd = dv if want_acc else 0
+    vd = values.width if want_acc else 0
     nqb, nsplit, threads = plan(B, N)
     tile = key_tile(d, vd)
-    excl_off, excl_ids = (_NONE, _NONE) if exclude is None else exclude
-    row_lo, row_hi = (_NONE, _NONE) if window is None else window
     to = device_view
     cap = topk_buffer.capacity(max(k, 1))
     m = cuda.device_array((nsplit, B), np.float32)
@@ -299,8 +297,9 @@ def launch(Q, K, V, bias, *, kcol=0, vcol=0, dv=None, kscale=_NO_SCALE, vscale=_
     kernel = stream_kernel(np.dtype(dK.dtype), np.dtype(dV.dtype), tile, vd)
     shared = 4 * tile * (d + vd + 1)
     kernel[(nqb, nsplit), threads, 0, shared](
-        to(Q), np.float32(qmult), qunit, np.float32(qsq_coef), dK, to(kscale), dV, to(vscale),
-        kcol, vcol, to(bias), np.float32(bias_mult), key_mode, np.float32(key_coef),
+        to(Q), np.float32(query.qmult), query.qunit, np.float32(query.qsq_coef), dK,
+        to(keys.scale), dV, to(values.scale), keys.col, values.col, to(bias),
+        np.float32(query.bias_mult), key_mode, np.float32(key_coef),
         to(excl_off), to(excl_ids), to(row_lo), to(row_hi), want_soft, k, m, l, acc,
         tk_s, tk_i, tk_n, bad)
     res = {"bad": int(bad.copy_to_host()[0])}
@@ -330,10 +329,10 @@ def device_view(a):
     return a                                      # the simulator's device arrays
 
 
-def run(Q, K, V, bias, **kw):
-    """:func:`cpu.run` on the GPU: same arguments (host arrays, copied to the
-    device), same results (host arrays)."""
-    res = launch(Q, K, V, bias, **kw)
+def run(problem, mode):
+    """:func:`cpu.run` on the GPU: same arguments (host arrays are copied to
+    the device), same results (host arrays)."""
+    res = launch(problem, mode)
     return {name: a if name == "bad" else a.copy_to_host() for name, a in res.items()}
 
 

@@ -7,9 +7,82 @@ its own jit and provides the members of :class:`Target`. A third target (or a
 new mode) is added there; the public layer only calls these members.
 """
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
 
 DEVICES = ("cpu", "cuda", "auto")
+
+_NONE = np.zeros(0, np.int64)
+_NO_SCALE = np.zeros(0, np.float32)
+
+
+class Rows(NamedTuple):
+    """Stored rows a kernel reads (keys or values): ``data[:, col:col + width]``
+    in a storage dtype (:mod:`softretrieval.storage`), times ``scale[j]``
+    when ``scale`` (int8 row scales) is not empty."""
+
+    data: Any            # (N, W) C-contiguous
+    scale: Any = _NO_SCALE
+    col: int = 0
+    width: int = 0       # d or dv
+
+
+class Logits(NamedTuple):
+    """How a key turns dot products into logits (see :mod:`softretrieval.rules`)."""
+
+    bias: Any = _NO_SCALE     # (N,) float32 in logit units, or (0,)
+    key_mode: int = 0         # constants.KEYS_PLAIN / KEYS_SQNORM / KEYS_UNIT
+    key_coef: Any = np.float32(0.0)
+
+
+class Masks(NamedTuple):
+    """Per-query masks: CSR exclusion lists (sorted per query) and key windows
+    ``[row_lo, row_hi)``; empty arrays for none."""
+
+    excl_off: Any = _NONE     # (R + 1,) int64
+    excl_ids: Any = _NONE
+    row_lo: Any = _NONE       # (R,) int64
+    row_hi: Any = _NONE
+
+
+def masks(exclude=None, window=None):
+    """:class:`Masks` from ``exclude = (offsets, ids)`` and ``window = (lo, hi)`` (or None)."""
+    off, ids = (_NONE, _NONE) if exclude is None else exclude
+    lo, hi = (_NONE, _NONE) if window is None else window
+    return Masks(off, ids, lo, hi)
+
+
+class Mode(NamedTuple):
+    """What a call computes: the softmax state (``want_soft``), the weighted
+    sum of values (``want_acc``), the top ``k`` (0: none)."""
+
+    want_soft: bool = True
+    want_acc: bool = True
+    k: int = 0
+
+
+class Problem(NamedTuple):
+    """One kernel problem (a batch element and KV head) in the kernels' terms."""
+
+    Q: Any               # (R, d) float32 queries, query terms applied (scale, unit, log2 e)
+    keys: Rows
+    values: Rows
+    values_given: bool   # False: the keys serve as values
+    logits: Logits
+    masks: Masks
+    row_const: Any       # (R,) float64, natural log: logit = kernel logit + row_const
+
+
+class QueryTerms(NamedTuple):
+    """Query terms a GPU kernel applies itself to queries that never visit
+    the host: logit ``= qmult * q.k`` (of the unit query with ``qunit``)
+    ``+ qsq_coef * |q|^2 + bias_mult * bias``."""
+
+    qmult: float = 1.0
+    qunit: bool = False
+    qsq_coef: float = 0.0
+    bias_mult: float = 1.0
 
 
 class Target(Protocol):
@@ -26,10 +99,10 @@ class Target(Protocol):
     def available(self) -> bool:
         """Whether the target can run here."""
 
-    def run(self, Q, K, V, bias, **terms) -> dict:
-        """One kernel problem on host arrays (see :func:`softretrieval.cpu.run`):
-        returns host arrays ``out``, ``lse``, ``topk_logits``, ``topk_ids``,
-        ``topk_count`` as the mode asks, and ``bad``."""
+    def run(self, problem: Problem, mode: Mode) -> dict:
+        """One :class:`Problem` (see :func:`softretrieval.cpu.run`): returns host
+        arrays ``out``, ``lse``, ``topk_logits``, ``topk_ids``, ``topk_count``
+        as the :class:`Mode` asks, and ``bad``."""
 
     def device_view(self, a):
         """``a`` as this target's kernels read it (a device array on a GPU)."""

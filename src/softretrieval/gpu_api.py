@@ -18,6 +18,7 @@ logits that come out non-finite still raise ``ValueError``.
 import numpy as np
 
 from . import layout, validate
+from .devices import Logits, Mode, Problem, QueryTerms, Rows, masks
 from .terms import TopKAttention, check_metric, logit_terms, prepare_bias
 
 
@@ -79,17 +80,18 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
     excl = layout.stacked_exclude(validate.exclusion_lists(exclude, lay.T, lay.S), lay)
     t = logit_terms(metric, scale, lay.d, softmax)
     unit = t.unit
-    terms = dict(qmult=t.qmult, qunit=t.qunit, qsq_coef=t.qsq_coef, key_mode=t.key_mode,
-                 key_coef=t.key_coef, exclude=excl)
+    query = QueryTerms(t.qmult, t.qunit, t.qsq_coef, 1.0)
     if on_device(bias):
         dbias = _array(bias, "bias", 1)
         if tuple(dbias.shape) != (lay.S,):
             raise ValueError(f"bias on the device must have shape ({lay.S},), got {dbias.shape}")
-        terms["bias_mult"] = unit
+        query = query._replace(bias_mult=unit)
         bias_of = lambda g: dbias  # noqa: E731
     else:
         rows = layout.head_bias(bias, lay)
         bias_of = lambda g: prepare_bias(rows(g), lay.S, unit)  # noqa: E731
+
+    values_given = values is not None
 
     def each():
         G = lay.group
@@ -102,8 +104,11 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
                     if stacked.shape[0]:
                         gpu.gather_rows_kernel[_blocks(stacked.shape[0])](q, stacked)
                     q = stacked
-                yield (b, g), (q, _heads(K, lay, b, g, 1), _heads(V, lay, b, g, 1), bias_of(g),
-                               dict(terms, window=rows))
+                krows = Rows(_heads(K, lay, b, g, 1), width=lay.d)
+                vrows = Rows(_heads(V, lay, b, g, 1), width=lay.dv)
+                logits = Logits(bias_of(g), t.key_mode, np.float32(t.key_coef))
+                problem = Problem(q, krows, vrows, values_given, logits, masks(excl, rows), None)
+                yield (b, g), (problem, query)
 
     return lay, each()
 
@@ -115,11 +120,11 @@ def _blocks(rows):
     return -(-rows // threads), threads
 
 
-def _launch(problem, **mode):
+def _launch(problem_and_query, mode):
     from . import cuda as gpu
 
-    Q, K, V, bias, terms = problem
-    res = gpu.launch(Q, K, V, bias, lse_dtype=np.float32, **terms, **mode)
+    problem, query = problem_and_query
+    res = gpu.launch(problem, mode, query, lse_dtype=np.float32)
     if res["bad"]:
         raise ValueError("non-finite result: the logits (scale * q.k + bias) overflow float32 "
                          "or the device inputs hold NaN/inf")
@@ -161,7 +166,7 @@ def attention(queries, keys, values, *, scale, bias, metric, exclude, return_lse
                               softmax=True)
     outs = _Outputs(lay, ((lay.dv,), ()), (np.float32, np.float32))
     for (b, g), p in problems:
-        res = _launch(p, want_soft=True, want_acc=True)
+        res = _launch(p, Mode(want_soft=True, want_acc=True))
         outs.fill(b, g, (res["out"], res["lse"]))
     out, lse = outs.arrays
     return (out, lse) if return_lse else out
@@ -179,8 +184,8 @@ def topk(queries, keys, k, *, metric, bias, exclude, causal, window, seq_lens):
     outs = _Outputs(lay, ((k,), (k,)), (np.float32, np.int64))
     l2 = metric == "l2"
     for (b, g), p in problems:
-        res = _launch(p, want_soft=False, want_acc=False, k=min(k, lay.S))
-        R = p[0].shape[0]
+        res = _launch(p, Mode(want_soft=False, want_acc=False, k=min(k, lay.S)))
+        R = p[0].Q.shape[0]
         scores = cuda.device_array((R, k), np.float32)
         ids = cuda.device_array((R, k), np.int64)
         if R:
@@ -206,14 +211,14 @@ def topk_attention(queries, keys, values, k, *, scale, bias, metric, exclude, ca
     outs = _Outputs(lay, ((lay.dv,), (k,), (k,), (), ()),
                     (np.float32, np.int64, np.float32, np.float32, np.float32))
     for (b, g), p in problems:
-        res = _launch(p, want_soft=True, want_acc=False, k=min(k, lay.S))
-        R = p[0].shape[0]
+        res = _launch(p, Mode(want_soft=True, want_acc=False, k=min(k, lay.S)))
+        R = p[0].Q.shape[0]
         out = cuda.device_array((R, lay.dv), np.float32)
         ids = cuda.device_array((R, k), np.int64)
         weights = cuda.device_array((R, k), np.float32)
         coverage = cuda.device_array(R, np.float32)
         if R:
-            V = p[2]
+            V = p[0].values.data
             gpu.finish_topk_attention_kernel(np.dtype(V.dtype))[_blocks(R)](
                 res["topk_logits"], res["topk_ids"], res["topk_count"], res["lse"], V,
                 gpu.device_view(np.zeros(0, np.float32)), 0, out, weights, ids, coverage)

@@ -365,12 +365,13 @@ class Index:
         B = Q.shape[0]
         dv = self.dim if values is None else self.value_dim
         lay = layout.Layout(ndim=2, batch=1, T=B, H=1, S=n, Hkv=1, d=self.dim, dv=dv)
-        V, vscale = (keys.data, keys.scale) if values is None else (values, keys.scale[:0])
-        p = api.problem_terms(Q, keys.data, V, values is not None, metric=self.metric, scale=scale,
-                              bias=None, exclude=snap.exclusions(exclude, B), window=None,
-                              softmax=softmax, kcol=0, vcol=0, dv=dv, scales=(keys.scale, vscale))
+        key_rows = devices.Rows(keys.data, keys.scale, 0, self.dim)
+        value_rows = key_rows._replace(width=dv) if values is None else devices.Rows(values, width=dv)
+        p = api.problem_terms(Q, key_rows, value_rows, values is not None, metric=self.metric,
+                              scale=scale, bias=None, exclude=snap.exclusions(exclude, B),
+                              window=None, softmax=softmax)
         call_bias, stored_bias = self._call_bias(bias, n, softmax)
-        p = p._replace(bias=call_bias)
+        p = p._replace(logits=p.logits._replace(bias=call_bias))
         if devices.is_gpu(kernels):
             p = _resident_problem(p, kernels, snap.resident, values is None, stored_bias,
                                   values_on_host)
@@ -528,12 +529,11 @@ def _resident_problem(p, kernels, resident, keys_as_values, stored_bias, values_
             resident[name] = kernels.device_view(a)
         return resident[name]
 
-    K = keep("keys", p.K)
-    kscale = keep("scales", p.kscale)
-    p = p._replace(K=K, kscale=kscale)
+    keys = p.keys._replace(data=keep("keys", p.keys.data), scale=keep("scales", p.keys.scale))
+    p = p._replace(keys=keys)
     if not values_on_host:
-        p = p._replace(V=K if keys_as_values else keep("values", p.V),
-                       vscale=kscale if keys_as_values else p.vscale)
+        p = p._replace(values=keys._replace(width=p.values.width) if keys_as_values
+                       else p.values._replace(data=keep("values", p.values.data)))
     if stored_bias is not None:
-        p = p._replace(bias=keep(stored_bias, p.bias))
+        p = p._replace(logits=p.logits._replace(bias=keep(stored_bias, p.logits.bias)))
     return p
