@@ -1,12 +1,38 @@
 """Helpers shared by the benchmark scripts: timing, statistics, probes."""
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 import numpy as np
 from numba import njit, prange
+
+
+VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+                "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_info():
+    """The CPU model and its vector extensions (from /proc/cpuinfo), printed
+    once: every figure is read against the machine that made it."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    info = {"model": model, "vector": [f for f in VECTOR_FLAGS if f in flags],
+            "cores": os.cpu_count()}
+    print(f"CPU: {info['model']}, {info['cores']} cores; vector extensions: "
+          f"{' '.join(info['vector']) or 'none of ' + ' '.join(VECTOR_FLAGS)}")
+    return info
 
 
 def timed(fn, reps):

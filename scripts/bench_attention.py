@@ -21,7 +21,7 @@ import platform
 import threading
 
 import numpy as np
-from _bench import interleaved, print_rows, read_once, stats, subprocess_json, timed
+from _bench import cpu_info, interleaved, print_rows, read_once, stats, subprocess_json, timed
 
 import softretrieval as sr
 
@@ -126,7 +126,7 @@ def main():
     V = rng.standard_normal((N, d), dtype=np.float32)
     Qall = rng.standard_normal((max(args.batches), d), dtype=np.float32)
     scale = 1 / np.sqrt(d)
-    report = {"machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+    report = {"machine": {"cpu": cpu_info(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                           "numpy": np.__version__, "torch": torch.__version__ if torch else None},
               "N": N, "d": d, "reps": args.reps, "results": {}}
 

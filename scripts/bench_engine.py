@@ -29,7 +29,7 @@ import time
 
 import faiss
 import numpy as np
-from _bench import interleaved, print_rows, stats
+from _bench import cpu_info, interleaved, print_rows, stats
 
 import softretrieval as sr
 from softretrieval import cli, datasets
@@ -70,7 +70,7 @@ def main():
     args = ap.parse_args()
     N, d = args.n, args.d
     items, queries = datasets.catalog(N, max(max(args.batches), args.score_queries), d, seed=0)
-    report = {"N": N, "d": d, "reps": args.reps, "cpu_count": os.cpu_count(),
+    report = {"cpu": cpu_info(), "N": N, "d": d, "reps": args.reps, "cpu_count": os.cpu_count(),
               "faiss": faiss.__version__, "results": {}}
     tmp = tempfile.mkdtemp(prefix="bench_engine_")
     indexes = {}

@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 import torch
-from _bench import interleaved, print_rows, stats
+from _bench import cpu_info, interleaved, print_rows, stats
 
 import softretrieval as sr
 
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--out", default="bench_heads.json")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    report = {"cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     B, H, Hkv, N, d = 256, 8, 2, 100_000, 128
     G = H // Hkv

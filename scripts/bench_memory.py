@@ -14,7 +14,7 @@ import time
 
 import faiss
 import numpy as np
-from _bench import interleaved, print_rows, stats
+from _bench import cpu_info, interleaved, print_rows, stats
 
 import softretrieval as sr
 
@@ -39,7 +39,7 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     n, d, k, scale = args.n, 64, 32, 0.125
-    report = {"n": n, "dim": d, "k": k, "results": {}}
+    report = {"cpu": cpu_info(), "n": n, "dim": d, "k": k, "results": {}}
     for heads in (1, 8):
         keys = rng.standard_normal((n, heads, d), dtype=np.float32)
         values = rng.standard_normal((n, heads, d), dtype=np.float32)

@@ -17,7 +17,7 @@ import os
 
 import faiss
 import numpy as np
-from _bench import interleaved, print_rows, read_once, stats
+from _bench import cpu_info, interleaved, print_rows, read_once, stats
 
 import softretrieval as sr
 
@@ -49,7 +49,7 @@ def main():
     index = faiss.IndexFlatIP(d)
     index.add(K)
     sr.topk(Qall[:2], K[:5000], 10)
-    report = {"N": N, "d": d, "reps": args.reps, "cpu_count": os.cpu_count(),
+    report = {"cpu": cpu_info(), "N": N, "d": d, "reps": args.reps, "cpu_count": os.cpu_count(),
               "faiss": faiss.__version__, "results": {}}
     print(f"N={N:,} d={d} float32, {args.reps} interleaved runs; medians (min-max) in ms")
     for B in args.batches:

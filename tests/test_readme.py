@@ -34,3 +34,12 @@ def test_docs_links_resolve():
             for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", f.read()):
                 path = os.path.normpath(os.path.join(os.path.dirname(page), target))
                 assert os.path.exists(path), f"{page}: broken link {target}"
+
+
+def test_api_reference_is_generated_from_the_current_docstrings():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "api_docs.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

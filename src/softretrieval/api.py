@@ -256,21 +256,12 @@ def solve_logsumexp(lay, problems, device="cpu"):
 
 
 def _run_topk(p, kernels, k, want_soft):
-    """Top-k of one problem: ``(res, logits, ids, count, valid)``, where
-    ``valid`` (R, min(k, N)) marks the slots that hold a key."""
+    """Top-k of one problem: ``(res, logits, ids, count)``: the kernel's
+    merged top-k, logits and ids (R, min(k, N)), count (R,) of slots that
+    hold a key."""
     res = _run(p, kernels, Mode(want_soft=want_soft, want_acc=False,
                                 k=min(k, p.keys.data.shape[0])))
-    logits, ids, count = res["topk_logits"], res["topk_ids"], res["topk_count"]
-    valid = np.arange(logits.shape[1])[None, :] < count[:, None]
-    return res, logits, ids, count, valid
-
-
-def _pad(a, k, fill):
-    if a.shape[1] == k:
-        return a
-    out = np.full((a.shape[0], k), fill, a.dtype)
-    out[:, : a.shape[1]] = a
-    return out
+    return res, res["topk_logits"], res["topk_ids"], res["topk_count"]
 
 
 def topk(queries: ArrayLike, keys: ArrayLike, k: int, *, metric: str = "ip",
@@ -316,6 +307,8 @@ _with_shapes(topk)
 
 def solve_topk(lay, problems, k, metric, device="cpu"):
     """Top-k of validated problems (see :func:`_problems`)."""
+    from . import cpu
+
     kernels = devices.kernels(device)
     validate.results_fit(lay.batch * lay.T * lay.H, k, 12, lay.S)
     pad = np.inf if metric == "l2" else -np.inf
@@ -324,16 +317,12 @@ def solve_topk(lay, problems, k, metric, device="cpu"):
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        _, logits, top_ids, count, valid = _run_topk(p, kernels, k, want_soft=False)
-        if metric == "l2":
-            sc = (-p.row_const[:, None] - logits).astype(np.float32)
-            if p.logits.bias.shape[0] == 0:
-                np.maximum(sc, 0, out=sc)
-        else:
-            sc = logits.copy()
-        sc[~valid] = pad
-        _fill(scores, lay, b, g, _pad(sc, k, pad))
-        _fill(ids, lay, b, g, _pad(top_ids, k, -1))
+        _, logits, top_ids, count = _run_topk(p, kernels, k, want_soft=False)
+        l2 = metric == "l2"
+        sc, row_ids = cpu.finish_topk(logits, top_ids, count, -1.0 if l2 else 1.0, p.row_const,
+                                      l2 and p.logits.bias.shape[0] == 0, np.float32(pad), k)
+        _fill(scores, lay, b, g, sc)
+        _fill(ids, lay, b, g, row_ids)
     return lay.heads_out(scores), lay.heads_out(ids)
 
 
@@ -382,7 +371,7 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
     for (b, g), p in problems:
         if p.Q.shape[0] == 0:
             continue
-        res, logits, top_ids, count, _ = _run_topk(p, kernels, k, want_soft=True)
+        res, logits, top_ids, count = _run_topk(p, kernels, k, want_soft=True)
         # the finish runs on the host (where the values are, also for an Index on the GPU)
         v = p.values
         rows, row_ids, row_w, cov = cpu.finish_topk_attention(

@@ -585,6 +585,21 @@ def merge_topk(tk_s, tk_i, tk_n, k):
 
 
 @njit(parallel=True, cache=True, nogil=True)
+def finish_topk(logits, ids, count, sign, offsets, clamp, pad, k):
+    """Top-k scores and ids with FAISS's conventions (:func:`rules.topk_scores_row`
+    per query) from :func:`merge_topk`'s logits, ids (B, k') and count (B,);
+    offsets (B,) float64 per-query constants. Returns ``(scores (B, k)
+    float32, ids (B, k) int64)``."""
+    B = logits.shape[0]
+    scores = np.empty((B, k), np.float32)
+    ids_out = np.empty((B, k), np.int64)
+    for b in prange(B):
+        shared.topk_scores_row(logits[b], ids[b], count[b], sign, offsets[b], clamp, pad, scores[b],
+                               ids_out[b])
+    return scores, ids_out
+
+
+@njit(parallel=True, cache=True, nogil=True)
 def finish_topk_attention(logits, ids, count, lse, V, vscale, vcol, dv, k):
     """Top-k attention from merged top-k buffers (:func:`rules.topk_attention_row`
     per query): logits, ids (B, k') and count (B,) from :func:`merge_topk`,

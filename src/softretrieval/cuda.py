@@ -339,19 +339,13 @@ def run(problem, mode):
 @cuda.jit
 def finish_topk_kernel(logits, ids, count, sign, clamp, pad, scores_out, ids_out):
     """One thread per query: kernel logits (B, k') to ``(scores, ids)`` (B, k)
-    with FAISS's conventions: ``sign * logit`` (floored at 0 with ``clamp``),
-    then ``pad`` and id -1 past ``count``."""
+    with FAISS's conventions (:func:`rules.topk_scores_row`, as
+    :func:`cpu.finish_topk`; the kernel's logits already hold the query's
+    constant, so the offset is 0)."""
     b = cuda.grid(1)
-    if b >= logits.shape[0]:
-        return
-    for j in range(scores_out.shape[1]):
-        if j < count[b]:
-            s = sign * logits[b, j]
-            scores_out[b, j] = max(s, float32(0.0)) if clamp else s
-            ids_out[b, j] = ids[b, j]
-        else:
-            scores_out[b, j] = pad
-            ids_out[b, j] = -1
+    if b < logits.shape[0]:
+        shared.topk_scores_row(logits[b], ids[b], count[b], sign, 0.0, clamp, pad, scores_out[b],
+                               ids_out[b])
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,8 @@ which row and where the data sit; what a row's numbers mean is decided here:
   max and the NaN/inf check);
 * the merge of the online-softmax states of key splits: :func:`merge_row`;
 * the merge of the top-k buffers of key splits: :func:`merge_topk_row`;
+* the top-k finish: :func:`topk_scores_row` (FAISS's score conventions,
+  padding);
 * the top-k-attention finish: :func:`topk_attention_row` (softmax over the
   top-k logits, the weighted sum of their values, the coverage).
 
@@ -137,6 +139,22 @@ def merge_topk_row(tk_s, tk_i, tk_n, b, k, bs, bi, scores, ids):
     return n
 
 
+def topk_scores_row(logits, ids, n, sign, offset, clamp, pad, scores, ids_out):
+    """FAISS's conventions for one query's top-k: the ``n`` found get the
+    score ``sign * (logit + offset)`` (the offset in float64: a per-query
+    constant the kernel left out, e.g. ``-|q|^2`` for l2), floored at 0 with
+    ``clamp`` (distances without a bias); the rest of ``scores``, ``ids_out``
+    (k,) get ``pad`` and -1."""
+    for j in range(scores.shape[0]):
+        if j < n:
+            s = np.float32(sign * (np.float64(logits[j]) + offset))
+            scores[j] = max(s, np.float32(0.0)) if clamp else s
+            ids_out[j] = ids[j]
+        else:
+            scores[j] = pad
+            ids_out[j] = -1
+
+
 def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_out):
     """Finish top-k attention for one query: the softmax over its ``n``
     top-k base-2 ``logits`` (best first) with key ``ids``, applied to their
@@ -173,7 +191,7 @@ def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_o
 #: The rules, in dependency order (each may call the ones before it and the
 #: functions of :mod:`core` and :mod:`topk_buffer`).
 FUNCTIONS = (key_factor, key_offset, logit, exclude_row, window_row, row_max_finite, merge_row,
-             merge_topk_row, topk_attention_row)
+             merge_topk_row, topk_scores_row, topk_attention_row)
 
 #: Modules whose functions every target compiles from one source, in order.
 SHARED = (core, topk_buffer)
