@@ -45,7 +45,10 @@ def float32_from_bits(bits):
 
 
 def float32_bits(x):
-    """The IEEE bit pattern of the float32 ``x``, as an int32."""
+    """The IEEE bit pattern of the float32 ``x``, as an int32 (an int32 ``x``
+    is taken to be such a pattern already and returned as it is)."""
+    if isinstance(x, (np.int32, int)):
+        return np.int32(x)
     return np.array([x], np.float32).view(np.int32)[0]
 
 
@@ -80,10 +83,9 @@ def _float32_from_bits_compiled(bits):
 
 @overload(float32_bits, inline="always")
 def _float32_bits_compiled(x):
-    def impl(x):
-        return _bitcast_float32_int32(np.float32(x))
-
-    return impl
+    if x == nbtypes.int32:
+        return lambda x: x
+    return lambda x: _bitcast_float32_int32(np.float32(x))
 
 
 def pow2i(n):

@@ -449,8 +449,9 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, lo, hi, k0, k1, 
         _key_terms(bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms,
                    factors)
         _masks(S, t0, excl_ids, ptr, end, lo, hi)
+        bits = S.view(np.int32)
         for i in range(bq):
-            mx, finite = shared.row_max_finite(S[i], t1 - t0)
+            mx, finite = shared.row_max_finite(bits[i], t1 - t0)
             if not finite:
                 bad += 1
             if k > 0:

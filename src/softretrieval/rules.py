@@ -84,7 +84,9 @@ def window_row(row, n, t0, lo, hi):
 
 
 def row_max_finite(row, n):
-    """``(max of row[:n], whether all are finite)``.
+    """``(max of row[:n], whether all are finite)``; ``row`` float32, or
+    int32 holding their bit patterns (the CPU passes an int32 view: loads of
+    integers vectorize best there).
 
     Works on the bits, because LLVM vectorizes integer max reductions but not
     float ones: ``b ^ ((b >> 31) & 0x7FFFFFFF)`` orders the bit patterns of
