@@ -307,7 +307,7 @@ _with_shapes(topk)
 
 def solve_topk(lay, problems, k, metric, device="cpu"):
     """Top-k of validated problems (see :func:`_problems`)."""
-    from . import cpu
+    from . import cpu, runtime
 
     kernels = devices.kernels(device)
     validate.results_fit(lay.batch * lay.T * lay.H, k, 12, lay.S)
@@ -319,8 +319,9 @@ def solve_topk(lay, problems, k, metric, device="cpu"):
             continue
         _, logits, top_ids, count = _run_topk(p, kernels, k, want_soft=False)
         l2 = metric == "l2"
-        sc, row_ids = cpu.finish_topk(logits, top_ids, count, -1.0 if l2 else 1.0, p.row_const,
-                                      l2 and p.logits.bias.shape[0] == 0, np.float32(pad), k)
+        sc, row_ids = runtime.parallel_call(
+            cpu.finish_topk, logits, top_ids, count, -1.0 if l2 else 1.0, p.row_const,
+            l2 and p.logits.bias.shape[0] == 0, np.float32(pad), k, blas=False)
         _fill(scores, lay, b, g, sc)
         _fill(ids, lay, b, g, row_ids)
     return lay.heads_out(scores), lay.heads_out(ids)
@@ -358,7 +359,7 @@ _with_shapes(topk_attention)
 
 def solve_topk_attention(lay, problems, k, device="cpu"):
     """Top-k attention of validated problems (see :func:`_problems`)."""
-    from . import cpu
+    from . import cpu, runtime
 
     kernels = devices.kernels(device)
     validate.results_fit(lay.batch * lay.T * lay.H, k, 12, lay.S)
@@ -374,8 +375,9 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
         res, logits, top_ids, count = _run_topk(p, kernels, k, want_soft=True)
         # the finish runs on the host (where the values are, also for an Index on the GPU)
         v = p.values
-        rows, row_ids, row_w, cov = cpu.finish_topk_attention(
-            logits, top_ids, count, res["lse"], v.data, v.scale, v.col, v.width, k)
+        rows, row_ids, row_w, cov = runtime.parallel_call(
+            cpu.finish_topk_attention, logits, top_ids, count, res["lse"], v.data, v.scale, v.col,
+            v.width, k, blas=False)
         if not np.isfinite(rows).all():
             _refuse_non_finite(p)
         _fill(out, lay, b, g, rows)

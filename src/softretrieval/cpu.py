@@ -17,8 +17,9 @@ The states of the key ranges are then merged (:func:`merge_states`,
 Inputs reach these functions already validated and prepared by
 :mod:`softretrieval.api`: C-contiguous float32, queries pre-multiplied by the
 logit scale (times ``log2(e)`` when a softmax is wanted), the bias in the same
-units with excluded keys at :data:`constants.MASKED`, and exclusions as CSR
-with the ids of each query sorted.
+units (``-inf`` for an excluded key, which :func:`rules.logit` turns into
+:data:`constants.MASKED`), and exclusions as CSR with the ids of each query
+sorted. Everything a row's numbers mean is decided by :mod:`softretrieval.rules`.
 """
 
 import numpy as np
@@ -674,5 +675,5 @@ def run(problem, mode):
         res["out"], res["lse"] = merge_states(m, l, acc)
     if mode.k > 0:
         res["topk_logits"], res["topk_ids"], res["topk_count"] = runtime.parallel_call(
-            merge_topk, tk_s, tk_i, tk_n, mode.k)
+            merge_topk, tk_s, tk_i, tk_n, mode.k, blas=False)
     return res

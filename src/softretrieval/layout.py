@@ -91,7 +91,7 @@ def layout_of(qshape, kshape, vshape):
         raise ValueError(f"values have {what} {tuple(vshape[:-1])} but keys have {tuple(kshape[:-1])}")
     if H % Hkv:
         raise ValueError(f"queries have {H} heads, not a multiple of the keys' {Hkv} heads")
-    return Layout(ndim, batch, T, H, S, Hkv, d, dv)
+    return Layout(ndim=ndim, batch=batch, T=T, H=H, S=S, Hkv=Hkv, d=d, dv=dv)
 
 
 def head_bias(bias, layout):

@@ -60,8 +60,10 @@ def num_threads():
     return max(1, min(int(config.NUM_THREADS), limit))
 
 
-def parallel_call(kernel, *args, stop=None, work=0):
-    """Run a parallel Numba kernel under the lock, BLAS on one thread.
+def parallel_call(kernel, *args, stop=None, work=0, blas=True):
+    """Run a parallel Numba kernel under the lock, BLAS on one thread
+    (``blas=False``: for kernels that call no BLAS; limiting it costs
+    milliseconds per call).
 
     ``stop``: a (1,) int64 array the kernel polls between key tiles (it
     returns early once ``stop[0] != 0``); ``work``: the call's size in
@@ -72,18 +74,21 @@ def parallel_call(kernel, *args, stop=None, work=0):
     """
     if (stop is not None and work > config.INTERRUPTIBLE_WORK
             and threading.current_thread() is threading.main_thread()):
-        return _in_helper_thread(kernel, args, stop)
-    return _locked_call(kernel, args)
+        return _in_helper_thread(kernel, args, stop, blas)
+    return _locked_call(kernel, args, blas)
 
 
-def _locked_call(kernel, args):
+def _locked_call(kernel, args, blas):
+    import contextlib
+
     import numba
 
     with LOCK:
         if _blas is None:
             _setup()
         numba.set_num_threads(num_threads())
-        with _blas.limit(limits=1), warnings.catch_warnings():
+        limit = _blas.limit(limits=1) if blas else contextlib.nullcontext()
+        with limit, warnings.catch_warnings():
             # The strided (multi-head) specialization compiles a BLAS call on a
             # strided array that never runs (it copies tiles first); Numba
             # warns about it when it compiles.
@@ -107,7 +112,7 @@ def _caused_by_interrupt(exc):
     return False
 
 
-def _in_helper_thread(kernel, args, stop):
+def _in_helper_thread(kernel, args, stop, blas):
     """:func:`_locked_call` in the helper thread; the main thread waits where
     Ctrl-C can reach it."""
     global _helper
@@ -115,7 +120,7 @@ def _in_helper_thread(kernel, args, stop):
         from concurrent.futures import ThreadPoolExecutor
 
         _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softretrieval-kernel")
-    future = _helper.submit(_locked_call, kernel, args)
+    future = _helper.submit(_locked_call, kernel, args, blas)
     try:
         while True:
             try:

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import validate
-from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LOG2E, MASKED
+from .constants import KEYS_PLAIN, KEYS_SQNORM, KEYS_UNIT, LOG2E
 
 METRICS = ("ip", "cosine", "l2")
 
@@ -63,8 +63,9 @@ def logit_terms(metric, scale, d, softmax):
 
 
 def prepare_bias(bias, n, unit):
-    """Bias in logit units (times ``unit``) as float32 (n,), ``-inf`` (an
-    excluded key) at :data:`constants.MASKED`; (0,) for none."""
+    """Bias in logit units (times ``unit``) as float32 (n,); (0,) for none.
+    ``-inf`` stays ``-inf``: the kernels' shared rule
+    (:func:`softretrieval.rules.logit`) makes such a key an excluded one."""
     b = validate.bias_vector(bias, n)
     if b is None:
         return np.zeros(0, np.float32)
@@ -72,7 +73,7 @@ def prepare_bias(bias, n, unit):
         b2 = (b * unit).astype(np.float32)
     if not np.isfinite(b2[b2 > 0]).all():
         raise ValueError("bias has values too large for float32 logits")
-    return np.maximum(b2, MASKED)
+    return b2
 
 
 def far_center(rows):
