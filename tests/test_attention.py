@@ -191,15 +191,15 @@ def test_driver_any_split(rng, nqb, nsplit):
 def test_stop_flag_ends_the_stream_before_its_next_tile(rng):
     """What Ctrl-C sets (runtime.parallel_call): the kernel returns at once,
     its states untouched (the caller discards them)."""
-    from softretrieval import cpu
+    from softretrieval import cpu, runtime
     from softretrieval.constants import NEG_INIT
     from softretrieval.devices import Logits, Masks, Mode, Rows
 
     Q, K, V = make(rng, 11, 123, 6, 5)
     none = np.zeros(0, np.int64)
     f32 = np.zeros(0, np.float32)
-    m, l, acc, _, _, tk_n, _ = cpu.stream(
-        Q.astype(np.float32), Rows(K, f32, 0, 6), Rows(V, f32, 0, 5), Logits(f32, 0, np.float32(0)),
+    m, l, acc, _, _, tk_n, _ = runtime.parallel_call(
+        cpu.stream, Q.astype(np.float32), Rows(K, f32, 0, 6), Rows(V, f32, 0, 5), Logits(f32, 0, np.float32(0)),
         Masks(none, none, none, none), (2, 3, 16, 8, 2), Mode(True, True, 4), np.ones(1, np.int64))
     assert (m == NEG_INIT).all() and (l == 0).all() and (acc == 0).all() and (tk_n == 0).all()
 

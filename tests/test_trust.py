@@ -499,3 +499,24 @@ def test_merge_of_lses_near_the_float32_limit(rng):
     out, lse = sr.merge([o, o], [np.full(2, 3e38, np.float32)] * 2)
     np.testing.assert_allclose(out, o, rtol=1e-6)
     assert np.isfinite(lse).all() and (lse == np.float32(3e38)).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("metric,with_bias", [("ip", True), ("l2", False), ("cosine", True),
+                                              ("l2", True)])
+@pytest.mark.parametrize("B", [1, 40])
+def test_non_finite_keys_with_a_bias_or_l2_are_refused(small_tiles, rng, bad, metric, with_bias, B):
+    """Only a -inf BIAS excludes a key; a -inf in the keys is an error on
+    every path (the shared logit rule clamps the bias, not the logit)."""
+    Q, K = rng.standard_normal((B, 4)), rng.standard_normal((60, 4))
+    K[37, 2] = bad
+    bias = rng.standard_normal(60) if with_bias else None
+    for call in (lambda: sr.topk(Q, K, 5, metric=metric, bias=bias),
+                 lambda: sr.attention(Q, K, metric=metric, bias=bias)):
+        with pytest.raises(ValueError, match="keys"):
+            call()
+    if with_bias:
+        bias[37] = -np.inf                     # ... unless the bias excludes that very key
+        K[37, 2] = 1.0
+        _, ids = sr.topk(Q, K, 60, metric=metric, bias=bias)
+        assert not (ids == 37).any() and (ids[:, :59] >= 0).all()

@@ -55,7 +55,7 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
               softmax):
     """Validate a call and cut it into kernel problems.
 
-    Returns ``(layout, problems)``: problems yields ``((b, g), _Prepared)``
+    Returns ``(layout, problems)``: problems yields ``((b, g), devices.Problem)``
     whose results fill rows ``[b, :, g*G:(g+1)*G]`` of the (batch, T, H, ...)
     outputs.
     """

@@ -31,7 +31,8 @@ NUM_THREADS = None
 #: CPU kernel calls of more multiply-adds than this (about 10 ms and up)
 #: run in a helper thread while the calling main thread waits, so that
 #: Ctrl-C stops them within one key tile (:func:`runtime.parallel_call`).
-#: Smaller calls run directly (a thread start costs ~50 us).
+#: Smaller calls run directly (a hand-off to the long-lived helper thread
+#: costs tens of microseconds).
 INTERRUPTIBLE_WORK = 1 << 26
 
 #: CUDA: threads per block, one query row each.

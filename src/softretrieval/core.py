@@ -1,8 +1,9 @@
 """The scalar math every mode and every target shares.
 
 These are plain Python functions on scalars: no arrays, no Python objects, no
-BLAS. The CPU drivers compile them with ``numba.njit(inline="always")`` (see
-:data:`jit`), and a CUDA driver can compile the same source with
+BLAS. Every target compiles them (with :mod:`softretrieval.rules` and
+:mod:`softretrieval.topk_buffer`, through :func:`softretrieval.rules.shared`):
+the CPU with ``numba.njit(inline="always")``, CUDA with
 ``numba.cuda.jit(device=True)``; they also run as plain Python.
 
 Conventions (all float32):

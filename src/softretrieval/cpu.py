@@ -17,9 +17,12 @@ The states of the key ranges are then merged (:func:`merge_states`,
 Inputs reach these functions already validated and prepared by
 :mod:`softretrieval.api`: C-contiguous float32, queries pre-multiplied by the
 logit scale (times ``log2(e)`` when a softmax is wanted), the bias in the same
-units (``-inf`` for an excluded key, which :func:`rules.logit` turns into
-:data:`constants.MASKED`), and exclusions as CSR with the ids of each query
-sorted. Everything a row's numbers mean is decided by :mod:`softretrieval.rules`.
+units (``-inf`` for an excluded key, which :func:`rules.key_offset` turns
+into :data:`constants.MASKED`), and exclusions as CSR with the ids of each
+query sorted. What a logit is, and the merges and finishes, are the shared
+rules of :mod:`softretrieval.rules`; the online-softmax tile update and the
+top-k scan below are this driver's loops around :mod:`softretrieval.core`
+and :mod:`softretrieval.topk_buffer`.
 """
 
 import numpy as np
@@ -634,7 +637,6 @@ def plan(B, N, threads):
     nqb = -(-B // config.QUERY_BLOCK)
     nsplit = max(1, min(threads, N // config.MIN_KEYS_PER_SPLIT))
     return nqb, nsplit
-
 
 
 #: The target protocol (:class:`softretrieval.devices.Target`).

@@ -13,11 +13,14 @@ key tile (:func:`key_tile` keys) is decoded by the whole block into shared
 memory (keys, values and, for l2/cosine, their squared norms); every
 thread then writes its logits for the tile into a local array (per-key terms,
 bias, exclusions, key window), takes their max, and updates its state with
-``core.rescale`` / ``core.exp2`` once per tile, as the CPU kernel does. Key
-tiles outside every row's window of a block are skipped. The states of the
-key splits are merged with ``core.merge_pair`` / ``core.finalize`` in a second
-kernel (flash-decoding: a single query still spreads over many blocks), the
-top-k buffers in a third. Inputs and outputs are the same as :func:`cpu.run`'s.
+``core.rescale`` / ``core.exp2`` once per tile, as the CPU kernel does; what a
+logit is (metric terms, bias, exclusions, windows, the NaN check) is decided
+by the shared rules (:mod:`softretrieval.rules`). Key tiles outside every
+row's window of a block are skipped. The states of the key splits are merged
+by :func:`rules.merge_row` in a second kernel (flash-decoding: a single query
+still spreads over many blocks), the top-k buffers by
+:func:`rules.merge_topk_row` in a third. Inputs and outputs are the same as
+:func:`cpu.run`'s.
 """
 
 import functools
@@ -148,7 +151,8 @@ def stream_kernel(kdtype, vdtype, tile, vd):
             qs = qmult
             if qunit:
                 qs = qmult / math.sqrt(qn2) if qn2 > 0 else float32(0.0)
-            rowc = qsq_coef * qn2
+            if qsq_coef != 0:          # (l2 only: for others qn2 may overflow harmlessly)
+                rowc = qsq_coef * qn2
         m = NEG_INIT
         l = float32(0.0)
         count = 0
@@ -182,7 +186,7 @@ def stream_kernel(kdtype, vdtype, tile, vd):
                     s += Q[row, c] * ktile[j * d + c]
                 b = bias[t0 + j] * bias_mult if bias.shape[0] > 0 else float32(0.0)
                 logits[j] = logit(s * qs, key_factor(key_mode, norms[j]),
-                                  key_offset(key_mode, key_coef, norms[j], b) + rowc)
+                                  key_offset(key_mode, key_coef, norms[j], b)) + rowc
             if p < pend:
                 p = exclude_row(logits, tn, t0, excl_ids, p, pend)
             if windowed:
@@ -262,15 +266,13 @@ def plan(B, N):
     return nqb, nsplit, threads
 
 
-
-
 def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
     """Run the kernels on a :class:`devices.Problem` whose arrays are on the
     device (host arrays are copied), in :class:`devices.Mode` ``mode``.
     ``query`` (:class:`devices.QueryTerms`): the query terms the kernel
     applies itself, for queries that never visit the host. Returns device
     arrays ``out``, ``lse`` (``lse_dtype``), ``topk_logits``, ``topk_ids``,
-    ``topk_count`` as asked, and ``bad`` (host int: logits that were NaN or
+    ``topk_count`` as asked, and ``bad`` (host int: rows of key tiles that held NaN or
     inf).
     """
     Q, keys, values = problem.Q, problem.keys, problem.values

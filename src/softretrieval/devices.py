@@ -3,8 +3,9 @@ protocol every target module implements (:class:`Target`).
 
 A target is a module — :mod:`softretrieval.cpu`, :mod:`softretrieval.cuda` —
 that compiles the shared functions (:func:`softretrieval.rules.shared`) with
-its own jit and provides the members of :class:`Target`. A third target (or a
-new mode) is added there; the public layer only calls these members.
+its own jit and provides the members of :class:`Target`; the public layer
+runs problems through ``run`` (and, for arrays on the GPU, through
+``cuda.launch`` and the finishing kernels built from the same rules).
 """
 
 from typing import Any, NamedTuple, Protocol
@@ -72,6 +73,7 @@ class Problem(NamedTuple):
     logits: Logits
     masks: Masks
     row_const: Any       # (R,) float64, natural log: logit = kernel logit + row_const
+    #                      (None on the GPU path, where the kernel adds the query terms)
 
 
 class QueryTerms(NamedTuple):

@@ -59,7 +59,8 @@ def _heads(a, lay, b, g, width, squeeze=True):
 def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
               softmax):
     """Validate device inputs; return ``(layout, problems)`` where problems
-    yields ``((b, g), (Q, K, V, bias, terms))`` on the device."""
+    yields ``((b, g), (devices.Problem, devices.QueryTerms))`` with the
+    arrays on the device (row_const None: the kernel adds the query terms)."""
     from numba import cuda
 
     from . import cuda as gpu

@@ -45,17 +45,19 @@ def key_factor(key_mode, sqnorm):
 
 def key_offset(key_mode, key_coef, sqnorm, bias):
     """What a key adds to its logits: ``key_coef * |k|^2`` for l2
-    (``KEYS_SQNORM``), plus its bias (in logit units; ``-inf`` excludes)."""
+    (``KEYS_SQNORM``), plus its bias in logit units. A bias of ``-inf``
+    counts as :data:`constants.MASKED`: that is how it excludes the key
+    (any other non-finite term stays non-finite, and is reported)."""
+    b = max(bias, MASKED)
     if key_mode == KEYS_SQNORM:
-        return np.float32(key_coef * sqnorm + bias)
-    return np.float32(bias)
+        return np.float32(key_coef * sqnorm + b)
+    return np.float32(b)
 
 
 def logit(s, factor, offset):
     """The logit of a dot product ``s`` (query terms applied) with its key's
-    ``factor`` and ``offset``; at least :data:`constants.MASKED`, which is how
-    a ``-inf`` bias (or an overflow to ``-inf``) becomes an excluded key."""
-    return max(s * factor + offset, MASKED)
+    ``factor`` and ``offset``."""
+    return s * factor + offset
 
 
 def exclude_row(row, n, t0, excl_ids, p, pend):

@@ -115,17 +115,17 @@ def _caused_by_interrupt(exc):
 def _in_helper_thread(kernel, args, stop, blas):
     """:func:`_locked_call` in the helper thread; the main thread waits where
     Ctrl-C can reach it."""
+    from concurrent import futures
+
     global _helper
     if _helper is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softretrieval-kernel")
+        _helper = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="softretrieval-kernel")
     future = _helper.submit(_locked_call, kernel, args, blas)
     try:
         while True:
             try:
                 return future.result(timeout=0.05)
-            except TimeoutError:
+            except futures.TimeoutError:      # (not the built-in TimeoutError before 3.11)
                 continue
     except KeyboardInterrupt:
         stop[0] = 1

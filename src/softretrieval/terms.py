@@ -65,7 +65,7 @@ def logit_terms(metric, scale, d, softmax):
 def prepare_bias(bias, n, unit):
     """Bias in logit units (times ``unit``) as float32 (n,); (0,) for none.
     ``-inf`` stays ``-inf``: the kernels' shared rule
-    (:func:`softretrieval.rules.logit`) makes such a key an excluded one."""
+    (:func:`softretrieval.rules.key_offset`) makes such a key an excluded one."""
     b = validate.bias_vector(bias, n)
     if b is None:
         return np.zeros(0, np.float32)

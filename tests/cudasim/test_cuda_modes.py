@@ -214,6 +214,20 @@ def test_memory_write_after_a_gpu_read_is_all_or_nothing(rng, monkeypatch):
     np.testing.assert_allclose(mem.read(q, device="cuda").out, mem.read(q).out, **TOL)
 
 
+@pytest.mark.parametrize("metric,with_bias", [("ip", True), ("l2", False)])
+def test_non_finite_keys_are_refused_not_excluded(rng, metric, with_bias):
+    """Only a -inf bias excludes a key; -inf in the keys is an error on the GPU too."""
+    Q, K = rng.standard_normal((3, 4)), rng.standard_normal((30, 4))
+    K[7, 1] = -np.inf
+    bias = rng.standard_normal(30) if with_bias else None
+    with pytest.raises(ValueError, match="keys"):
+        sr.topk(Q, K, 4, metric=metric, bias=bias, device="cuda")
+    if with_bias:
+        K[7, 1] = 1.0
+        bias[7] = -np.inf
+        assert not (sr.topk(Q, K, 30, metric=metric, bias=bias, device="cuda")[1] == 7).any()
+
+
 def test_memory_and_auto_device(rng):
     mem = sr.KNNMemory(4, 3, capacity=20, heads=2)
     mem.write(rng.standard_normal((25, 2, 4)), rng.standard_normal((25, 2, 3)))
