@@ -34,8 +34,6 @@ from numba.core.extending import intrinsic, overload
 from . import config, core, rules, runtime, topk_buffer
 from .constants import KEYS_PLAIN, NEG_INIT
 
-exp2 = core.cpu.exp2
-rescale = core.cpu.rescale
 bfloat16_to_float = core.cpu.bfloat16_to_float
 topk_capacity = njit(inline="always")(topk_buffer.capacity)
 
@@ -344,59 +342,6 @@ def _masks(S, t0, excl_ids, ptr, end, lo, hi):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _softmax_row(row, m_old, mx, store):
-    """Online-softmax update of one state by one row of logits.
-
-    With ``store``, overwrites ``row`` with the weights ``2 ** (t - m_new)``
-    (for the value accumulation). Returns ``(m_new, c, total)``: the new max,
-    the factor for the old sums, and the sum of the new weights.
-    """
-    m_new, c = rescale(m_old, mx)
-    total = np.float32(0.0)
-    if store:
-        for j in range(row.shape[0]):
-            p = exp2(row[j] - m_new)
-            row[j] = p
-            total += p
-    else:
-        for j in range(row.shape[0]):
-            total += exp2(row[j] - m_new)
-    return m_new, c, total
-
-
-#: Keys per chunk of a top-k scan: a chunk without a key at or above the
-#: buffer's threshold is skipped after one vectorized count.
-TOPK_CHUNK = 32
-
-
-@njit(cache=True)
-def _topk_row(row, mx, t0, k, bs, bi, count, ts, ti):
-    """Offer one row of logits (keys t0, t0+1, ...) to a top-k buffer.
-
-    bs (capacity(k),) float32 and bi (same,) int64 hold ``count`` candidates
-    and ``(ts, ti)`` is the buffer's threshold (:mod:`softretrieval.topk_buffer`).
-    Keys arrive in increasing id order, so a logit below ``ts`` cannot enter:
-    chunks of the row with none at or above it are skipped after a
-    vectorized count, and only the rest are offered one by one.
-    Returns the new ``(count, ts, ti)``.
-    """
-    if mx < ts:
-        return count, ts, ti
-    n = row.shape[0]
-    for c0 in range(0, n, TOPK_CHUNK):
-        c1 = min(n, c0 + TOPK_CHUNK)
-        hits = 0
-        for j in range(c0, c1):
-            hits += row[j] >= ts
-        if hits == 0:
-            continue
-        for j in range(c0, c1):
-            if row[j] >= ts:
-                count, ts, ti = topk_offer(bs, bi, count, k, ts, ti, row[j], t0 + j)
-    return count, ts, ti
-
-
-@njit(fastmath=_FAST, cache=True)
 def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, lo, hi, k0, k1, ktile, simd, mode,
                   states, stop):
     """Stream keys ``k0:k1`` into the states of one query block.
@@ -459,10 +404,10 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, lo, hi, k0, k1, 
             if not finite:
                 bad += 1
             if k > 0:
-                tk_n[i], tk_ts[i], tk_ti[i] = _topk_row(S[i], mx, t0, k, tk_s[i], tk_i[i],
-                                                        tk_n[i], tk_ts[i], tk_ti[i])
+                tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_scan_row(
+                    S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i])
             if want_soft:
-                m[i], corr[i], total = _softmax_row(S[i], m[i], mx, want_acc)
+                m[i], corr[i], total = shared.softmax_row(S[i], t1 - t0, m[i], mx, want_acc)
                 l[i] = l[i] * corr[i] + total
         if not want_acc:
             continue

@@ -87,9 +87,8 @@ def stream_kernel(kdtype, vdtype, tile, vd):
     combination is its own kernel (compiled on first launch)."""
     kdec = DECODERS[np.dtype(kdtype)]
     vdec = DECODERS[np.dtype(vdtype)]
-    rescale = shared.core.rescale
-    exp2 = shared.core.exp2
-    offer = shared.topk_buffer.offer
+    softmax_row = shared.softmax_row
+    topk_scan_row = shared.topk_scan_row
     key_factor = shared.key_factor
     key_offset = shared.key_offset
     logit = shared.logit
@@ -194,23 +193,18 @@ def stream_kernel(kdtype, vdtype, tile, vd):
             mx, finite = row_max_finite(logits, tn)
             if not finite:
                 nbad += 1
-            if k > 0 and mx >= ts:
-                for j in range(tn):
-                    if logits[j] >= ts:      # keys ascend: below ts cannot enter
-                        count, ts, ti = offer(tk_s[sp, row], tk_i[sp, row], count, k, ts, ti,
-                                              logits[j], t0 + j)
+            if k > 0:
+                count, ts, ti = topk_scan_row(logits, tn, mx, t0, k, tk_s[sp, row],
+                                              tk_i[sp, row], count, ts, ti)
             if want_soft:
-                m_new, corr = rescale(m, mx)
-                total = float32(0.0)
+                m, corr, total = softmax_row(logits, tn, m, mx, vd > 0)
+                l = l * corr + total
                 for c in range(vd):
                     acc[c] *= corr
                 for j in range(tn):
-                    w = exp2(logits[j] - m_new)
-                    total += w
+                    w = logits[j]            # the weight, stored by softmax_row
                     for c in range(vd):
                         acc[c] += w * vtile[j * vd + c]
-                l = l * corr + total
-                m = m_new
         if active:
             m_out[sp, row] = m
             l_out[sp, row] = l

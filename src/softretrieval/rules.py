@@ -12,6 +12,8 @@ which row and where the data sit; what a row's numbers mean is decided here:
   :func:`exclude_row` (per-query exclusion lists), :func:`window_row`
   (causal and sliding-window limits) and :func:`row_max_finite` (the row's
   max and the NaN/inf check);
+* the per-tile updates: :func:`softmax_row` (the online-softmax state) and
+  :func:`topk_scan_row` (offering a tile's keys to a top-k buffer);
 * the merge of the online-softmax states of key splits: :func:`merge_row`;
 * the merge of the top-k buffers of key splits: :func:`merge_topk_row`;
 * the top-k finish: :func:`topk_scores_row` (FAISS's score conventions,
@@ -105,6 +107,52 @@ def row_max_finite(row, n):
     return mx, expo != _EXPONENT
 
 
+def softmax_row(row, n, m_old, mx, store):
+    """Online-softmax update of one state by its logits ``row[:n]``, whose
+    max is ``mx``. With ``store``, ``row[j]`` becomes the weight
+    ``2 ** (t - m_new)`` (for the value pass). Returns ``(m_new, c, total)``:
+    the new running max, the factor for the old sums (``l`` and ``acc``),
+    and the sum of the new weights."""
+    m_new, c = core.rescale(m_old, mx)
+    total = np.float32(0.0)
+    if store:
+        for j in range(n):
+            p = core.exp2(row[j] - m_new)
+            row[j] = p
+            total += p
+    else:
+        for j in range(n):
+            total += core.exp2(row[j] - m_new)
+    return m_new, c, total
+
+
+#: Keys per chunk of a top-k scan: a chunk with no logit at or above the
+#: buffer's threshold is skipped after one (vectorizable) count.
+SCAN_CHUNK = 32
+
+
+def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
+    """Offer one query's logits ``row[:n]`` (keys ``t0, t0 + 1, ...``, max
+    ``mx``) to its top-k buffer ``bs``, ``bi`` holding ``count`` candidates
+    with threshold ``(ts, ti)`` (:mod:`softretrieval.topk_buffer`). Keys
+    arrive in increasing id order, so a logit below ``ts`` cannot enter:
+    chunks with none at or above it are skipped after a count, and only the
+    rest are offered. Returns the new ``(count, ts, ti)``."""
+    if mx < ts:
+        return count, ts, ti
+    for c0 in range(0, n, SCAN_CHUNK):
+        c1 = min(n, c0 + SCAN_CHUNK)
+        hits = 0
+        for j in range(c0, c1):
+            hits += row[j] >= ts
+        if hits == 0:
+            continue
+        for j in range(c0, c1):
+            if row[j] >= ts:
+                count, ts, ti = topk_buffer.offer(bs, bi, count, k, ts, ti, row[j], t0 + j)
+    return count, ts, ti
+
+
 def merge_row(m, l, acc, b, out):
     """Merge the P split states of query ``b`` — m, l (P, B) and acc
     (P, B, dv) float32, base 2 — into ``out`` (dv,), normalized. Returns
@@ -194,8 +242,8 @@ def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_o
 
 #: The rules, in dependency order (each may call the ones before it and the
 #: functions of :mod:`core` and :mod:`topk_buffer`).
-FUNCTIONS = (key_factor, key_offset, logit, exclude_row, window_row, row_max_finite, merge_row,
-             merge_topk_row, topk_scores_row, topk_attention_row)
+FUNCTIONS = (key_factor, key_offset, logit, exclude_row, window_row, row_max_finite, softmax_row,
+             topk_scan_row, merge_row, merge_topk_row, topk_scores_row, topk_attention_row)
 
 #: Modules whose functions every target compiles from one source, in order.
 SHARED = (core, topk_buffer)
