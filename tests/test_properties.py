@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import softretrieval as sr
-from softretrieval import config
 
 from reference import attention_ref, scores_ref, sequence_attention_ref, topk_ref
 
@@ -23,14 +22,8 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                                            HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def tiny_tiles(monkeypatch):
-    monkeypatch.setattr(config, "QUERY_BLOCK", 8)
-    monkeypatch.setattr(config, "KEY_TILE", 16)
-    monkeypatch.setattr(config, "KEY_TILE_FEW", 8)
-    monkeypatch.setattr(config, "FEW_QUERIES", 2)
-    monkeypatch.setattr(config, "MIN_QUERIES_PER_THREAD", 4)
-    monkeypatch.setattr(config, "MIN_KEYS_PER_SPLIT", 8)
+# every test crosses tile and split edges (tiles shrunk by tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("small_tiles")
 
 
 @st.composite
