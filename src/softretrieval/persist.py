@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import uuid
 
 import numpy as np
@@ -104,11 +105,19 @@ def _path(path):
 
 
 def _save_new(path, parent, fmt, version, arrays, fields):
-    """A new folder: written as a locked hidden sibling, then renamed into place."""
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:16]}")
-    os.makedirs(tmp)
+    """A new folder: written as a locked hidden sibling, then renamed into place.
+
+    The sibling is made under a name no cleaner looks at, locked, and only
+    then given its ``.tmp-`` name (the lock follows the folder), so another
+    save's :func:`_remove_stale_temporaries` never takes it for a dead one.
+    """
+    hexid = uuid.uuid4().hex[:16]
+    fresh = os.path.join(parent, f".{os.path.basename(path)}.new-{hexid}")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{hexid}")
+    os.makedirs(fresh)
     try:
-        with _locked(tmp):
+        with _locked(fresh):
+            os.rename(fresh, tmp)
             _write(tmp, fmt, version, arrays, fields, uuid.uuid4().hex[:16])
             try:
                 os.rename(tmp, path)
@@ -118,6 +127,7 @@ def _save_new(path, parent, fmt, version, arrays, fields):
                                      "nothing was changed") from None
                 raise
     except BaseException:
+        _remove_tree(fresh)
         _remove_tree(tmp)
         raise
     _sync_dir(parent)
@@ -125,21 +135,28 @@ def _save_new(path, parent, fmt, version, arrays, fields):
 
 def _remove_stale_temporaries(parent, name):
     """Remove the hidden folders of saves to ``parent/name`` that died before
-    their rename (their lock is free); a save in progress keeps its lock."""
+    their rename: ``.tmp-`` folders whose lock is free (a save in progress
+    holds its lock), and empty ``.new-`` folders older than a minute (a live
+    one is renamed microseconds after it is made)."""
     try:
         entries = os.listdir(parent)
     except OSError:
         return
-    prefix = f".{name}.tmp-"
     for entry in entries:
         folder = os.path.join(parent, entry)
-        if not (entry.startswith(prefix) and len(entry) == len(prefix) + 16
-                and os.path.isdir(folder) and not os.path.islink(folder)):
+        kind = entry[len(name) + 2:len(name) + 6]
+        if not (entry.startswith(f".{name}.") and kind in ("tmp-", "new-")
+                and len(entry) == len(name) + 22 and os.path.isdir(folder)
+                and not os.path.islink(folder)):
             continue
         try:
+            if kind == "new-":
+                if time.time() - os.stat(folder).st_mtime > 60 and not os.listdir(folder):
+                    os.rmdir(folder)
+                continue
             with _locked(folder, wait=False):
                 _remove_tree(folder)
-        except (BlockingIOError, OSError):
+        except OSError:       # (BlockingIOError included: a save in progress)
             continue
 
 
