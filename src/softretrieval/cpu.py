@@ -31,11 +31,10 @@ from numba import types as nbtypes
 from llvmlite import ir
 from numba.core.extending import intrinsic, overload
 
-from . import config, core, rules, runtime, topk_buffer
+from . import config, core, rules, runtime
 from .constants import KEYS_PLAIN, NEG_INIT
 
 bfloat16_to_float = core.cpu.bfloat16_to_float
-topk_capacity = njit(inline="always")(topk_buffer.capacity)
 
 # Fast-math without 'nnan'/'ninf': NaN and inf flow through to the outputs,
 # where the API detects them (a NaN in the values must not be folded away).
@@ -83,6 +82,7 @@ def _decode_for(x):
 shared = rules.shared(njit(inline="always"), decode)
 topk_offer = shared.topk_buffer.offer
 topk_finish = shared.topk_buffer.finish
+topk_capacity = shared.topk_buffer.capacity
 
 
 def is_float32(X):
