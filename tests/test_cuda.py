@@ -2,6 +2,7 @@
 the errors of device="cuda" where no GPU is."""
 
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -67,10 +68,11 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
     fake_device(cc)
     target = f".target sm_{cc[0]}{cc[1]}"
     for dtype in dtypes:
-        kernel = gpu.stream_kernel(np.dtype(dtype), np.dtype(dtype), config.CUDA_KEY_TILE, 64)
-        nbt = getattr(t, dtype)
-        ptx, _ = cuda.compile_ptx(kernel.py_func, _signature(nbt, nbt), cc=cc)
-        assert target in ptx and ".shared" in ptx
+        for rows in (1, config.CUDA_DECODE_ROWS, config.CUDA_DECODE_ROWS + 1):
+            kernel = gpu.stream_kernel(np.dtype(dtype), np.dtype(dtype), gpu.layout_for(rows), 128)
+            nbt = getattr(t, dtype)
+            ptx, _ = cuda.compile_ptx(kernel.py_func, _signature(nbt, nbt), cc=cc)
+            assert target in ptx and shared_bytes(ptx) <= 48 * 1024
     arr = lambda dt, nd: t.Array(dt, nd, "C")  # noqa: E731
     f32, i64 = t.float32, t.int64
     ptx, _ = cuda.compile_ptx(gpu.merge_states_kernel.py_func,
@@ -115,16 +117,29 @@ def test_device_argument_errors():
     np.testing.assert_allclose(sr.attention(Q, K, device="auto"), sr.attention(Q, K))
 
 
-def test_key_tiles_fit_shared_memory():
-    """Wide keys and values get tiles of fewer keys, so a block's tiles stay
-    within the 48 KiB of shared memory every GPU grants; too wide is an error."""
+def shared_bytes(ptx):
+    """Static shared memory a PTX kernel declares, in bytes."""
+    return sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", ptx))
+
+
+def test_layouts(monkeypatch):
+    """Decode layout (rows rounded up to a power of two, a key per thread)
+    up to CUDA_DECODE_ROWS rows, the tiled layout above; tunables that do
+    not fit together raise ValueError."""
     from softretrieval import config
     from softretrieval import cuda as gpu
 
-    assert gpu.key_tile(128, 128) == config.CUDA_KEY_TILE == 32
-    assert gpu.key_tile(384, 384) == 15 and gpu.key_tile(384, 0) == 31
-    for d, vd in ((64, 64), (384, 384), (4096, 4096), (1, 12286)):
-        tile = gpu.key_tile(d, vd)
-        assert tile >= 1 and 4 * tile * (d + vd + 1) <= config.CUDA_SHARED_BYTES
-    with pytest.raises(ValueError, match="too wide for the CUDA kernels"):
-        gpu.key_tile(6144, 6144)
+    assert gpu.layout_for(1) == gpu.Layout(1, 128, 1, 1, 32) and gpu.layout_for(1).key_tile == 128
+    assert gpu.layout_for(3) == gpu.Layout(4, 128, 4, 1, 32)
+    lay = gpu.layout_for(16)
+    assert lay == gpu.Layout(16, 128, 4, 4, 32) and lay.key_tile == 128 and lay.segment == 16
+    lay = gpu.layout_for(17)
+    assert lay == gpu.Layout(64, 256, 4, 4, 32) and lay.key_tile == 64 and lay.segment == 16
+    assert gpu._value_split(gpu.layout_for(1), 128) == (128, 1, 1)
+    assert gpu._value_split(gpu.layout_for(1), 32) == (32, 1, 1)
+    assert gpu._value_split(gpu.layout_for(16), 128) == (32, 4, 4)
+    assert gpu._value_split(gpu.layout_for(100), 128) == (32, 8, 4)
+    assert gpu._value_split(gpu.layout_for(100), 40) == (32, 8, 2)
+    monkeypatch.setattr(config, "CUDA_TILE_THREADS", 100)
+    with pytest.raises(ValueError, match="inconsistent CUDA tunables"):
+        gpu.layout_for(100)

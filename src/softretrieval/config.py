@@ -35,21 +35,35 @@ NUM_THREADS = None
 #: costs tens of microseconds).
 INTERRUPTIBLE_WORK = 1 << 26
 
-#: CUDA: threads per block, one query row each.
+#: CUDA: threads per block of the one-thread-per-row kernels (the split
+#: merges, the top-k finishes, the head gathers and scatters).
 CUDA_QUERY_BLOCK = 64
 
-#: CUDA: keys per tile staged in shared memory (a compile-time size of the
-#: kernel's local logits array: each value gets its own compiled kernel).
-CUDA_KEY_TILE = 32
+#: CUDA: problems of at most this many query rows use the decode layout
+#: (a block of ``CUDA_DECODE_THREADS`` threads, one key each, scores every
+#: row of the problem); larger ones the tiled layout.
+CUDA_DECODE_ROWS = 16
 
-#: CUDA: shared memory a block may use for its key and value tiles (the
-#: 48 KiB every GPU grants without opting in); wide keys and values get
-#: tiles of fewer keys.
-CUDA_SHARED_BYTES = 48 * 1024
+#: CUDA: threads per block of the decode layout (also its keys per tile).
+CUDA_DECODE_THREADS = 128
+
+#: CUDA: query rows per block of the tiled layout.
+CUDA_TILE_ROWS = 64
+
+#: CUDA: threads per block of the tiled layout.
+CUDA_TILE_THREADS = 256
+
+#: CUDA: a thread's register tile of scores is at most this many rows by
+#: this many keys (the tiled layout's is exactly this square).
+CUDA_MICRO = 4
+
+#: CUDA: feature columns of the query and key tiles staged in shared memory
+#: at a time (any ``d`` is a loop over such chunks).
+CUDA_CHUNK = 32
 
 #: CUDA: key splits are added until the grid has about this many blocks
-#: (2 per SM of an H100/H200), so a single query still fills the GPU.
-CUDA_MIN_BLOCKS = 264
+#: (8 per SM of an H100/H200), so a single query still fills the GPU.
+CUDA_MIN_BLOCKS = 1056
 
 #: CUDA: a key split never gets fewer keys than this.
 CUDA_MIN_KEYS_PER_SPLIT = 4096

@@ -4,27 +4,35 @@ for the GPU, built on the same core compiled as device functions.
 Imported only when a call asks for ``device="cuda"`` (or ``"auto"`` finds a
 GPU); needs the ``cuda`` extra (``numba-cuda[cu13]``).
 
-Work is a grid of ``(query blocks, key splits)``. A block of
-``config.CUDA_QUERY_BLOCK`` threads holds one query row per thread: its
-online-softmax state ``(m, l)`` in registers, its accumulator row in a
-per-thread local array (sized at compile time) and its top-k in a buffer
-in global memory (:mod:`softretrieval.topk_buffer`, the CPU's source). Each
-key tile (:func:`key_tile` keys) is decoded by the whole block into shared
-memory (keys, values and, for l2/cosine, their squared norms); every
-thread then writes its logits for the tile into a local array (per-key terms,
-bias, exclusions, key window), takes their max, and updates its state with
-``core.rescale`` / ``core.exp2`` once per tile, as the CPU kernel does; what a
-logit is (metric terms, bias, exclusions, windows, the NaN check) is decided
-by the shared rules (:mod:`softretrieval.rules`). Key tiles outside every
-row's window of a block are skipped. The states of the key splits are merged
-by :func:`rules.merge_row` in a second kernel (flash-decoding: a single query
-still spreads over many blocks), the top-k buffers by
-:func:`rules.merge_topk_row` in a third. Inputs and outputs are the same as
-:func:`cpu.run`'s.
+Work is a grid of ``(query blocks, key splits)``; a :class:`Layout` says
+who computes what inside a block (:func:`layout_for`): the **decode**
+layout for a few query rows (B <= ``config.CUDA_DECODE_ROWS``: a block of
+128 threads, a key per thread scored against every row, so a single query
+keeps every thread busy and every key row is read once, coalesced), the
+**tiled** layout for many (64 rows by 64 keys per tile, each of 256 threads
+holding a 4 x 4 register tile of scores). Both are the one kernel of
+:func:`stream_kernel`: per key tile, feature chunks of the queries and keys
+are decoded into shared memory and multiplied into the register tiles; the
+logits go to a shared tile where one thread per row applies the row rules
+(exclusions, windows, max and NaN check, the top-k scan into a buffer in
+global memory: :mod:`softretrieval.topk_buffer`, the CPU's source); every
+thread turns a segment of a row into softmax weights; one thread per row
+updates the row's online-softmax state ``(m, l)``; and each thread
+accumulates its share of ``weights @ values`` in registers. What a logit
+and a weight are is decided by the shared rules
+(:mod:`softretrieval.rules`), as on the CPU. Key tiles outside every row's
+window of a block are skipped. The states of the key splits are merged by
+:func:`rules.merge_row` in a second kernel, a thread per (query, value
+column) (flash-decoding: a single query still spreads over the whole GPU),
+the top-k buffers by :func:`rules.merge_topk_row` in a third. Inputs and
+outputs are the same as :func:`cpu.run`'s. Only shared-memory reductions
+and barriers are used (no warp shuffles), so every path also runs under
+numba-cuda's simulator.
 """
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32, int64
@@ -79,12 +87,91 @@ def available():
         return False
 
 
+class Layout(NamedTuple):
+    """Who computes what in a streaming kernel's block (all compile-time).
+
+    ``rows`` query rows and ``threads`` threads per block; each thread
+    scores a register tile of ``tq`` rows by ``tk`` keys per key tile, rows
+    ``g, g + rows/tq, ...`` and keys ``h, h + key_groups, ...`` of the tile
+    (interleaved, so a warp reads neighbouring rows of the shared-memory
+    tiles); ``chunk`` feature columns of the query and key tiles are staged
+    in shared memory at a time.
+    """
+
+    rows: int
+    threads: int
+    tq: int
+    tk: int
+    chunk: int
+
+    @property
+    def row_groups(self):
+        return self.rows // self.tq
+
+    @property
+    def key_groups(self):
+        return self.threads // self.row_groups
+
+    @property
+    def key_tile(self):
+        return self.key_groups * self.tk
+
+    @property
+    def segment(self):
+        """Keys of a row each thread turns into softmax weights."""
+        return self.rows * self.key_tile // self.threads
+
+
+def layout_for(B):
+    """The layout for a problem of ``B`` query rows: the decode layout for
+    ``B <= config.CUDA_DECODE_ROWS`` (rows rounded up to a power of two,
+    ``CUDA_DECODE_THREADS`` keys per tile, a thread scoring its key against
+    every row), else the tiled layout (``CUDA_TILE_ROWS`` rows,
+    ``CUDA_TILE_THREADS`` threads, ``CUDA_MICRO`` squared register tiles)."""
+    micro, chunk = config.CUDA_MICRO, config.CUDA_CHUNK
+    if B <= config.CUDA_DECODE_ROWS:
+        rows = 1 << max(0, (B - 1).bit_length())
+        tq = min(rows, micro)
+        lay = Layout(rows, config.CUDA_DECODE_THREADS, tq, rows // tq, chunk)
+    else:
+        lay = Layout(config.CUDA_TILE_ROWS, config.CUDA_TILE_THREADS, micro, micro, chunk)
+    if (lay.rows % lay.tq or lay.threads % lay.row_groups or lay.rows > lay.threads
+            or (lay.rows * lay.key_tile) % lay.threads or lay.key_tile % lay.segment):
+        raise ValueError(f"inconsistent CUDA tunables in softretrieval.config: {lay}")
+    return lay
+
+
+def _value_split(lay, vd):
+    """``(cw, rr, cc)``: in the value pass a thread owns columns ``c, c + cw,
+    ...`` (``cc`` of them) of rows ``g, g + threads/cw, ...`` (``rr``): warps
+    of 32 neighbouring columns for several rows (a value loaded once serves
+    ``rr`` rows), whole blocks along the columns for a single row."""
+    groups = max(1, min(lay.threads // 32, lay.rows))
+    cw = min(lay.threads // groups, 32 * -(-max(vd, 1) // 32))
+    return cw, -(-lay.rows // (lay.threads // cw)), -(-max(vd, 1) // cw)
+
+
 @functools.lru_cache(maxsize=None)
-def stream_kernel(kdtype, vdtype, tile, vd):
+def stream_kernel(kdtype, vdtype, lay, vd):
     """The streaming kernel for keys/values stored as ``kdtype``/``vdtype``,
-    key tiles of ``tile`` keys and ``vd`` value columns accumulated (0: no
-    value pass); ``tile`` and ``vd`` size per-thread local arrays, so each
-    combination is its own kernel (compiled on first launch)."""
+    :class:`Layout` ``lay`` and ``vd`` value columns accumulated (0: no
+    value pass); each combination is its own kernel (compiled on first
+    launch). Work of a block per key tile:
+
+    1. the query rows' and the tile's keys' feature chunks are decoded into
+       shared memory; each thread accumulates its register tile of dot
+       products (and its keys' squared norms for l2/cosine);
+    2. each thread writes its logits into the block's logit tile (per-key
+       terms, bias: :func:`rules.logit`);
+    3. one thread per row applies the row rules: exclusions, windows, the
+       max and NaN check, the top-k scan;
+    4. (soft modes) each thread turns a segment of a row into weights with
+       :func:`rules.softmax_row`; one thread per row sums them and rescales
+       the row's state;
+    5. (with values) each thread accumulates its (row, column) share of the
+       weighted values, read from global memory (a warp reads a row's
+       neighbouring columns).
+    """
     kdec = DECODERS[np.dtype(kdtype)]
     vdec = DECODERS[np.dtype(vdtype)]
     softmax_row = shared.softmax_row
@@ -95,7 +182,17 @@ def stream_kernel(kdtype, vdtype, tile, vd):
     exclude_row = shared.exclude_row
     window_row = shared.window_row
     row_max_finite = shared.row_max_finite
-    acc_size = max(vd, 1)
+    rescale = shared.core.rescale
+    QB, NT, TQ, TK, DC = lay
+    RG, KG, KT, SL = lay.row_groups, lay.key_groups, lay.key_tile, lay.segment
+    NSEG = KT // SL
+    KLOADS = -(-KT * DC // NT)
+    QLOADS = -(-QB * DC // NT)
+    CW, RR, CC = _value_split(lay, vd)
+    RV = NT // CW
+    VU = max(2, 8 // CC)
+    S_SIZE, ACC, VREG = TQ * TK, RR * CC, VU * CC
+    Q_TILE, K_TILE, L_TILE, T_TILE = (QB, DC + 1), (KT, DC + 1), (QB, KT + 1), (QB, NSEG)
 
     @cuda.jit
     def kernel(Q, qmult, qunit, qsq_coef, K, kscale, V, vscale, kcol, vcol, bias, bias_mult,
@@ -103,32 +200,59 @@ def stream_kernel(kdtype, vdtype, tile, vd):
                m_out, l_out, acc_out, tk_s, tk_i, tk_n, bad):
         B, d = Q.shape
         N = K.shape[0]
-        nthreads = cuda.blockDim.x
         tid = cuda.threadIdx.x
-        row = cuda.blockIdx.x * nthreads + tid
+        row0 = cuda.blockIdx.x * QB
         sp = cuda.blockIdx.y
         split = (N + cuda.gridDim.y - 1) // cuda.gridDim.y
-        active = row < B
-        shared_mem = cuda.shared.array(0, float32)
-        ktile = shared_mem[: tile * d]
-        vtile = shared_mem[tile * d: tile * (d + vd)]
-        norms = shared_mem[tile * (d + vd): tile * (d + vd + 1)]
+        nrows = min(QB, B - row0)
+        q_sm = cuda.shared.array(Q_TILE, float32)
+        k_sm = cuda.shared.array(K_TILE, float32)
+        L = cuda.shared.array(L_TILE, float32)
+        tot = cuda.shared.array(T_TILE, float32)
+        m_sm = cuda.shared.array(QB, float32)
+        mx_sm = cuda.shared.array(QB, float32)
+        corr_sm = cuda.shared.array(QB, float32)
+        qs_sm = cuda.shared.array(QB, float32)
+        rowc_sm = cuda.shared.array(QB, float32)
         limits = cuda.shared.array(2, int64)
-        logits = cuda.local.array(tile, float32)
-        acc = cuda.local.array(acc_size, float32)
-        for c in range(vd):
-            acc[c] = float32(0.0)
+        s = cuda.local.array(S_SIZE, float32)
+        nk = cuda.local.array(TK, float32)
+        qv = cuda.local.array(TQ, float32)
+        kv = cuda.local.array(TK, float32)
+        kreg = cuda.local.array(KLOADS, float32)
+        qreg = cuda.local.array(QLOADS, float32)
+        acc = cuda.local.array(ACC, float32)
+        vreg = cuda.local.array(VREG, float32)
+        for e in range(RR * CC):
+            acc[e] = float32(0.0)
+        own = tid < nrows                  # the thread of row tid in the row phases
+        grow = row0 + tid
         lo = 0
         hi = N
         windowed = row_lo.shape[0] > 0
-        if windowed and active:
-            lo = row_lo[row]
-            hi = row_hi[row]
+        if windowed and own:
+            lo = row_lo[grow]
+            hi = row_hi[grow]
         if tid == 0:
             limits[0] = N
             limits[1] = 0
+        if tid < QB:
+            qs = float32(0.0)
+            rowc = float32(0.0)
+            if own:
+                qn2 = float32(0.0)
+                for c in range(d):
+                    qn2 += Q[grow, c] * Q[grow, c]
+                qs = qmult
+                if qunit:
+                    qs = qmult / math.sqrt(qn2) if qn2 > 0 else float32(0.0)
+                if qsq_coef != 0:      # (l2 only: for others qn2 may overflow harmlessly)
+                    rowc = qsq_coef * qn2
+            qs_sm[tid] = qs
+            rowc_sm[tid] = rowc
+            m_sm[tid] = NEG_INIT
         cuda.syncthreads()
-        if active:
+        if own:
             cuda.atomic.min(limits, 0, lo)
             cuda.atomic.max(limits, 1, hi)
         cuda.syncthreads()
@@ -136,94 +260,185 @@ def stream_kernel(kdtype, vdtype, tile, vd):
         k1 = min(min(N, sp * split + split), limits[1])
         p = 0
         pend = 0
-        if excl_off.shape[0] > 0 and active:
-            p = excl_off[row]
-            pend = excl_off[row + 1]
+        if excl_off.shape[0] > 0 and own:
+            p = excl_off[grow]
+            pend = excl_off[grow + 1]
             while p < pend and excl_ids[p] < k0:
                 p += 1
-        qs = float32(0.0)
-        rowc = float32(0.0)
-        if active:
-            qn2 = float32(0.0)
-            for c in range(d):
-                qn2 += Q[row, c] * Q[row, c]
-            qs = qmult
-            if qunit:
-                qs = qmult / math.sqrt(qn2) if qn2 > 0 else float32(0.0)
-            if qsq_coef != 0:          # (l2 only: for others qn2 may overflow harmlessly)
-                rowc = qsq_coef * qn2
-        m = NEG_INIT
+        norms = key_mode != KEYS_PLAIN
+        scaled_k = kscale.shape[0] > 0
+        scaled_v = vscale.shape[0] > 0
+        with_bias = bias.shape[0] > 0
+        rg = tid // KG                     # the register tile's first row and key
+        kg = tid - rg * KG
+        srow = tid // NSEG                 # the row segment turned into weights
+        sa = (tid - srow * NSEG) * SL
+        vr = tid // CW                     # the value pass's first row and column
+        vc = tid - vr * CW
         l = float32(0.0)
         count = 0
         ts = NEG_INIT
         ti = -1
         nbad = 0
-        for t0 in range(k0, k1, tile):
-            tn = min(tile, k1 - t0)
-            cuda.syncthreads()
-            for idx in range(tid, tn * d, nthreads):
-                j = idx // d
-                x = kdec(K[t0 + j, kcol + idx - j * d])
-                ktile[idx] = x * kscale[t0 + j] if kscale.shape[0] > 0 else x
-            for idx in range(tid, tn * vd, nthreads):
-                j = idx // vd
-                x = vdec(V[t0 + j, vcol + idx - j * vd])
-                vtile[idx] = x * vscale[t0 + j] if vscale.shape[0] > 0 else x
-            cuda.syncthreads()
-            if key_mode != KEYS_PLAIN:
-                for j in range(tid, tn, nthreads):
-                    sq = float32(0.0)
-                    for c in range(d):
-                        sq += ktile[j * d + c] * ktile[j * d + c]
-                    norms[j] = sq
+        for t0 in range(k0, k1, KT):
+            tn = min(KT, k1 - t0)
+            for e in range(TQ * TK):
+                s[e] = float32(0.0)
+            for jj in range(TK):
+                nk[jj] = float32(0.0)
+            for c0 in range(0, d, DC):
+                for e in range(KLOADS):
+                    idx = tid + e * NT
+                    j = idx // DC
+                    c = idx - j * DC
+                    x = float32(0.0)
+                    if j < tn and c0 + c < d:
+                        x = kdec(K[t0 + j, kcol + c0 + c])
+                        if scaled_k:
+                            x *= kscale[t0 + j]
+                    kreg[e] = x
+                for e in range(QLOADS):
+                    idx = tid + e * NT
+                    i = idx // DC
+                    c = idx - i * DC
+                    qreg[e] = Q[row0 + i, c0 + c] if i < nrows and c0 + c < d else float32(0.0)
+                cuda.syncthreads()         # the previous chunk's readers are done
+                for e in range(KLOADS):
+                    idx = tid + e * NT
+                    j = idx // DC
+                    if j < KT:
+                        k_sm[j, idx - j * DC] = kreg[e]
+                for e in range(QLOADS):
+                    idx = tid + e * NT
+                    i = idx // DC
+                    if i < QB:
+                        q_sm[i, idx - i * DC] = qreg[e]
                 cuda.syncthreads()
-            if not active:
+                for c in range(DC):
+                    for i in range(TQ):
+                        qv[i] = q_sm[rg + RG * i, c]
+                    for jj in range(TK):
+                        kv[jj] = k_sm[kg + KG * jj, c]
+                        if norms:
+                            nk[jj] += kv[jj] * kv[jj]
+                    for i in range(TQ):
+                        for jj in range(TK):
+                            s[i * TK + jj] += qv[i] * kv[jj]
+            for jj in range(TK):
+                j = kg + KG * jj
+                if j < tn:
+                    b = bias[t0 + j] * bias_mult if with_bias else float32(0.0)
+                    factor = key_factor(key_mode, nk[jj])
+                    offset = key_offset(key_mode, key_coef, nk[jj], b)
+                    for i in range(TQ):
+                        r = rg + RG * i
+                        L[r, j] = logit(s[i * TK + jj] * qs_sm[r], factor, offset) + rowc_sm[r]
+            cuda.syncthreads()
+            if own:
+                row = L[tid]
+                if p < pend:
+                    p = exclude_row(row, tn, t0, excl_ids, p, pend)
+                if windowed:
+                    window_row(row, tn, t0, lo, hi)
+                mx, finite = row_max_finite(row, tn)
+                if not finite:
+                    nbad += 1
+                if k > 0:
+                    count, ts, ti = topk_scan_row(row, tn, mx, t0, k, tk_s[sp, grow],
+                                                  tk_i[sp, grow], count, ts, ti)
+                mx_sm[tid] = mx
+            if not want_soft:
                 continue
-            for j in range(tn):
-                s = float32(0.0)
-                for c in range(d):
-                    s += Q[row, c] * ktile[j * d + c]
-                b = bias[t0 + j] * bias_mult if bias.shape[0] > 0 else float32(0.0)
-                logits[j] = logit(s * qs, key_factor(key_mode, norms[j]),
-                                  key_offset(key_mode, key_coef, norms[j], b)) + rowc
-            if p < pend:
-                p = exclude_row(logits, tn, t0, excl_ids, p, pend)
-            if windowed:
-                window_row(logits, tn, t0, lo, hi)
-            mx, finite = row_max_finite(logits, tn)
-            if not finite:
-                nbad += 1
-            if k > 0:
-                count, ts, ti = topk_scan_row(logits, tn, mx, t0, k, tk_s[sp, row],
-                                              tk_i[sp, row], count, ts, ti)
-            if want_soft:
-                m, corr, total = softmax_row(logits, tn, m, mx, vd > 0)
+            cuda.syncthreads()
+            if srow < nrows:
+                total = float32(0.0)
+                if sa < tn:
+                    _, _, total = softmax_row(L[srow, sa:], min(SL, tn - sa), m_sm[srow],
+                                              mx_sm[srow], vd > 0)
+                tot[srow, sa // SL] = total
+            cuda.syncthreads()
+            if own:
+                m_new, corr = rescale(m_sm[tid], mx_sm[tid])
+                total = float32(0.0)
+                for e in range(NSEG):
+                    total += tot[tid, e]
                 l = l * corr + total
-                for c in range(vd):
-                    acc[c] *= corr
-                for j in range(tn):
-                    w = logits[j]            # the weight, stored by softmax_row
-                    for c in range(vd):
-                        acc[c] += w * vtile[j * vd + c]
-        if active:
-            m_out[sp, row] = m
-            l_out[sp, row] = l
-            for c in range(vd):
-                acc_out[sp, row, c] = acc[c]
-            tk_n[sp, row] = count
+                m_sm[tid] = m_new
+                corr_sm[tid] = corr
+            cuda.syncthreads()
+            if vd == 0:
+                continue
+            for ir in range(RR):
+                r = vr + RV * ir
+                if r < nrows:
+                    corr = corr_sm[r]
+                    for ic in range(CC):
+                        acc[ir * CC + ic] *= corr
+            for j0 in range(0, tn, VU):    # VU keys' values in flight per thread
+                for u in range(VU):
+                    j = j0 + u
+                    for ic in range(CC):
+                        col = vc + CW * ic
+                        x = float32(0.0)
+                        if j < tn and col < vd:
+                            x = vdec(V[t0 + j, vcol + col])
+                            if scaled_v:
+                                x *= vscale[t0 + j]
+                        vreg[u * CC + ic] = x
+                for u in range(VU):
+                    j = j0 + u
+                    if j < tn:
+                        for ir in range(RR):
+                            r = vr + RV * ir
+                            if r < nrows:
+                                w = L[r, j]
+                                for ic in range(CC):
+                                    acc[ir * CC + ic] += w * vreg[u * CC + ic]
+        if own:
+            m_out[sp, grow] = m_sm[tid]
+            l_out[sp, grow] = l
+            tk_n[sp, grow] = count
             if nbad > 0:
                 cuda.atomic.add(bad, 0, nbad)
+        for ir in range(RR):
+            r = vr + RV * ir
+            for ic in range(CC):
+                col = vc + CW * ic
+                if r < nrows and col < vd:
+                    acc_out[sp, row0 + r, col] = acc[ir * CC + ic]
 
+    _COMPILED[f"stream {np.dtype(kdtype)}/{np.dtype(vdtype)} {tuple(lay)} vd={vd}"] = (kernel, NT)
     return kernel
+
+
+#: The streaming kernels made so far (name -> (dispatcher, threads)), for
+#: resource reports; see :func:`compiled_kernels`.
+_COMPILED = {}
+
+
+def compiled_kernels():
+    """Every kernel made so far: name -> (dispatcher, threads per block). A
+    dispatcher's ``get_regs_per_thread()`` / ``get_shared_mem_per_block()``
+    report the resources of each signature it compiled."""
+    rows = config.CUDA_QUERY_BLOCK
+    return dict(_COMPILED, **{"merge_states": (merge_states_kernel, rows),
+                              "merge_topk": (merge_topk_kernel, rows),
+                              "finish_topk": (finish_topk_kernel, rows)})
 
 
 @cuda.jit
 def merge_states_kernel(m, l, acc, out, lse):
-    """One thread per query: merge the key splits' states and normalize
-    (:func:`rules.merge_row`, as :func:`cpu.merge_states`)."""
-    b = cuda.grid(1)
+    """One thread per (query, value column): merge the key splits' states
+    for that column and normalize (:func:`rules.merge_row` on one column,
+    as :func:`cpu.merge_states` on the whole row); column 0 writes the lse."""
+    width = max(out.shape[1], 1)
+    t = cuda.grid(1)
+    b = t // width
+    c = t - b * width
     if b < m.shape[1]:
-        lse[b] = shared.merge_row(m, l, acc, b, out[b])
+        x = shared.merge_row(m, l, acc[:, :, c:c + 1], b, out[b, c:c + 1])
+        if c == 0:
+            lse[b] = x
 
 
 @cuda.jit
@@ -236,28 +451,15 @@ def merge_topk_kernel(tk_s, tk_i, tk_n, k, bs, bi, scores, ids, count):
         count[b] = shared.merge_topk_row(tk_s, tk_i, tk_n, b, k, bs[b], bi[b], scores[b], ids[b])
 
 
-def key_tile(d, vd):
-    """Keys per shared-memory tile for keys of ``d`` and ``vd`` accumulated
-    value columns: ``config.CUDA_KEY_TILE``, fewer when a tile of keys,
-    values and norms would not fit ``config.CUDA_SHARED_BYTES``. Raises
-    ValueError when not even one key fits."""
-    per_key = 4 * (d + vd + 1)
-    if per_key > config.CUDA_SHARED_BYTES:
-        raise ValueError(f"keys of dimension {d} with {vd} value columns are too wide for the CUDA "
-                         f"kernels ({per_key} bytes of shared memory per key, "
-                         f"{config.CUDA_SHARED_BYTES} available); use device='cpu'")
-    return min(config.CUDA_KEY_TILE, config.CUDA_SHARED_BYTES // per_key)
-
-
 def plan(B, N):
-    """``(nqb, nsplit, threads)``: query blocks of ``config.CUDA_QUERY_BLOCK``
-    threads, and enough key splits that the grid holds about
+    """``(layout, nqb, nsplit)``: the :class:`Layout` for ``B`` rows, its
+    query blocks, and enough key splits that the grid holds about
     ``config.CUDA_MIN_BLOCKS`` blocks, each split at least
     ``config.CUDA_MIN_KEYS_PER_SPLIT`` keys."""
-    threads = config.CUDA_QUERY_BLOCK
-    nqb = -(-B // threads)
+    lay = layout_for(B)
+    nqb = -(-B // lay.rows)
     nsplit = max(1, min(-(-config.CUDA_MIN_BLOCKS // nqb), N // config.CUDA_MIN_KEYS_PER_SPLIT))
-    return nqb, nsplit, threads
+    return lay, nqb, nsplit
 
 
 def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
@@ -277,8 +479,7 @@ def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
     B, d = Q.shape
     N = K.shape[0]
     vd = values.width if want_acc else 0
-    nqb, nsplit, threads = plan(B, N)
-    tile = key_tile(d, vd)
+    lay, nqb, nsplit = plan(B, N)
     to = device_view
     cap = topk_buffer.capacity(max(k, 1))
     m = cuda.device_array((nsplit, B), np.float32)
@@ -290,20 +491,21 @@ def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
     bad = to(np.zeros(1, np.int64))
     dK = to(K)
     dV = dK if V is K or not want_acc else to(V)    # values unread without want_acc
-    kernel = stream_kernel(np.dtype(dK.dtype), np.dtype(dV.dtype), tile, vd)
-    shared = 4 * tile * (d + vd + 1)
-    kernel[(nqb, nsplit), threads, 0, shared](
+    kernel = stream_kernel(np.dtype(dK.dtype), np.dtype(dV.dtype), lay, vd)
+    kernel[(nqb, nsplit), lay.threads](
         to(Q), np.float32(query.qmult), query.qunit, np.float32(query.qsq_coef), dK,
         to(keys.scale), dV, to(values.scale), keys.col, values.col, to(bias),
         np.float32(query.bias_mult), key_mode, np.float32(key_coef),
         to(excl_off), to(excl_ids), to(row_lo), to(row_hi), want_soft, k, m, l, acc,
         tk_s, tk_i, tk_n, bad)
     res = {"bad": int(bad.copy_to_host()[0])}
+    threads = config.CUDA_QUERY_BLOCK
     rows = -(-B // threads)
     if want_soft:
         res["out"] = cuda.device_array((B, vd), np.float32)
         res["lse"] = cuda.device_array(B, lse_dtype)
-        merge_states_kernel[rows, threads](m, l, acc, res["out"], res["lse"])
+        merge_states_kernel[-(-B * max(vd, 1) // threads), threads](m, l, acc, res["out"],
+                                                                    res["lse"])
     if k > 0:
         res["topk_logits"] = to(np.full((B, k), NEG_INIT, np.float32))
         res["topk_ids"] = to(np.full((B, k), -1, np.int64))

@@ -14,6 +14,11 @@ from softretrieval import config
 @pytest.fixture(autouse=True)
 def tiny_blocks(monkeypatch):
     monkeypatch.setattr(config, "CUDA_QUERY_BLOCK", 4)
-    monkeypatch.setattr(config, "CUDA_KEY_TILE", 8)
+    monkeypatch.setattr(config, "CUDA_DECODE_ROWS", 4)
+    monkeypatch.setattr(config, "CUDA_DECODE_THREADS", 8)
+    monkeypatch.setattr(config, "CUDA_TILE_ROWS", 8)
+    monkeypatch.setattr(config, "CUDA_TILE_THREADS", 16)
+    monkeypatch.setattr(config, "CUDA_MICRO", 2)
+    monkeypatch.setattr(config, "CUDA_CHUNK", 4)
     monkeypatch.setattr(config, "CUDA_MIN_BLOCKS", 6)
     monkeypatch.setattr(config, "CUDA_MIN_KEYS_PER_SPLIT", 8)
