@@ -134,7 +134,10 @@ def test_layouts(monkeypatch):
     lay = gpu.layout_for(16)
     assert lay == gpu.Layout(16, 128, 4, 4, 32) and lay.key_tile == 128 and lay.segment == 16
     lay = gpu.layout_for(17)
-    assert lay == gpu.Layout(64, 256, 4, 4, 32) and lay.key_tile == 64 and lay.segment == 16
+    assert lay == gpu.Layout(64, 256, 4, 4, 32, 128) and lay.key_tile == 64 and lay.segment == 16
+    assert gpu.stream_kernel(np.dtype("f4"), np.dtype("f4"), lay, 8).targetoptions["max_registers"] == 128
+    assert "max_registers" not in gpu.stream_kernel(np.dtype("f4"), np.dtype("f4"), gpu.layout_for(1),
+                                                    8).targetoptions
     assert gpu._value_split(gpu.layout_for(1), 128) == (128, 1, 1)
     assert gpu._value_split(gpu.layout_for(1), 32) == (32, 1, 1)
     assert gpu._value_split(gpu.layout_for(16), 128) == (32, 4, 4)

@@ -53,6 +53,13 @@ CUDA_TILE_ROWS = 64
 #: CUDA: threads per block of the tiled layout.
 CUDA_TILE_THREADS = 256
 
+#: CUDA: registers per thread of the tiled layout's kernel (0: the
+#: compiler's choice). Uncapped it took 238 on an H200, so one block fit an
+#: SM; capped at 128 (two blocks, a few spills) soft retrieval at B = 1024,
+#: N = 1M ran in 95.6 ms instead of 132 (docs/gpu.md). The decode layout is
+#: left uncapped: capped at 64 it spilled and ran slower (21.7 ms, not 17.3).
+CUDA_TILE_MAX_REGISTERS = 128
+
 #: CUDA: a thread's register tile of scores is at most this many rows by
 #: this many keys (the tiled layout's is exactly this square).
 CUDA_MICRO = 4

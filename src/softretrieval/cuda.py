@@ -34,6 +34,7 @@ import functools
 import math
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import cuda, float32, int64
 
@@ -95,7 +96,8 @@ class Layout(NamedTuple):
     ``g, g + rows/tq, ...`` and keys ``h, h + key_groups, ...`` of the tile
     (interleaved, so a warp reads neighbouring rows of the shared-memory
     tiles); ``chunk`` feature columns of the query and key tiles are staged
-    in shared memory at a time.
+    in shared memory at a time; ``max_registers`` caps the registers per
+    thread (0: the compiler's choice).
     """
 
     rows: int
@@ -103,6 +105,7 @@ class Layout(NamedTuple):
     tq: int
     tk: int
     chunk: int
+    max_registers: int = 0
 
     @property
     def row_groups(self):
@@ -134,7 +137,8 @@ def layout_for(B):
         tq = min(rows, micro)
         lay = Layout(rows, config.CUDA_DECODE_THREADS, tq, rows // tq, chunk)
     else:
-        lay = Layout(config.CUDA_TILE_ROWS, config.CUDA_TILE_THREADS, micro, micro, chunk)
+        lay = Layout(config.CUDA_TILE_ROWS, config.CUDA_TILE_THREADS, micro, micro, chunk,
+                     config.CUDA_TILE_MAX_REGISTERS)
     if (lay.rows % lay.tq or lay.threads % lay.row_groups or lay.rows > lay.threads
             or (lay.rows * lay.key_tile) % lay.threads or lay.key_tile % lay.segment):
         raise ValueError(f"inconsistent CUDA tunables in softretrieval.config: {lay}")
@@ -149,6 +153,13 @@ def _value_split(lay, vd):
     groups = max(1, min(lay.threads // 32, lay.rows))
     cw = min(lay.threads // groups, 32 * -(-max(vd, 1) // 32))
     return cw, -(-lay.rows // (lay.threads // cw)), -(-max(vd, 1) // cw)
+
+
+def _jit_options(lay):
+    """``cuda.jit`` options of a layout's kernel (the simulator takes none)."""
+    if lay.max_registers and not numba.config.ENABLE_CUDASIM:
+        return {"max_registers": lay.max_registers}
+    return {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,7 +194,7 @@ def stream_kernel(kdtype, vdtype, lay, vd):
     window_row = shared.window_row
     row_max_finite = shared.row_max_finite
     rescale = shared.core.rescale
-    QB, NT, TQ, TK, DC = lay
+    QB, NT, TQ, TK, DC = lay.rows, lay.threads, lay.tq, lay.tk, lay.chunk
     RG, KG, KT, SL = lay.row_groups, lay.key_groups, lay.key_tile, lay.segment
     NSEG = KT // SL
     KLOADS = -(-KT * DC // NT)
@@ -194,7 +205,7 @@ def stream_kernel(kdtype, vdtype, lay, vd):
     S_SIZE, ACC, VREG = TQ * TK, RR * CC, VU * CC
     Q_TILE, K_TILE, L_TILE, T_TILE = (QB, DC + 1), (KT, DC + 1), (QB, KT + 1), (QB, NSEG)
 
-    @cuda.jit
+    @cuda.jit(**_jit_options(lay))
     def kernel(Q, qmult, qunit, qsq_coef, K, kscale, V, vscale, kcol, vcol, bias, bias_mult,
                key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi, want_soft, k,
                m_out, l_out, acc_out, tk_s, tk_i, tk_n, bad):
