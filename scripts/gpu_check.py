@@ -1,7 +1,7 @@
 """One command for a machine with an NVIDIA GPU: every mode on CUDA against the
 CPU path, then speed against torch on the same GPU, with the GPU's limits.
 
-    python scripts/gpu_check.py [--quick] [--out gpu_check.json]
+    python scripts/gpu_check.py [--quick] [--sweep] [--no-speed] [--out gpu_check.json]
 
 1. Correctness (moderate shapes): soft retrieval with lse, bias and
    exclusions; top-k (k = 10, 100, 1024) for ip/cosine/l2; top-k attention
@@ -10,16 +10,18 @@ CPU path, then speed against torch on the same GPU, with the GPU's limits.
    writes that wrap its ring; device arrays in place.
    Max errors against ``device="cpu"``.
 2. Speed (medians of 5 after a warm-up; ``--quick`` shrinks N): soft
-   retrieval (N = 1M and 10M, d = 128, B = 1 and 1024) against torch SDPA in
-   fp32; top-k (B = 1 and 1024, k = 10 and 100) against ``torch.topk(Q @ K.T)``;
-   causal (T = 8192, H = 8, d = 64) against SDPA ``is_causal``. For B = 1 the
-   fraction of the memory bandwidth reached (bytes of K, and V, read once,
-   over time, against a measured device-to-device copy); for B = 1024 the
-   ratio to torch.
+   retrieval (d = 128; B = 1 at N = 1M and 10M, B = 1024 at N = 1M) against
+   torch SDPA in fp32; top-k (k = 10 and 100) against
+   ``torch.topk(Q @ K.T)``; B = 1 over float16, bfloat16 and int8 keys;
+   causal (T = 8192, H = 8, d = 64) against SDPA ``is_causal``. For B = 1
+   the fraction of the memory bandwidth reached (bytes stored, read once,
+   over time, against a measured device-to-device copy); otherwise the
+   ratio to torch. ``--sweep`` also times the tunable settings of
+   :data:`SWEEP`.
+3. Resources: registers, shared memory and occupancy of every kernel compiled.
 
-Needs numba-cuda (``pip install -e ".[cuda]"``), torch with CUDA, and
-faiss-cpu (imported by softretrieval; install it from a wheel if missing).
-Runs in well under 5 minutes on an H100/H200. Writes JSON (``--out``).
+Needs numba-cuda (``pip install -e ".[cuda]"``) and torch with CUDA. Runs in
+about 5 minutes on an H200, most of it compiling kernels. Writes JSON (``--out``).
 """
 
 import argparse

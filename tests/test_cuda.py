@@ -32,14 +32,14 @@ def test_simulator_suite():
 def _signature(kdtype, vdtype):
     from numba import types as t
 
-    def arr(dt, nd):
-        return t.Array(dt, nd, "C")
+    def arr(dt, nd, layout="C"):
+        return t.Array(dt, nd, layout)
 
     f32, i64 = t.float32, t.int64
-    return (arr(f32, 2), f32, t.boolean, f32, arr(kdtype, 2), arr(f32, 1), arr(vdtype, 2),
-            arr(f32, 1), i64, i64, arr(f32, 1), f32, i64, f32, arr(i64, 1), arr(i64, 1),
-            arr(i64, 1), arr(i64, 1), t.boolean, i64, arr(f32, 2), arr(f32, 2),
-            arr(f32, 3), arr(f32, 3), arr(i64, 3), arr(i64, 2), arr(i64, 1))
+    return (arr(f32, 4, "A"), f32, t.boolean, f32, arr(kdtype, 4, "A"), arr(f32, 1),
+            arr(vdtype, 4, "A"), arr(f32, 1), i64, i64, arr(f32, 2), f32, i64, f32, arr(i64, 1),
+            arr(i64, 1), arr(i64, 2), arr(i64, 2), t.boolean, i64, arr(f32, 3), arr(f32, 3),
+            arr(f32, 4), arr(f32, 4), arr(i64, 4), arr(i64, 3), arr(i64, 1))
 
 
 @pytest.fixture
@@ -76,11 +76,11 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
     arr = lambda dt, nd: t.Array(dt, nd, "C")  # noqa: E731
     f32, i64 = t.float32, t.int64
     ptx, _ = cuda.compile_ptx(gpu.merge_states_kernel.py_func,
-                              (arr(f32, 2), arr(f32, 2), arr(f32, 3), arr(f32, 2), arr(t.float64, 1)),
+                              (arr(f32, 3), arr(f32, 3), arr(f32, 4), arr(f32, 2), arr(t.float64, 1)),
                               cc=cc)
     assert target in ptx
     ptx, _ = cuda.compile_ptx(gpu.merge_topk_kernel.py_func,
-                              (arr(f32, 3), arr(i64, 3), arr(i64, 2), i64, arr(f32, 2), arr(i64, 2),
+                              (arr(f32, 4), arr(i64, 4), arr(i64, 3), i64, arr(f32, 2), arr(i64, 2),
                                arr(f32, 2), arr(i64, 2), arr(i64, 1)), cc=cc)
     assert target in ptx
     ptx, _ = cuda.compile_ptx(gpu.finish_topk_kernel.py_func,
@@ -90,15 +90,12 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
     for dtype in dtypes:
         ptx, _ = cuda.compile_ptx(gpu.finish_topk_attention_kernel(np.dtype(dtype)).py_func,
                                   (arr(f32, 2), arr(i64, 2), arr(i64, 1), arr(f32, 1),
-                                   arr(getattr(t, dtype), 2), arr(f32, 1), i64, arr(f32, 2),
-                                   arr(f32, 2), arr(i64, 2), arr(f32, 1)), cc=cc)
+                                   t.Array(getattr(t, dtype), 4, "A"), arr(f32, 1), i64, i64,
+                                   arr(f32, 2), arr(f32, 2), arr(i64, 2), arr(f32, 1)), cc=cc)
         assert target in ptx
-    strided = lambda nd: t.Array(f32, nd, "A")  # noqa: E731  (head views of device arrays)
-    for kernel, sig in ((gpu.gather_rows_kernel, (strided(3), arr(f32, 2))),
-                        (gpu.scatter_rows_kernel, (arr(f32, 2), strided(3))),
-                        (gpu.scatter_values_kernel, (arr(f32, 1), strided(2)))):
-        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
-        assert target in ptx
+    ptx, _ = cuda.compile_ptx(gpu.scatter_heads_kernel.py_func,
+                              (t.Array(f32, 2, "A"), t.Array(f32, 4, "A"), i64), cc=cc)
+    assert target in ptx
 
 
 def test_device_argument_errors():

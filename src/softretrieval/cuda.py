@@ -206,10 +206,20 @@ def stream_kernel(kdtype, vdtype, lay, vd):
     Q_TILE, K_TILE, L_TILE, T_TILE = (QB, DC + 1), (KT, DC + 1), (QB, KT + 1), (QB, NSEG)
 
     @cuda.jit(**_jit_options(lay))
-    def kernel(Q, qmult, qunit, qsq_coef, K, kscale, V, vscale, kcol, vcol, bias, bias_mult,
+    def kernel(Q, qmult, qunit, qsq_coef, K4, kscale, V4, vscale, kcol, vcol, bias2, bias_mult,
                key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi, want_soft, k,
                m_out, l_out, acc_out, tk_s, tk_i, tk_n, bad):
-        B, d = Q.shape
+        pz = cuda.blockIdx.z               # the problem: batch element bb, KV head g
+        Hkv = K4.shape[2]
+        bb = pz // Hkv
+        g = pz - bb * Hkv
+        T = Q.shape[1]
+        G = Q.shape[2] // Hkv              # query heads per KV head: row r is (r // G, r % G)
+        d = Q.shape[3]
+        B = T * G
+        K = K4[bb, :, g]
+        V = V4[bb, :, g]
+        bias = bias2[g if bias2.shape[0] > 1 else 0]
         N = K.shape[0]
         tid = cuda.threadIdx.x
         row0 = cuda.blockIdx.x * QB
@@ -238,12 +248,14 @@ def stream_kernel(kdtype, vdtype, lay, vd):
             acc[e] = float32(0.0)
         own = tid < nrows                  # the thread of row tid in the row phases
         grow = row0 + tid
+        gt = grow // G                     # its position, and its query head
+        gh = g * G + grow - gt * G
         lo = 0
         hi = N
-        windowed = row_lo.shape[0] > 0
+        windowed = row_lo.shape[1] > 0
         if windowed and own:
-            lo = row_lo[grow]
-            hi = row_hi[grow]
+            lo = row_lo[bb, gt]
+            hi = row_hi[bb, gt]
         if tid == 0:
             limits[0] = N
             limits[1] = 0
@@ -253,7 +265,7 @@ def stream_kernel(kdtype, vdtype, lay, vd):
             if own:
                 qn2 = float32(0.0)
                 for c in range(d):
-                    qn2 += Q[grow, c] * Q[grow, c]
+                    qn2 += Q[bb, gt, gh, c] * Q[bb, gt, gh, c]
                 qs = qmult
                 if qunit:
                     qs = qmult / math.sqrt(qn2) if qn2 > 0 else float32(0.0)
@@ -272,8 +284,8 @@ def stream_kernel(kdtype, vdtype, lay, vd):
         p = 0
         pend = 0
         if excl_off.shape[0] > 0 and own:
-            p = excl_off[grow]
-            pend = excl_off[grow + 1]
+            p = excl_off[gt]
+            pend = excl_off[gt + 1]
             while p < pend and excl_ids[p] < k0:
                 p += 1
         norms = key_mode != KEYS_PLAIN
@@ -312,7 +324,11 @@ def stream_kernel(kdtype, vdtype, lay, vd):
                     idx = tid + e * NT
                     i = idx // DC
                     c = idx - i * DC
-                    qreg[e] = Q[row0 + i, c0 + c] if i < nrows and c0 + c < d else float32(0.0)
+                    x = float32(0.0)
+                    if i < nrows and c0 + c < d:
+                        t = (row0 + i) // G
+                        x = Q[bb, t, g * G + row0 + i - t * G, c0 + c]
+                    qreg[e] = x
                 cuda.syncthreads()         # the previous chunk's readers are done
                 for e in range(KLOADS):
                     idx = tid + e * NT
@@ -355,8 +371,8 @@ def stream_kernel(kdtype, vdtype, lay, vd):
                 if not finite:
                     nbad += 1
                 if k > 0:
-                    count, ts, ti = topk_scan_row(row, tn, mx, t0, k, tk_s[sp, grow],
-                                                  tk_i[sp, grow], count, ts, ti)
+                    count, ts, ti = topk_scan_row(row, tn, mx, t0, k, tk_s[pz, sp, grow],
+                                                  tk_i[pz, sp, grow], count, ts, ti)
                 mx_sm[tid] = mx
             if not want_soft:
                 continue
@@ -406,9 +422,9 @@ def stream_kernel(kdtype, vdtype, lay, vd):
                                 for ic in range(CC):
                                     acc[ir * CC + ic] += w * vreg[u * CC + ic]
         if own:
-            m_out[sp, grow] = m_sm[tid]
-            l_out[sp, grow] = l
-            tk_n[sp, grow] = count
+            m_out[pz, sp, grow] = m_sm[tid]
+            l_out[pz, sp, grow] = l
+            tk_n[pz, sp, grow] = count
             if nbad > 0:
                 cuda.atomic.add(bad, 0, nbad)
         for ir in range(RR):
@@ -416,7 +432,7 @@ def stream_kernel(kdtype, vdtype, lay, vd):
             for ic in range(CC):
                 col = vc + CW * ic
                 if r < nrows and col < vd:
-                    acc_out[sp, row0 + r, col] = acc[ir * CC + ic]
+                    acc_out[pz, sp, row0 + r, col] = acc[ir * CC + ic]
 
     _COMPILED[f"stream {np.dtype(kdtype)}/{np.dtype(vdtype)} {tuple(lay)} vd={vd}"] = (kernel, NT)
     return kernel
@@ -440,26 +456,34 @@ def compiled_kernels():
 @cuda.jit
 def merge_states_kernel(m, l, acc, out, lse):
     """One thread per (query, value column): merge the key splits' states
-    for that column and normalize (:func:`rules.merge_row` on one column,
-    as :func:`cpu.merge_states` on the whole row); column 0 writes the lse."""
+    (m, l (P, splits, R), acc (P, splits, R, dv)) for that column and
+    normalize (:func:`rules.merge_row` on one column, as
+    :func:`cpu.merge_states` on the whole row) into the stacked ``out``
+    (P * R, dv); column 0 writes ``lse`` (P * R,)."""
+    R = m.shape[2]
     width = max(out.shape[1], 1)
     t = cuda.grid(1)
-    b = t // width
-    c = t - b * width
-    if b < m.shape[1]:
-        x = shared.merge_row(m, l, acc[:, :, c:c + 1], b, out[b, c:c + 1])
+    q = t // width
+    c = t - q * width
+    if q < out.shape[0]:
+        p = q // R
+        x = shared.merge_row(m[p], l[p], acc[p, :, :, c:c + 1], q - p * R, out[q, c:c + 1])
         if c == 0:
-            lse[b] = x
+            lse[q] = x
 
 
 @cuda.jit
 def merge_topk_kernel(tk_s, tk_i, tk_n, k, bs, bi, scores, ids, count):
-    """One thread per query: the best k of every split's buffer, best first,
-    through a buffer ``bs``, ``bi`` (B, capacity(k)) (:func:`rules.merge_topk_row`,
-    as :func:`cpu.merge_topk`)."""
-    b = cuda.grid(1)
-    if b < tk_n.shape[1]:
-        count[b] = shared.merge_topk_row(tk_s, tk_i, tk_n, b, k, bs[b], bi[b], scores[b], ids[b])
+    """One thread per query: the best k of every split's buffer (tk_s, tk_i
+    (P, splits, R, cap), tk_n (P, splits, R)), best first, through a buffer
+    ``bs``, ``bi`` (P * R, capacity(k)) into the stacked ``scores``, ``ids``
+    (P * R, k) (:func:`rules.merge_topk_row`, as :func:`cpu.merge_topk`)."""
+    q = cuda.grid(1)
+    R = tk_n.shape[2]
+    if q < scores.shape[0]:
+        p = q // R
+        count[q] = shared.merge_topk_row(tk_s[p], tk_i[p], tk_n[p], q - p * R, k, bs[q], bi[q],
+                                         scores[q], ids[q])
 
 
 def plan(B, N):
@@ -475,57 +499,88 @@ def plan(B, N):
 
 def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
     """Run the kernels on a :class:`devices.Problem` whose arrays are on the
-    device (host arrays are copied), in :class:`devices.Mode` ``mode``.
+    device (host arrays are copied), in :class:`devices.Mode` ``mode``, in
+    one launch of each kernel.
+
+    A problem is one query block against one key set (``Q`` (R, d), keys
+    (N, W), ``bias`` (N,) or (0,), windows (R,) or (0,), exclusions over the
+    R rows), or the heads of a call (the GPU-resident path of
+    :mod:`softretrieval.gpu_api`): ``Q`` (batch, T, H, d), keys and values
+    (batch, S, Hkv, W), ``bias`` (Hkv or 1, S) or (1, 0), windows
+    (batch, T) or (1, 0), exclusions over the T positions; the problems
+    (batch element, KV head) are the grid's third dimension, and the rows
+    of problem ``p = b * Hkv + g`` are the ``R = T * G`` pairs
+    (position ``t``, query head ``g * G + i``) in that order.
     ``query`` (:class:`devices.QueryTerms`): the query terms the kernel
     applies itself, for queries that never visit the host. Returns device
-    arrays ``out``, ``lse`` (``lse_dtype``), ``topk_logits``, ``topk_ids``,
-    ``topk_count`` as asked, and ``bad`` (host int: rows of key tiles that held NaN or
-    inf).
+    arrays stacked over the problems' rows (P * R, ...): ``out``, ``lse``
+    (``lse_dtype``), ``topk_logits``, ``topk_ids``, ``topk_count`` as
+    asked, and ``bad`` (host int: rows of key tiles that held NaN or inf).
     """
-    Q, keys, values = problem.Q, problem.keys, problem.values
-    K, V = keys.data, values.data
+    to = device_view
+    Q, keys, values = to(problem.Q), problem.keys, problem.values
     want_soft, want_acc, k = mode
     bias, key_mode, key_coef = problem.logits
     excl_off, excl_ids, row_lo, row_hi = problem.masks
-    B, d = Q.shape
-    N = K.shape[0]
+    K4 = to(keys.data)
+    V4 = K4 if values.data is keys.data or not want_acc else to(values.data)
+    bias2, row_lo, row_hi = to(bias), to(row_lo), to(row_hi)
+    if len(Q.shape) == 2:                      # one problem: (1, R, 1, ...) views
+        Q, K4, V4 = (unit_axes(a, (0, 2)) for a in (Q, K4, V4))
+        bias2, row_lo, row_hi = (unit_axes(a, (0,)) for a in (bias2, row_lo, row_hi))
+    batch, T, H, d = Q.shape
+    N, Hkv = K4.shape[1], K4.shape[2]
+    P, R = batch * Hkv, T * (H // Hkv)
     vd = values.width if want_acc else 0
-    lay, nqb, nsplit = plan(B, N)
-    to = device_view
+    lay, nqb, nsplit = plan(R, N)
     cap = topk_buffer.capacity(max(k, 1))
-    m = cuda.device_array((nsplit, B), np.float32)
-    l = cuda.device_array((nsplit, B), np.float32)
-    acc = cuda.device_array((nsplit, B, vd), np.float32)
-    tk_s = cuda.device_array((nsplit, B, cap), np.float32)
-    tk_i = cuda.device_array((nsplit, B, cap), np.int64)
-    tk_n = cuda.device_array((nsplit, B), np.int64)
+    m = cuda.device_array((P, nsplit, R), np.float32)
+    l = cuda.device_array((P, nsplit, R), np.float32)
+    acc = cuda.device_array((P, nsplit, R, vd), np.float32)
+    tk_s = cuda.device_array((P, nsplit, R, cap), np.float32)
+    tk_i = cuda.device_array((P, nsplit, R, cap), np.int64)
+    tk_n = cuda.device_array((P, nsplit, R), np.int64)
     bad = to(np.zeros(1, np.int64))
-    dK = to(K)
-    dV = dK if V is K or not want_acc else to(V)    # values unread without want_acc
-    kernel = stream_kernel(np.dtype(dK.dtype), np.dtype(dV.dtype), lay, vd)
-    kernel[(nqb, nsplit), lay.threads](
-        to(Q), np.float32(query.qmult), query.qunit, np.float32(query.qsq_coef), dK,
-        to(keys.scale), dV, to(values.scale), keys.col, values.col, to(bias),
+    kernel = stream_kernel(np.dtype(K4.dtype), np.dtype(V4.dtype), lay, vd)
+    kernel[(nqb, nsplit, P), lay.threads](
+        Q, np.float32(query.qmult), query.qunit, np.float32(query.qsq_coef), K4,
+        to(keys.scale), V4, to(values.scale), keys.col, values.col, bias2,
         np.float32(query.bias_mult), key_mode, np.float32(key_coef),
-        to(excl_off), to(excl_ids), to(row_lo), to(row_hi), want_soft, k, m, l, acc,
+        to(excl_off), to(excl_ids), row_lo, row_hi, want_soft, k, m, l, acc,
         tk_s, tk_i, tk_n, bad)
     res = {"bad": int(bad.copy_to_host()[0])}
     threads = config.CUDA_QUERY_BLOCK
-    rows = -(-B // threads)
+    rows = P * R
     if want_soft:
-        res["out"] = cuda.device_array((B, vd), np.float32)
-        res["lse"] = cuda.device_array(B, lse_dtype)
-        merge_states_kernel[-(-B * max(vd, 1) // threads), threads](m, l, acc, res["out"],
-                                                                    res["lse"])
+        res["out"] = cuda.device_array((rows, vd), np.float32)
+        res["lse"] = cuda.device_array(rows, lse_dtype)
+        merge_states_kernel[-(-rows * max(vd, 1) // threads), threads](m, l, acc, res["out"],
+                                                                       res["lse"])
     if k > 0:
-        res["topk_logits"] = to(np.full((B, k), NEG_INIT, np.float32))
-        res["topk_ids"] = to(np.full((B, k), -1, np.int64))
-        res["topk_count"] = cuda.device_array(B, np.int64)
-        merge_topk_kernel[rows, threads](
-            tk_s, tk_i, tk_n, k, cuda.device_array((B, cap), np.float32),
-            cuda.device_array((B, cap), np.int64), res["topk_logits"], res["topk_ids"],
+        res["topk_logits"] = to(np.full((rows, k), NEG_INIT, np.float32))
+        res["topk_ids"] = to(np.full((rows, k), -1, np.int64))
+        res["topk_count"] = cuda.device_array(rows, np.int64)
+        merge_topk_kernel[-(-rows // threads), threads](
+            tk_s, tk_i, tk_n, k, cuda.device_array((rows, cap), np.float32),
+            cuda.device_array((rows, cap), np.int64), res["topk_logits"], res["topk_ids"],
             res["topk_count"])
     return res
+
+
+def unit_axes(a, where):
+    """A view of the device array ``a`` (any strides) with axes of length 1
+    inserted at the positions ``where`` (ascending)."""
+    shape, strides = list(a.shape), list(a.strides)
+    for w in where:
+        shape.insert(w, 1)
+        strides.insert(w, 0)
+    if hasattr(a, "gpu_data"):                     # a numba device array
+        return type(a)(shape=tuple(shape), strides=tuple(strides), dtype=a.dtype,
+                       gpu_data=a.gpu_data)
+    index = [slice(None)] * len(a.shape)           # the simulator's (numpy underneath)
+    for w in where:
+        index.insert(w, None)
+    return a[tuple(index)]
 
 
 def device_view(a):
@@ -559,49 +614,44 @@ def finish_topk_kernel(logits, ids, count, sign, clamp, pad, scores_out, ids_out
 
 @functools.lru_cache(maxsize=None)
 def finish_topk_attention_kernel(vdtype):
-    """One thread per query: :func:`rules.topk_attention_row` (as
+    """One thread per stacked row: :func:`rules.topk_attention_row` (as
     :func:`cpu.finish_topk_attention`) for values stored as ``vdtype``.
-    Arguments: logits, ids (B, k'), count (B,), lse (B,), V, vscale, vcol,
-    and the outputs out (B, dv), weights, ids_out (B, k), coverage (B,)."""
+    Arguments: logits, ids (P * R, k'), count (P * R,), lse (P * R,), V4
+    (batch, S, Hkv, W) (row ``q`` reads problem ``q // R``'s values, as
+    :func:`launch` stacks them), vscale, vcol, R, and the outputs out
+    (P * R, dv), weights, ids_out (P * R, k), coverage (P * R,)."""
     row_rule = shared_for(vdtype).topk_attention_row
 
     @cuda.jit
-    def kernel(logits, ids, count, lse, V, vscale, vcol, out, weights, ids_out, coverage):
-        b = cuda.grid(1)
-        if b < logits.shape[0]:
-            coverage[b] = row_rule(logits[b], ids[b], count[b], lse[b], V, vscale, vcol, out[b],
-                                   weights[b], ids_out[b])
+    def kernel(logits, ids, count, lse, V4, vscale, vcol, R, out, weights, ids_out, coverage):
+        q = cuda.grid(1)
+        if q < logits.shape[0]:
+            p = q // R
+            Hkv = V4.shape[2]
+            bb = p // Hkv
+            V = V4[bb, :, p - bb * Hkv]
+            coverage[q] = row_rule(logits[q], ids[q], count[q], lse[q], V, vscale, vcol, out[q],
+                                   weights[q], ids_out[q])
 
     return kernel
 
 
 @cuda.jit
-def gather_rows_kernel(src, dst):
-    """dst (T * G, X) = src (T, G, X) row by row: the stacked query heads of a
-    KV head as one contiguous block (src may be any strided view)."""
-    r = cuda.grid(1)
-    G = src.shape[1]
-    if r >= dst.shape[0]:
+def scatter_heads_kernel(src, dst, Hkv):
+    """dst (batch, T, H, X) from the stacked rows src (P * R, X) of
+    :func:`launch` (problem ``p = b * Hkv + g``, row ``r = t * G + i`` is
+    query head ``g * G + i`` at position ``t``): one thread per element."""
+    e = cuda.grid(1)
+    X = src.shape[1]
+    q = e // X
+    if q >= src.shape[0]:
         return
-    for c in range(dst.shape[1]):
-        dst[r, c] = src[r // G, r - (r // G) * G, c]
-
-
-@cuda.jit
-def scatter_rows_kernel(src, dst):
-    """dst (T, G, X) = src (T * G, X): a problem's rows back into the heads."""
-    r = cuda.grid(1)
-    G = dst.shape[1]
-    if r >= src.shape[0]:
-        return
-    for c in range(src.shape[1]):
-        dst[r // G, r - (r // G) * G, c] = src[r, c]
-
-
-@cuda.jit
-def scatter_values_kernel(src, dst):
-    """dst (T, G) = src (T * G,): one value per row back into the heads."""
-    r = cuda.grid(1)
-    G = dst.shape[1]
-    if r < src.shape[0]:
-        dst[r // G, r - (r // G) * G] = src[r]
+    c = e - q * X
+    T = dst.shape[1]
+    G = dst.shape[2] // Hkv
+    R = T * G
+    p = q // R
+    r = q - p * R
+    b = p // Hkv
+    t = r // G
+    dst[b, t, (p - b * Hkv) * G + r - t * G, c] = src[q, c]

@@ -18,7 +18,7 @@ logits that come out non-finite still raise ``ValueError``.
 import numpy as np
 
 from . import layout, validate
-from .devices import Logits, Mode, Problem, QueryTerms, Rows, masks
+from .devices import Logits, Masks, Mode, Problem, QueryTerms, Rows
 from .terms import TopKAttention, check_metric, logit_terms, prepare_bias
 
 
@@ -47,24 +47,27 @@ def _array(a, name, ndim):
     return arr
 
 
-def _heads(a, lay, b, g, width, squeeze=True):
-    """The view of a (.., S or T, H, ...) device array for batch b, heads
-    ``g*width:(g+1)*width``; one head loses its head axis with ``squeeze``."""
-    if lay.ndim == 2:
-        return a
-    view = a if lay.ndim == 3 else a[b]
-    return view[:, g] if width == 1 and squeeze else view[:, g * width:(g + 1) * width]
-
-
-def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
-              softmax):
-    """Validate device inputs; return ``(layout, problems)`` where problems
-    yields ``((b, g), (devices.Problem, devices.QueryTerms))`` with the
-    arrays on the device (row_const None: the kernel adds the query terms)."""
-    from numba import cuda
-
+def _four(a, ndim):
+    """A (batch, rows, heads, dim) view of a 2-, 3- or 4-D device array."""
     from . import cuda as gpu
 
+    return {2: lambda: gpu.unit_axes(a, (0, 2)), 3: lambda: gpu.unit_axes(a, (0,)),
+            4: lambda: a}[ndim]()
+
+
+def _unit_row(a):
+    """A (1, n) view of the (n,) device array ``a``."""
+    from . import cuda as gpu
+
+    return gpu.unit_axes(a, (0,))
+
+
+def _problem(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
+             softmax):
+    """Validate device inputs; return ``(layout, devices.Problem,
+    devices.QueryTerms)``: every (batch element, KV head) of the call as
+    one problem of :func:`cuda.launch` (4-D device views, no copies; the
+    kernel applies the query terms)."""
     check_metric(metric)
     ndim = len(getattr(queries, "shape", ()))
     if ndim not in (2, 3, 4):
@@ -78,53 +81,37 @@ def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, wi
     lens = layout.sequence_lengths(seq_lens, lay)
     if exclude is not None and (causal or lay.ndim == 4):
         raise ValueError("exclude applies to retrieval (2-D or 3-D queries without causal)")
-    excl = layout.stacked_exclude(validate.exclusion_lists(exclude, lay.T, lay.S), lay)
+    excl = validate.exclusion_lists(exclude, lay.T, lay.S)
     t = logit_terms(metric, scale, lay.d, softmax)
-    unit = t.unit
     query = QueryTerms(t.qmult, t.qunit, t.qsq_coef, 1.0)
     if on_device(bias):
         dbias = _array(bias, "bias", 1)
         if tuple(dbias.shape) != (lay.S,):
             raise ValueError(f"bias on the device must have shape ({lay.S},), got {dbias.shape}")
-        query = query._replace(bias_mult=unit)
-        bias_of = lambda g: dbias  # noqa: E731
+        query = query._replace(bias_mult=t.unit)
+        bias2 = _unit_row(dbias)
     else:
         rows = layout.head_bias(bias, lay)
-        bias_of = lambda g: prepare_bias(rows(g), lay.S, unit)  # noqa: E731
-
-    values_given = values is not None
-
-    def each():
-        G = lay.group
-        for b in range(lay.batch):
-            rows = layout.row_windows(lay, causal, window, lens, b)
-            for g in range(lay.Hkv):
-                q = _heads(Q, lay, b, g, G)
-                if G > 1:
-                    stacked = cuda.device_array((lay.T * G, lay.d), np.float32)
-                    if stacked.shape[0]:
-                        gpu.gather_rows_kernel[_blocks(stacked.shape[0])](q, stacked)
-                    q = stacked
-                krows = Rows(_heads(K, lay, b, g, 1), width=lay.d)
-                vrows = Rows(_heads(V, lay, b, g, 1), width=lay.dv)
-                logits = Logits(bias_of(g), t.key_mode, np.float32(t.key_coef))
-                problem = Problem(q, krows, vrows, values_given, logits, masks(excl, rows), None)
-                yield (b, g), (problem, query)
-
-    return lay, each()
+        heads = lay.Hkv if bias is not None and np.ndim(bias) == 2 else 1
+        bias2 = np.stack([prepare_bias(rows(g), lay.S, t.unit) for g in range(heads)])
+    windows = [layout.row_windows(lay, causal, window, lens, b) for b in range(lay.batch)]
+    if windows[0] is None:
+        lo = hi = np.zeros((1, 0), np.int64)
+    else:
+        lo, hi = (np.stack([w[i][::lay.group] for w in windows]) for i in (0, 1))
+    masks = Masks(*(excl if excl is not None else (_NONE, _NONE)), lo, hi)
+    problem = Problem(_four(Q, ndim), Rows(_four(K, ndim), width=lay.d),
+                      Rows(_four(V, ndim), width=lay.dv), values is not None,
+                      Logits(bias2, t.key_mode, np.float32(t.key_coef)), masks, None)
+    return lay, problem, query
 
 
-def _blocks(rows):
-    from . import config
-
-    threads = config.CUDA_QUERY_BLOCK
-    return -(-rows // threads), threads
+_NONE = np.zeros(0, np.int64)
 
 
-def _launch(problem_and_query, mode):
+def _launch(problem, query, mode):
     from . import cuda as gpu
 
-    problem, query = problem_and_query
     res = gpu.launch(problem, mode, query, lse_dtype=np.float32)
     if res["bad"]:
         raise ValueError("non-finite result: the logits (scale * q.k + bias) overflow float32 "
@@ -132,45 +119,51 @@ def _launch(problem_and_query, mode):
     return res
 
 
-class _Outputs:
-    """Device outputs with the queries' leading axes, filled per problem."""
+def _blocks(n):
+    from . import config
 
-    def __init__(self, lay, tails, dtypes):
-        from numba import cuda
+    threads = config.CUDA_QUERY_BLOCK
+    return -(-n // threads), threads
 
-        self.lay = lay
-        lead = {2: (lay.T,), 3: (lay.T, lay.H), 4: (lay.batch, lay.T, lay.H)}[lay.ndim]
-        self.arrays = [cuda.device_array(lead + tail, dt) for tail, dt in zip(tails, dtypes)]
 
-    def fill(self, b, g, rows):
-        """Write a problem's (T * G, ...) device results into their heads."""
-        from . import cuda as gpu
+def _heads_out(lay, stacked, dtype):
+    """The stacked (P * R, ...) rows of :func:`cuda.launch` as an output
+    with the queries' leading axes (one scatter kernel; none for 2-D)."""
+    from numba import cuda
 
-        if self.lay.ndim == 2:       # one problem: its results are the outputs
-            self.arrays = list(rows)
-            return
-        for dest, src in zip(self.arrays, rows):
-            if src.shape[0] == 0:
-                continue
-            view = _heads(dest, self.lay, b, g, self.lay.group, squeeze=False)
-            if len(src.shape) == 1:
-                gpu.scatter_values_kernel[_blocks(src.shape[0])](src, view)
-            else:
-                gpu.scatter_rows_kernel[_blocks(src.shape[0])](src, view)
+    from . import cuda as gpu
+
+    tail = tuple(stacked.shape[1:])
+    if lay.ndim == 2:
+        return stacked
+    dest = cuda.device_array((lay.batch, lay.T, lay.H) + tail, dtype)
+    width = tail[0] if tail else 1
+    if stacked.shape[0] and width:
+        gpu.scatter_heads_kernel[_blocks(stacked.shape[0] * width)](
+            stacked.reshape(stacked.shape[0], width), dest.reshape(dest.shape[:3] + (width,)),
+            lay.Hkv)
+    return dest if lay.ndim == 4 else dest[0]
 
 
 def attention(queries, keys, values, *, scale, bias, metric, exclude, return_lse, causal, window,
               seq_lens):
     """:func:`softretrieval.attention` on device arrays."""
-    lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
-                              exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
-                              softmax=True)
-    outs = _Outputs(lay, ((lay.dv,), ()), (np.float32, np.float32))
-    for (b, g), p in problems:
-        res = _launch(p, Mode(want_soft=True, want_acc=True))
-        outs.fill(b, g, (res["out"], res["lse"]))
-    out, lse = outs.arrays
+    lay, problem, query = _problem(queries, keys, values, metric=metric, scale=scale, bias=bias,
+                                   exclude=exclude, causal=causal, window=window,
+                                   seq_lens=seq_lens, softmax=True)
+    res = _launch(problem, query, Mode(want_soft=True, want_acc=True))
+    out = _heads_out(lay, res["out"], np.float32)
+    lse = _heads_out(lay, res["lse"], np.float32)
     return (out, lse) if return_lse else out
+
+
+def logsumexp(queries, keys, *, scale, bias, metric, exclude, causal, window, seq_lens):
+    """:func:`softretrieval.logsumexp` on device arrays."""
+    lay, problem, query = _problem(queries, keys, None, metric=metric, scale=scale, bias=bias,
+                                   exclude=exclude, causal=causal, window=window,
+                                   seq_lens=seq_lens, softmax=True)
+    res = _launch(problem, query, Mode(want_soft=True, want_acc=False))
+    return _heads_out(lay, res["lse"], np.float32)
 
 
 def topk(queries, keys, k, *, metric, bias, exclude, causal, window, seq_lens):
@@ -179,23 +172,20 @@ def topk(queries, keys, k, *, metric, bias, exclude, causal, window, seq_lens):
 
     from . import cuda as gpu
 
-    lay, problems = _problems(queries, keys, None, metric=metric, scale=None, bias=bias,
-                              exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
-                              softmax=False)
-    outs = _Outputs(lay, ((k,), (k,)), (np.float32, np.int64))
+    lay, problem, query = _problem(queries, keys, None, metric=metric, scale=None, bias=bias,
+                                   exclude=exclude, causal=causal, window=window,
+                                   seq_lens=seq_lens, softmax=False)
+    res = _launch(problem, query, Mode(want_soft=False, want_acc=False, k=min(k, lay.S)))
+    rows = res["topk_count"].shape[0]
+    scores = cuda.device_array((rows, k), np.float32)
+    ids = cuda.device_array((rows, k), np.int64)
     l2 = metric == "l2"
-    for (b, g), p in problems:
-        res = _launch(p, Mode(want_soft=False, want_acc=False, k=min(k, lay.S)))
-        R = p[0].Q.shape[0]
-        scores = cuda.device_array((R, k), np.float32)
-        ids = cuda.device_array((R, k), np.int64)
-        if R:
-            gpu.finish_topk_kernel[_blocks(R)](
-                res["topk_logits"], res["topk_ids"], res["topk_count"],
-                np.float32(-1.0 if l2 else 1.0), l2 and bias is None,
-                np.float32(np.inf if l2 else -np.inf), scores, ids)
-        outs.fill(b, g, (scores, ids))
-    return tuple(outs.arrays)
+    if rows:
+        gpu.finish_topk_kernel[_blocks(rows)](
+            res["topk_logits"], res["topk_ids"], res["topk_count"],
+            np.float32(-1.0 if l2 else 1.0), l2 and bias is None,
+            np.float32(np.inf if l2 else -np.inf), scores, ids)
+    return _heads_out(lay, scores, np.float32), _heads_out(lay, ids, np.int64)
 
 
 def topk_attention(queries, keys, values, k, *, scale, bias, metric, exclude, causal, window,
@@ -206,22 +196,20 @@ def topk_attention(queries, keys, values, k, *, scale, bias, metric, exclude, ca
 
     from . import cuda as gpu
 
-    lay, problems = _problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
-                              exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
-                              softmax=True)
-    outs = _Outputs(lay, ((lay.dv,), (k,), (k,), (), ()),
-                    (np.float32, np.int64, np.float32, np.float32, np.float32))
-    for (b, g), p in problems:
-        res = _launch(p, Mode(want_soft=True, want_acc=False, k=min(k, lay.S)))
-        R = p[0].Q.shape[0]
-        out = cuda.device_array((R, lay.dv), np.float32)
-        ids = cuda.device_array((R, k), np.int64)
-        weights = cuda.device_array((R, k), np.float32)
-        coverage = cuda.device_array(R, np.float32)
-        if R:
-            V = p[0].values.data
-            gpu.finish_topk_attention_kernel(np.dtype(V.dtype))[_blocks(R)](
-                res["topk_logits"], res["topk_ids"], res["topk_count"], res["lse"], V,
-                gpu.device_view(np.zeros(0, np.float32)), 0, out, weights, ids, coverage)
-        outs.fill(b, g, (out, ids, weights, res["lse"], coverage))
-    return TopKAttention(*outs.arrays)
+    lay, problem, query = _problem(queries, keys, values, metric=metric, scale=scale, bias=bias,
+                                   exclude=exclude, causal=causal, window=window,
+                                   seq_lens=seq_lens, softmax=True)
+    res = _launch(problem, query, Mode(want_soft=True, want_acc=False, k=min(k, lay.S)))
+    rows = res["lse"].shape[0]
+    out = cuda.device_array((rows, lay.dv), np.float32)
+    ids = cuda.device_array((rows, k), np.int64)
+    weights = cuda.device_array((rows, k), np.float32)
+    coverage = cuda.device_array(rows, np.float32)
+    if rows:
+        V4 = problem.values.data
+        gpu.finish_topk_attention_kernel(np.dtype(V4.dtype))[_blocks(rows)](
+            res["topk_logits"], res["topk_ids"], res["topk_count"], res["lse"], V4,
+            gpu.device_view(np.zeros(0, np.float32)), 0, lay.T * lay.group, out, weights, ids,
+            coverage)
+    return TopKAttention(*(_heads_out(lay, a, a.dtype) for a in
+                           (out, ids, weights, res["lse"], coverage)))

@@ -314,6 +314,45 @@ def test_device_arrays_multi_head_and_sequences(rng, H, Hkv):
         np.testing.assert_allclose(got.copy_to_host(), ref, **TOL)
 
 
+def test_device_arrays_heads_as_one_launch(rng, monkeypatch):
+    """Every head of a call is one launch (problems on the grid's third
+    axis): grouped-query heads with a per-head bias and exclusions, strided
+    device views, and top-k attention of two batch elements reading their
+    own values; against the host path."""
+    from numba import cuda
+
+    from softretrieval import cuda as gpu
+
+    launches = []
+    real = gpu.launch
+    monkeypatch.setattr(gpu, "launch", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    q = rng.standard_normal((7, 4, 5)).astype(np.float32)
+    k = rng.standard_normal((30, 2, 5)).astype(np.float32)
+    v = rng.standard_normal((30, 2, 3)).astype(np.float32)
+    bias = rng.standard_normal((2, 30)).astype(np.float32)
+    excl = [np.array([j % 30, (7 * j) % 30]) for j in range(7)]
+    dq, dk, dv = (cuda.to_device(a) for a in (q, k, v))
+    out, lse = sr.attention(dq, dk, dv, bias=bias, exclude=excl, return_lse=True, device="cuda")
+    ref_out, ref_lse = sr.attention(q, k, v, bias=bias, exclude=excl, return_lse=True)
+    np.testing.assert_allclose(out.copy_to_host(), ref_out, **TOL)
+    np.testing.assert_allclose(lse.copy_to_host(), ref_lse, **TOL)
+    s1, i1 = sr.topk(dq, dk, 6, bias=bias, exclude=excl, metric="l2", device="cuda")
+    s2, i2 = sr.topk(q, k, 6, bias=bias, exclude=excl, metric="l2")
+    np.testing.assert_array_equal(i1.copy_to_host(), i2)
+    np.testing.assert_allclose(s1.copy_to_host(), s2, **TOL)
+    assert len(launches) == 2
+    wide = cuda.to_device(rng.standard_normal((7, 9)).astype(np.float32))
+    view = wide[:, 2:7]                                       # a strided (7, 5) view
+    got = sr.attention(view, dk[:, 0], dv[:, 1], device="cuda").copy_to_host()
+    np.testing.assert_allclose(got, sr.attention(wide.copy_to_host()[:, 2:7], k[:, 0], v[:, 1]), **TOL)
+    q4 = rng.standard_normal((2, 5, 2, 5)).astype(np.float32)
+    k4 = rng.standard_normal((2, 8, 1, 5)).astype(np.float32)
+    v4 = rng.standard_normal((2, 8, 1, 3)).astype(np.float32)
+    res = sr.topk_attention(*(cuda.to_device(a) for a in (q4, k4, v4)), 3, device="cuda")
+    for got, ref in zip(res, sr.topk_attention(q4, k4, v4, 3)):
+        np.testing.assert_allclose(got.copy_to_host(), ref, **TOL)
+
+
 def test_gpu_check_script_correctness_pass():
     """scripts/gpu_check.py's correctness pass runs on tiny shapes and finds
     every check within bounds, so a broken script shows before GPU time is spent."""
