@@ -127,6 +127,21 @@ def topk_attention_ref(Q, K, V=None, k=32, scale=None, bias=None, exclude=None, 
     return out, ids, weights, lse, coverage
 
 
+def sequence_mask(T, S, ql, kl, causal, window):
+    """(T, S) bool, True where query t may not see key j: a batch element
+    with lengths (ql, kl) lets query t see key j when ``j < kl`` and, if
+    causal, ``j <= t + kl - ql`` and (with a window) ``j > t + kl - ql -
+    window``; positions ``t >= ql`` see nothing."""
+    t = np.arange(T)[:, None]
+    j = np.arange(S)[None, :]
+    visible = (j < kl) & (t < ql)
+    if causal:
+        visible &= j <= t + kl - ql
+        if window is not None:
+            visible &= j > t + kl - ql - window
+    return ~visible
+
+
 def sequence_attention_ref(q, k, v, scale=None, causal=False, window=None, q_lens=None,
                            k_lens=None, bias=None):
     """Multi-head / grouped-query attention with explicit masks, in float64.
@@ -147,15 +162,11 @@ def sequence_attention_ref(q, k, v, scale=None, causal=False, window=None, q_len
     for b in range(batch):
         ql = T if q_lens is None else int(q_lens[b])
         kl = S if k_lens is None else int(k_lens[b])
+        visible_all = ~sequence_mask(T, S, ql, kl, causal, window)
         for h in range(H):
             g = h // G
             for t in range(ql):
-                j = np.arange(S)
-                visible = j < kl
-                if causal:
-                    visible &= j <= t + kl - ql
-                    if window is not None:
-                        visible &= j > t + kl - ql - window
+                visible = visible_all[t]
                 logits = scale * (k[b, :, g] @ q[b, t, h])
                 if bias is not None:
                     bb = np.asarray(bias, np.float64)
@@ -168,3 +179,85 @@ def sequence_attention_ref(q, k, v, scale=None, causal=False, window=None, q_len
                 out[b, t, h] = (w @ v[b, :, g]) / w.sum()
                 lse[b, t, h] = m + np.log(w.sum())
     return out, lse
+
+
+def attention_grads_ref(Q, K, V, dO, dlse=None, scale=None, bias=None, metric="ip", mask=None):
+    """Gradients of soft attention in float64 with the full (B, N) matrices.
+
+    The logits ``z`` are ``scale * q.k`` ("ip"), ``scale * cos(q, k)``
+    ("cosine") or ``-scale * |q - k|^2`` ("l2"), plus ``bias``; ``mask``
+    (B, N) bool marks excluded pairs. With ``P = softmax(z)``, ``out = P V``
+    and ``lse``, the loss's gradients ``dO`` (B, dv) and ``dlse`` (B,) give
+    ``dZ = P * (dO V^T - rowsum(dO * out) + dlse)``, and then, written out per
+    metric: dQ, dK, dV = P^T dO, dbias = colsum(dZ). Rows with no valid key
+    get zero gradients. Returns ``(dQ, dK, dV, dbias)``.
+    """
+    Q, K, V, dO = (np.asarray(a, np.float64) for a in (Q, K, V, dO))
+    B, d = Q.shape
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    dlse = np.zeros(B) if dlse is None else np.asarray(dlse, np.float64)
+    qn = np.linalg.norm(Q, axis=1, keepdims=True)
+    kn = np.linalg.norm(K, axis=1, keepdims=True)
+    Qh = np.divide(Q, qn, out=np.zeros_like(Q), where=qn > 0)
+    Kh = np.divide(K, kn, out=np.zeros_like(K), where=kn > 0)
+    if metric == "ip":
+        z = scale * Q @ K.T
+    elif metric == "cosine":
+        z = scale * Qh @ Kh.T
+    else:
+        z = -scale * ((Q * Q).sum(1)[:, None] - 2 * Q @ K.T + (K * K).sum(1)[None, :])
+    if bias is not None:
+        z = z + np.asarray(bias, np.float64)[None, :]
+    if mask is not None:
+        z = np.where(mask, -np.inf, z)
+    P = np.zeros_like(z)
+    for b in range(B):
+        if np.isfinite(z[b]).any():
+            w = np.exp(z[b] - z[b][np.isfinite(z[b])].max())
+            P[b] = w / w.sum()
+    out = P @ V
+    dZ = P * (dO @ V.T - (dO * out).sum(1, keepdims=True) + dlse[:, None])
+    dV = P.T @ dO
+    if metric == "ip":
+        dQ, dK = scale * dZ @ K, scale * dZ.T @ Q
+    elif metric == "l2":
+        dQ = 2 * scale * (dZ @ K - dZ.sum(1)[:, None] * Q)
+        dK = 2 * scale * (dZ.T @ Q - dZ.sum(0)[:, None] * K)
+    else:
+        dQh, dKh = scale * dZ @ Kh, scale * dZ.T @ Qh
+        dQ = np.divide(dQh - (dQh * Qh).sum(1, keepdims=True) * Qh, qn, out=np.zeros_like(Q),
+                       where=qn > 0)
+        dK = np.divide(dKh - (dKh * Kh).sum(1, keepdims=True) * Kh, kn, out=np.zeros_like(K),
+                       where=kn > 0)
+    return dQ, dK, dV, dZ.sum(0)
+
+
+def sequence_grads_ref(q, k, v, dO, dlse, scale=None, causal=False, window=None, q_lens=None,
+                       k_lens=None, bias=None):
+    """Gradients of :func:`sequence_attention_ref` (ip), by
+    :func:`attention_grads_ref` per (batch element, head) with
+    :func:`sequence_mask`; grouped-query heads sum into their KV head.
+    Returns ``(dq, dk, dv, dbias)`` shaped like q, k, v and bias."""
+    batch, T, H, d = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    grads = [np.zeros(np.shape(a)) for a in (q, k, v)]
+    dbias = None if bias is None else np.zeros(np.shape(bias))
+    for b in range(batch):
+        ql = T if q_lens is None else int(q_lens[b])
+        kl = S if k_lens is None else int(k_lens[b])
+        mask = sequence_mask(T, S, ql, kl, causal, window)
+        for h in range(H):
+            g = h // G
+            hb = None if bias is None else (bias[g] if np.ndim(bias) == 2 else bias)
+            dQ, dK, dV, db = attention_grads_ref(q[b, :, h], k[b, :, g], v[b, :, g], dO[b, :, h],
+                                                 dlse[b, :, h], scale=scale, bias=hb, mask=mask)
+            grads[0][b, :, h] += dQ
+            grads[1][b, :, g] += dK
+            grads[2][b, :, g] += dV
+            if bias is not None:
+                if np.ndim(bias) == 2:
+                    dbias[g] += db
+                else:
+                    dbias += db
+    return (*grads, dbias)

@@ -5,11 +5,13 @@ computed tile by tile with an online softmax so the B x N score matrix never
 exists. Numba kernels are compiled on first use (and cached on disk).
 """
 
-from .api import attention, merge, topk, topk_attention
+from .api import attention, logsumexp, merge, topk, topk_attention
+from .grad import AttentionGrads, attention_backward, logsumexp_backward
 from .index import Index
 from .memory import KNNMemory, memory_attention
 from .terms import MemoryRead, TopKAttention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "merge", "topk", "topk_attention", "TopKAttention", "Index", "KNNMemory",
-           "MemoryRead", "memory_attention", "__version__"]
+__all__ = ["attention", "attention_backward", "AttentionGrads", "logsumexp", "logsumexp_backward",
+           "merge", "topk", "topk_attention",
+           "TopKAttention", "Index", "KNNMemory", "MemoryRead", "memory_attention", "__version__"]

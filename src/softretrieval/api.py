@@ -243,6 +243,29 @@ def solve_attention(lay, problems, return_lse, device="cpu"):
     return (out, lse) if return_lse else out
 
 
+def logsumexp(queries: ArrayLike, keys: ArrayLike, *, scale: Optional[float] = None,
+              bias: Optional[ArrayLike] = None, metric: str = "ip", exclude: Exclude = None,
+              causal: bool = False, window: Optional[int] = None, seq_lens: SeqLens = None,
+              device: str = "cpu") -> np.ndarray:
+    """The exact log-partition of the full softmax, without a value pass:
+    ``lse[b] = log sum_n exp(logit(q_b, k_n) + bias_n)`` over every key
+    (the normalizer of a softmax over a whole catalog). Arguments, shapes
+    and edge cases as :func:`attention` (a query whose keys are all
+    excluded gets ``-inf``). Returns float32 with the queries' leading axes.
+    """
+    if gpu_api.on_device(queries, keys, bias):
+        gpu_api.check_device(device)
+        return gpu_api.logsumexp(queries, keys, scale=scale, bias=bias, metric=metric,
+                                 exclude=exclude, causal=causal, window=window, seq_lens=seq_lens)
+    lay, problems = _problems(queries, keys, None, metric=metric, scale=scale, bias=bias,
+                              exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
+                              softmax=True)
+    return solve_logsumexp(lay, problems, device)
+
+
+_with_shapes(logsumexp)
+
+
 def solve_logsumexp(lay, problems, device="cpu"):
     """Log-partition (lse only, no values) of validated problems."""
     kernels = devices.kernels(device)

@@ -1,0 +1,203 @@
+"""CPU driver of the backward pass of soft attention (the FlashAttention-2
+recipe on the forward's tiles and rules).
+
+For one :class:`devices.Problem` (the same one the forward ran) and the
+forward's log-partition, the upstream gradients ``dO`` and ``dlse`` and
+``D = rowsum(dO * out)``, every score tile is recomputed instead of stored:
+
+* ``S`` (bq, tn) = queries . keysᵀ, turned into base-2 logits by the
+  forward's rules (:func:`cpu._key_terms`, :func:`cpu._masks`: metric terms,
+  bias, exclusions, windows);
+* ``P = 2 ** (S - lse2)`` (:func:`core.exp2`; ``lse2`` the row's partition in
+  the same base-2 units), the softmax weights;
+* ``dP = dO . Vᵀ`` and ``dS = P * (dP - D + dlse)``, the gradient of the
+  natural-log logits;
+* ``gv += Pᵀ dO``, ``gk += dSᵀ Q``, ``gb += colsum(dS)``,
+  ``gq += (dS * f) . K`` (``f`` the keys' cosine factors, else 1) and
+  ``gr += rowsum(dS)``.
+
+Work is split by key ranges, one per parallel item: each item owns its
+keys' rows of ``gk``, ``gv`` and ``gb`` (no two items write the same row),
+and a partial ``gq``, ``gr`` for every query, summed at the end; the extra
+memory is O(items · B · d), never O(B · N). Tiles outside every row's window
+of a query block are skipped, as in the forward. The metric's chain rule
+(query scale, l2's norms, cosine's normalization) is applied by the caller,
+:func:`softretrieval.grad.attention_backward`.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from . import config, runtime
+from .constants import KEYS_PLAIN, KEYS_UNIT
+from .cpu import _FAST, _key_terms, _masks, _squared_norms, _tile, shared
+
+exp2 = shared.core.exp2
+
+
+@njit(fastmath=_FAST, cache=True)
+def _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, qblock, ktile,
+                    gq, gr, gk, gv, gb, stop):
+    """Keys ``k0:k1`` against every query: accumulate this range's rows of
+    gk (N, d), gv (N, dv), gb (N,) and its partial gq (R, d), gr (R,).
+    Arguments as :func:`backward`; stop checked before each tile."""
+    K, kscale, kcol = keys.data, keys.scale, keys.col
+    V, vscale, vcol = values.data, values.scale, values.col
+    bias, key_mode, key_coef = logits
+    excl_off, excl_ids, row_lo, row_hi = masks
+    R, d = Q.shape
+    dv = dO.shape[1]
+    has_bias = bias.shape[0] > 0
+    windowed = row_lo.shape[0] > 0
+    pbuf = np.empty(qblock * ktile, np.float32)
+    sbuf = np.empty(qblock * ktile, np.float32)
+    terms = np.empty(ktile, np.float32)
+    factors = np.ones(ktile, np.float32)
+    kbuf = np.empty((ktile, d), np.float32)
+    vbuf = np.empty((ktile, dv), np.float32)
+    gkt = np.empty((ktile, d), np.float32)
+    gvt = np.empty((ktile, dv), np.float32)
+    gqt = np.empty((qblock, d), np.float32)
+    ptr = np.zeros(qblock, np.int64)
+    end = np.zeros(qblock, np.int64)
+    for q0 in range(0, R, qblock):
+        q1 = min(R, q0 + qblock)
+        bq = q1 - q0
+        a = k0
+        b = k1
+        if windowed:
+            a = max(a, row_lo[q0:q1].min())
+            b = min(b, row_hi[q0:q1].max())
+        if a >= b:
+            continue
+        if excl_off.shape[0] > 0:
+            for i in range(bq):
+                lo = excl_off[q0 + i]
+                hi = excl_off[q0 + i + 1]
+                ptr[i] = lo + np.searchsorted(excl_ids[lo:hi], a)
+                end[i] = lo + np.searchsorted(excl_ids[lo:hi], b)
+        Qb = Q[q0:q1]
+        dOb = dO[q0:q1]
+        for t0 in range(a, b, ktile):
+            if stop[0] != 0:
+                return
+            t1 = min(t0 + ktile, b)
+            tn = t1 - t0
+            P = sbuf[: bq * tn].reshape((bq, tn))
+            dS = pbuf[: bq * tn].reshape((bq, tn))
+            Kt = _tile(K[t0:t1], kcol, d, kbuf, kscale[t0:t1] if kscale.shape[0] > 0 else kscale)
+            np.dot(Qb, Kt.T, P)
+            if key_mode != KEYS_PLAIN:
+                _squared_norms(Kt, terms)
+            _key_terms(bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, P, terms,
+                       factors)
+            _masks(P, t0, excl_ids, ptr[:bq], end[:bq], row_lo[q0:q1] if windowed else row_lo,
+                   row_hi[q0:q1] if windowed else row_hi)
+            for i in range(bq):
+                m = lse2[q0 + i]
+                row = P[i]
+                if m == -np.inf:                   # no valid key: no weight, no gradient
+                    for j in range(tn):
+                        row[j] = np.float32(0.0)
+                else:
+                    for j in range(tn):
+                        row[j] = exp2(row[j] - m)
+            if dv > 0:
+                Vt = _tile(V[t0:t1], vcol, dv, vbuf,
+                           vscale[t0:t1] if vscale.shape[0] > 0 else vscale)
+                np.dot(dOb, Vt.T, dS)
+                np.dot(P.T, dOb, gvt[:tn])
+                for j in range(tn):
+                    gv_row = gv[t0 + j]
+                    gvt_row = gvt[j]
+                    for c in range(dv):
+                        gv_row[c] += gvt_row[c]
+            else:                                  # lse only: dS = P * dlse
+                dS[:, :] = np.float32(0.0)
+            for i in range(bq):
+                c = dlse[q0 + i] - D[q0 + i]
+                p = P[i]
+                s = dS[i]
+                total = np.float32(0.0)
+                for j in range(tn):
+                    s[j] = p[j] * (s[j] + c)
+                    total += s[j]
+                gr[q0 + i] += total
+            np.dot(dS.T, Qb, gkt[:tn])
+            for j in range(tn):
+                gk_row = gk[t0 + j]
+                gkt_row = gkt[j]
+                for c in range(d):
+                    gk_row[c] += gkt_row[c]
+            for i in range(bq):
+                s = dS[i]
+                for j in range(tn):
+                    gb[t0 + j] += s[j]
+                if key_mode == KEYS_UNIT:
+                    for j in range(tn):
+                        s[j] *= factors[j]
+            np.dot(dS, Kt, gqt[:bq])
+            for i in range(bq):
+                gq_row = gq[q0 + i]
+                gqt_row = gqt[i]
+                for c in range(d):
+                    gq_row[c] += gqt_row[c]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def backward(Q, keys, values, logits, masks, lse2, D, dlse, dO, tiling, stop):
+    """The backward pass of one problem, in ``nsplit`` parallel key ranges.
+
+    Q (R, d) float32: the forward's prepared queries (kernel units: scale
+    and ``log2(e)`` folded in); keys, values: :class:`devices.Rows`;
+    logits: :class:`devices.Logits`; masks: :class:`devices.Masks`, as the
+    forward's :func:`cpu.stream` takes them. lse2 (R,) float32: each row's
+    log-partition in the kernel's base-2 units (``-inf`` for a row with no
+    valid key); D (R,) = rowsum(dO * out), dlse (R,) the lse's upstream
+    gradient, dO (R, dv): all float32 (dv = 0: the backward of the lse alone,
+    values unread). tiling: ``(nsplit, qblock, ktile)``.
+    stop (1,) int64: the call ends early once ``stop[0] != 0``.
+
+    Returns float32 ``(gq (R, d), gr (R,), gk (N, d), gv (N, dv), gb (N,))``
+    in natural-log units: ``gq = sum_j dS f_j k_j``, ``gr = rowsum(dS)``,
+    ``gk = sum_i dS q_i`` (prepared queries), ``gv = Pᵀ dO``,
+    ``gb = colsum(dS)``.
+    """
+    nsplit, qblock, ktile = tiling
+    R, d = Q.shape
+    N = keys.data.shape[0]
+    dv = dO.shape[1]
+    split = (N + nsplit - 1) // nsplit
+    gqs = np.zeros((nsplit, R, d), np.float32)
+    grs = np.zeros((nsplit, R), np.float32)
+    gk = np.zeros((N, d), np.float32)
+    gv = np.zeros((N, dv), np.float32)
+    gb = np.zeros(N, np.float32)
+    for w in prange(nsplit):
+        k0 = w * split
+        k1 = min(N, k0 + split)
+        if k0 < k1:
+            _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, qblock,
+                            ktile, gqs[w], grs[w], gk, gv, gb, stop)
+    gq = np.zeros((R, d), np.float32)
+    gr = np.zeros(R, np.float32)
+    for i in prange(R):
+        for w in range(nsplit):
+            gr[i] += grs[w, i]
+            for c in range(d):
+                gq[i, c] += gqs[w, i, c]
+    return gq, gr, gk, gv, gb
+
+
+def run(problem, lse2, D, dlse, dO):
+    """:func:`backward` on a :class:`devices.Problem` of host arrays, under
+    the runtime lock (BLAS on one thread, Ctrl-C honoured); key ranges: one
+    per thread, never shorter than ``config.MIN_KEYS_PER_SPLIT``."""
+    N = problem.keys.data.shape[0]
+    nsplit = max(1, min(runtime.num_threads(), N // config.MIN_KEYS_PER_SPLIT))
+    tiling = (nsplit, config.QUERY_BLOCK, config.KEY_TILE)
+    stop = np.zeros(1, np.int64)
+    work = 3 * problem.Q.shape[0] * N * (problem.Q.shape[1] + dO.shape[1])
+    return runtime.parallel_call(backward, problem.Q, problem.keys, problem.values, problem.logits,
+                                 problem.masks, lse2, D, dlse, dO, tiling, stop, stop=stop,
+                                 work=work)
