@@ -41,7 +41,8 @@ def _entry(name, obj, level="##"):
 def render():
     parts = [HEADER]
     parts.append("## Functions\n")
-    for name in ("attention", "topk", "topk_attention", "merge", "memory_attention"):
+    for name in ("attention", "logsumexp", "topk", "topk_attention", "merge", "memory_attention",
+                 "attention_backward", "logsumexp_backward", "AttentionGrads"):
         parts.append(_entry(f"softretrieval.{name}", getattr(sr, name), "###"))
     for cls in (sr.Index, sr.KNNMemory):
         parts.append(f"## `softretrieval.{cls.__name__}`\n")
