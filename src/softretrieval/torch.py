@@ -1,0 +1,317 @@
+"""Autograd-aware softretrieval for PyTorch: :func:`attention`,
+:func:`logsumexp` and :func:`full_softmax_loss`.
+
+Needs the ``torch`` extra (``import softretrieval`` never imports torch).
+Each function is a torch custom operator (``torch.library``:
+``softretrieval::attention``, ``softretrieval::logsumexp`` and their
+backward operators) with a shape-only fake implementation, so
+``torch.compile`` graphs can hold them, and an autograd formula that runs
+:func:`softretrieval.attention_backward` /
+:func:`softretrieval.logsumexp_backward`: the score matrix is never stored,
+forward or backward.
+
+Tensors: CPU float32 contiguous tensors are read without a copy; other CPU
+dtypes and layouts are converted to contiguous float32 first (a copy). The
+computation is float32; outputs are float32 and gradients come back in each
+input's dtype. CUDA tensors run the forward on the CUDA kernels (read in
+place through ``__cuda_array_interface__``, outputs returned as CUDA
+tensors); their backward pass is not implemented yet and raises
+``NotImplementedError``.
+"""
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import api, grad, validate
+
+__all__ = ["attention", "logsumexp", "full_softmax_loss"]
+
+
+def _np(t):
+    """A CPU tensor as a float32 numpy array (no copy when it is one already)."""
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens):
+    """Keyword arguments of the numpy API from an operator's arguments."""
+    exclude = None if excl_offsets is None else (_np_int(excl_offsets), _np_int(excl_ids))
+    lens = None if q_lens is None else (_np_int(q_lens), _np_int(k_lens))
+    return dict(scale=scale, bias=None if bias is None else _np(bias), metric=metric,
+                exclude=exclude, causal=causal, window=None if window < 0 else window,
+                seq_lens=lens)
+
+
+def _np_int(t):
+    return t.detach().cpu().to(torch.int64).numpy()
+
+
+def _device_arg(t):
+    """CUDA tensors go to the kernels in place; CPU tensors as numpy."""
+    if t.is_cuda:
+        return t.detach().to(torch.float32)
+    return _np(t)
+
+
+def _to_tensor(a, like):
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a))
+    return torch.as_tensor(a, device=like.device)        # numba device arrays (CUDA)
+
+
+def _no_gpu_backward(*tensors):
+    if any(t is not None and t.is_cuda for t in tensors):
+        raise NotImplementedError("softretrieval.torch: the backward pass runs on the CPU only "
+                                  "so far; use CPU tensors to train")
+
+
+# --- attention -------------------------------------------------------------------------------
+
+@torch.library.custom_op("softretrieval::attention", mutates_args=())
+def _attention_op(queries: Tensor, keys: Tensor, values: Tensor, scale: float,
+                  bias: Optional[Tensor], metric: str, excl_offsets: Optional[Tensor],
+                  excl_ids: Optional[Tensor], causal: bool, window: int, q_lens: Optional[Tensor],
+                  k_lens: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
+    device = "cuda" if queries.is_cuda else "cpu"
+    out, lse = api.attention(_device_arg(queries), _device_arg(keys), _device_arg(values),
+                             return_lse=True, device=device, **kw)
+    return _to_tensor(out, queries), _to_tensor(lse, queries)
+
+
+@_attention_op.register_fake
+def _(queries, keys, values, scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens,
+      k_lens):
+    lead = queries.shape[:-1]
+    return (queries.new_empty(lead + values.shape[-1:], dtype=torch.float32),
+            queries.new_empty(lead, dtype=torch.float32))
+
+
+@torch.library.custom_op("softretrieval::attention_backward", mutates_args=())
+def _attention_backward_op(queries: Tensor, keys: Tensor, values: Tensor, out: Tensor, lse: Tensor,
+                           grad_out: Tensor, grad_lse: Tensor, scale: float,
+                           bias: Optional[Tensor], metric: str, excl_offsets: Optional[Tensor],
+                           excl_ids: Optional[Tensor], causal: bool, window: int,
+                           q_lens: Optional[Tensor], k_lens: Optional[Tensor]) -> List[Tensor]:
+    _no_gpu_backward(queries, keys, values)
+    kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
+    g = grad.attention_backward(_np(queries), _np(keys), _np(values), _np(out), _np(lse),
+                                _np(grad_out), _np(grad_lse), **kw)
+    db = g.bias if g.bias is not None else np.zeros(0, np.float32)
+    return [torch.from_numpy(g.queries), torch.from_numpy(g.keys), torch.from_numpy(g.values),
+            torch.from_numpy(db)]
+
+
+@_attention_backward_op.register_fake
+def _(queries, keys, values, out, lse, grad_out, grad_lse, scale, bias, metric, excl_offsets,
+      excl_ids, causal, window, q_lens, k_lens):
+    return [torch.empty_like(queries, dtype=torch.float32),
+            torch.empty_like(keys, dtype=torch.float32),
+            torch.empty_like(values, dtype=torch.float32),
+            queries.new_empty(bias.shape if bias is not None else (0,), dtype=torch.float32)]
+
+
+def _attention_setup(ctx, inputs, output):
+    queries, keys, values, scale, bias, metric, eo, ei, causal, window, ql, kl = inputs
+    ctx.save_for_backward(queries, keys, values, bias, output[0], output[1], eo, ei, ql, kl)
+    ctx.args = (scale, metric, causal, window)
+
+
+def _attention_grad(ctx, grad_out, grad_lse):
+    queries, keys, values, bias, out, lse, eo, ei, ql, kl = ctx.saved_tensors
+    scale, metric, causal, window = ctx.args
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    dq, dk, dv, db = _attention_backward_op(queries, keys, values, out, lse, grad_out, grad_lse,
+                                            scale, bias, metric, eo, ei, causal, window, ql, kl)
+    return (dq.to(queries.dtype), dk.to(keys.dtype), dv.to(values.dtype), None,
+            None if bias is None else db.to(bias.dtype), None, None, None, None, None, None, None)
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+# --- logsumexp -------------------------------------------------------------------------------
+
+@torch.library.custom_op("softretrieval::logsumexp", mutates_args=())
+def _logsumexp_op(queries: Tensor, keys: Tensor, scale: float, bias: Optional[Tensor], metric: str,
+                  excl_offsets: Optional[Tensor], excl_ids: Optional[Tensor], causal: bool,
+                  window: int, q_lens: Optional[Tensor], k_lens: Optional[Tensor]) -> Tensor:
+    kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
+    device = "cuda" if queries.is_cuda else "cpu"
+    return _to_tensor(api.logsumexp(_device_arg(queries), _device_arg(keys), device=device, **kw),
+                      queries)
+
+
+@_logsumexp_op.register_fake
+def _(queries, keys, scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens):
+    return queries.new_empty(queries.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("softretrieval::logsumexp_backward", mutates_args=())
+def _logsumexp_backward_op(queries: Tensor, keys: Tensor, lse: Tensor, grad_lse: Tensor,
+                           scale: float, bias: Optional[Tensor], metric: str,
+                           excl_offsets: Optional[Tensor], excl_ids: Optional[Tensor],
+                           causal: bool, window: int, q_lens: Optional[Tensor],
+                           k_lens: Optional[Tensor]) -> List[Tensor]:
+    _no_gpu_backward(queries, keys)
+    kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
+    g = grad.logsumexp_backward(_np(queries), _np(keys), _np(lse), _np(grad_lse), **kw)
+    db = g.bias if g.bias is not None else np.zeros(0, np.float32)
+    return [torch.from_numpy(g.queries), torch.from_numpy(g.keys), torch.from_numpy(db)]
+
+
+@_logsumexp_backward_op.register_fake
+def _(queries, keys, lse, grad_lse, scale, bias, metric, excl_offsets, excl_ids, causal, window,
+      q_lens, k_lens):
+    return [torch.empty_like(queries, dtype=torch.float32),
+            torch.empty_like(keys, dtype=torch.float32),
+            queries.new_empty(bias.shape if bias is not None else (0,), dtype=torch.float32)]
+
+
+def _logsumexp_setup(ctx, inputs, output):
+    queries, keys, scale, bias, metric, eo, ei, causal, window, ql, kl = inputs
+    ctx.save_for_backward(queries, keys, bias, output, eo, ei, ql, kl)
+    ctx.args = (scale, metric, causal, window)
+
+
+def _logsumexp_grad(ctx, grad_lse):
+    queries, keys, bias, lse, eo, ei, ql, kl = ctx.saved_tensors
+    scale, metric, causal, window = ctx.args
+    dq, dk, db = _logsumexp_backward_op(queries, keys, lse, grad_lse, scale, bias, metric, eo, ei,
+                                        causal, window, ql, kl)
+    return (dq.to(queries.dtype), dk.to(keys.dtype), None,
+            None if bias is None else db.to(bias.dtype), None, None, None, None, None, None, None)
+
+
+_logsumexp_op.register_autograd(_logsumexp_grad, setup_context=_logsumexp_setup)
+
+
+# --- the public functions --------------------------------------------------------------------
+
+def _common(queries, keys, scale, temperature, exclude, window, seq_lens):
+    """Operator arguments shared by every function: the scale (1/temperature,
+    default 1/sqrt(d)), exclusions as CSR tensors, the window (-1: none) and
+    the lengths as tensors."""
+    if temperature is not None:
+        if scale is not None:
+            raise ValueError("give scale or temperature, not both")
+        t = float(temperature)
+        if not t > 0 or not np.isfinite(t):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        scale = 1.0 / t
+    d = queries.shape[-1]
+    scale = validate.scale_value(scale, d)
+    eo = ei = None
+    if exclude is not None:
+        if isinstance(exclude, tuple):
+            exclude = tuple(_np_int(torch.as_tensor(a)) for a in exclude)
+        else:
+            exclude = [_np_int(torch.as_tensor(a)) for a in exclude]
+        offsets, ids = validate.exclusion_lists(exclude, queries.shape[0], keys.shape[0])
+        eo, ei = torch.from_numpy(offsets), torch.from_numpy(ids)
+    ql = kl = None
+    if seq_lens is not None:
+        q, k = seq_lens if isinstance(seq_lens, tuple) else (seq_lens, seq_lens)
+        ql, kl = torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(k, dtype=torch.int64)
+    return float(scale), eo, ei, -1 if window is None else int(window), ql, kl
+
+
+def attention(queries: Tensor, keys: Tensor, values: Optional[Tensor] = None, *,
+              scale: Optional[float] = None, temperature: Optional[float] = None,
+              bias: Optional[Tensor] = None, metric: str = "ip", exclude=None,
+              causal: bool = False, window: Optional[int] = None, seq_lens=None,
+              return_lse: bool = False):
+    """:func:`softretrieval.attention` on torch tensors, differentiable with
+    respect to ``queries``, ``keys``, ``values`` and ``bias`` (and through
+    ``lse`` with ``return_lse``). ``temperature`` is ``1 / scale``. Shapes,
+    modes and arguments as the numpy function; ``exclude`` a list of
+    integer arrays or a CSR ``(offsets, ids)`` pair; ``seq_lens`` a tensor or
+    a ``(q_lens, k_lens)`` pair. Returns ``out`` (float32), and ``lse``."""
+    scale, eo, ei, window, ql, kl = _common(queries, keys, scale, temperature, exclude, window, seq_lens)
+    out, lse = _attention_op(queries, keys, keys if values is None else values, scale, bias, metric,
+                             eo, ei, causal, window, ql, kl)
+    return (out, lse) if return_lse else out
+
+
+def logsumexp(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None,
+              temperature: Optional[float] = None, bias: Optional[Tensor] = None,
+              metric: str = "ip", exclude=None, causal: bool = False,
+              window: Optional[int] = None, seq_lens=None) -> Tensor:
+    """:func:`softretrieval.logsumexp` on torch tensors, differentiable with
+    respect to ``queries``, ``keys`` and ``bias``: the exact log-partition of
+    a softmax over every key, in one streaming pass each way."""
+    scale, eo, ei, window, ql, kl = _common(queries, keys, scale, temperature, exclude, window, seq_lens)
+    return _logsumexp_op(queries, keys, scale, bias, metric, eo, ei, causal, window, ql, kl)
+
+
+def full_softmax_loss(queries: Tensor, keys: Tensor, targets: Tensor, *,
+                      temperature: Optional[float] = None, scale: Optional[float] = None,
+                      bias: Optional[Tensor] = None, exclude=None, metric: str = "ip",
+                      reduction: str = "mean") -> Tensor:
+    """The exact cross-entropy of each query against the whole catalog:
+    ``loss_i = lse_i - logit(q_i, k_{t_i})`` with ``lse_i`` over every key
+    (:func:`logsumexp`), no sampling and no (B, N) logits.
+
+    Parameters
+    ----------
+    queries : (B, d) tensor (e.g. user-tower outputs)
+    keys : (N, d) tensor (item-tower outputs for the whole catalog)
+    targets : (B,) integer tensor, each query's positive item in ``0..N-1``
+    temperature or scale : the logit scale is ``1 / temperature`` (or
+        ``scale``; default ``1 / sqrt(d)``).
+    bias : (N,) tensor, optional: added to every logit (e.g. ``-log p(item)``
+        for a logQ / popularity correction); differentiable.
+    exclude : per-query ids left out of the softmax (e.g. a user's other
+        positives), as in :func:`softretrieval.attention`; a query's target
+        may not be excluded.
+    metric : "ip" (default), "cosine" or "l2".
+    reduction : "mean" (default), "sum" or "none" (the (B,) losses).
+
+    Gradients flow to ``queries``, ``keys`` and ``bias``: one streaming pass
+    over the catalog (:func:`softretrieval.logsumexp_backward`) plus the
+    targets' own terms, which torch differentiates itself.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries (B, d) and keys (N, d) must share d, got {tuple(queries.shape)} "
+                         f"and {tuple(keys.shape)}")
+    if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError("targets must be an int64 (or int32) tensor of item indices")
+    B, N = queries.shape[0], keys.shape[0]
+    if targets.shape != (B,):
+        raise ValueError(f"targets must have shape ({B},), got {tuple(targets.shape)}")
+    t = targets.to(torch.int64)
+    if B and (int(t.min()) < 0 or int(t.max()) >= N):
+        raise ValueError(f"targets must lie in 0..{N - 1}")
+    scale_v, eo, ei, _, _, _ = _common(queries, keys, scale, temperature, exclude, None, None)
+    if eo is not None:
+        offsets, ids = eo.numpy(), ei.numpy()
+        tn = t.cpu().numpy()
+        for i in range(B):
+            if tn[i] in ids[offsets[i]:offsets[i + 1]]:
+                raise ValueError(f"targets[{i}] = {tn[i]} is excluded for its query")
+    lse = _logsumexp_op(queries, keys, scale_v, bias, metric, eo, ei, False, -1, None, None)
+    q = queries.to(torch.float32)
+    k = keys.to(torch.float32)[t.to(keys.device)]
+    if metric == "ip":
+        z = scale_v * (q * k).sum(-1)
+    elif metric == "cosine":
+        z = scale_v * torch.nn.functional.cosine_similarity(q, k, dim=-1, eps=1e-30)
+    elif metric == "l2":
+        z = -scale_v * ((q - k) ** 2).sum(-1)
+    else:
+        raise ValueError(f"metric must be one of ('ip', 'cosine', 'l2'), got {metric!r}")
+    if bias is not None:
+        z = z + bias.to(torch.float32)[t.to(bias.device)]
+    if not torch.isfinite(z.detach()).all():
+        raise ValueError("a target's logit is not finite (a -inf bias on a target?)")
+    loss = lse - z
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss

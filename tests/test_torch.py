@@ -1,0 +1,183 @@
+"""softretrieval.torch: gradients against torch autograd through dense float64
+attention, gradcheck, the custom operators' registrations, full_softmax_loss
+against a dense cross-entropy."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+st = pytest.importorskip("softretrieval.torch")
+
+F = torch.nn.functional
+
+
+def dense_logits(q, k, metric, scale, bias=None, mask=None):
+    if metric == "ip":
+        z = scale * q @ k.T
+    elif metric == "cosine":
+        z = scale * F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).T
+    else:
+        z = -scale * torch.cdist(q, k) ** 2
+    if bias is not None:
+        z = z + bias
+    if mask is not None:
+        z = z.masked_fill(mask, -torch.inf)
+    return z
+
+
+def leaves(*shapes, dtype=torch.float64):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(s, dtype=dtype, generator=g).requires_grad_() for s in shapes]
+
+
+def grads_of(loss, xs):
+    for x in xs:
+        x.grad = None
+    loss.backward()
+    return [x.grad.clone() for x in xs]
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_attention_matches_torch_autograd(small_tiles, metric):
+    """Gradients for queries, keys, values and bias (with out and lse both in
+    the loss, exclusions, one row fully excluded) equal torch autograd through
+    dense float64 attention; they come back in the inputs' dtype."""
+    B, N, d, dv = 7, 45, 5, 3
+    q, k, v, b = leaves((B, d), (N, d), (N, dv), (N,))
+    w, u = torch.randn(B, dv, dtype=torch.float64), torch.randn(B, dtype=torch.float64)
+    excl = [np.arange(N)] + [np.array([i, (3 * i) % N]) for i in range(1, B)]
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for i, e in enumerate(excl):
+        mask[i, e] = True
+    out, lse = st.attention(q, k, v, scale=0.8, bias=b, metric=metric, exclude=excl, return_lse=True)
+    ours = grads_of((out * w).sum() + (lse[1:] * u[1:]).sum(), (q, k, v, b))
+    z = dense_logits(q, k, metric, 0.8, b, mask)
+    P = torch.softmax(z[1:], -1)
+    ref = grads_of(((P @ v) * w[1:]).sum() + (torch.logsumexp(z[1:], -1) * u[1:]).sum(),
+                   (q, k, v, b))
+    for a, r in zip(ours, ref):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, r, rtol=2e-4, atol=2e-5)
+    assert (out[0] == 0).all() and torch.isneginf(lse[0])
+
+
+def test_grouped_query_causal_matches_torch(small_tiles):
+    """(batch, T, H, d) with grouped-query heads, causal: against torch SDPA
+    in float64 (KV heads repeated for torch)."""
+    q, k, v = leaves((2, 9, 4, 5), (2, 9, 2, 5), (2, 9, 2, 3))
+    out = st.attention(q, k, v, causal=True)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    ours = grads_of((out * w).sum(), (q, k, v))
+    kr, vr = (x.repeat_interleave(2, dim=2) for x in (k, v))
+    ref_out = F.scaled_dot_product_attention(q.transpose(1, 2), kr.transpose(1, 2),
+                                             vr.transpose(1, 2), is_causal=True).transpose(1, 2)
+    ref = grads_of((ref_out * w).sum(), (q, k, v))
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=2e-4, atol=2e-5)
+
+
+def test_gradcheck_float32_tolerances(small_tiles):
+    """torch.autograd.gradcheck on float64 inputs: the kernels compute in
+    float32, so the finite differences use eps = 1e-3 and tolerances of 5e-3."""
+    q, k, v, b = leaves((3, 4), (11, 4), (11, 2), (11,))
+    tol = dict(eps=1e-3, atol=5e-3, rtol=5e-3)
+    assert torch.autograd.gradcheck(lambda q, k, v, b: st.attention(q, k, v, bias=b, scale=0.5),
+                                    (q, k, v, b), **tol)
+    assert torch.autograd.gradcheck(lambda q, k: st.logsumexp(q, k, metric="l2", scale=0.3),
+                                    (q, k), **tol)
+    t = torch.tensor([0, 5, 10])
+    assert torch.autograd.gradcheck(lambda q, k, b: st.full_softmax_loss(q, k, t, bias=b,
+                                                                         temperature=2.0),
+                                    (q, k, b), **tol)
+
+
+def test_custom_operators_pass_opcheck():
+    """Schema, fake (shape-only) implementations and autograd registration of
+    every operator, as torch.library.opcheck checks them."""
+    q, k, v = (x.detach().float() for x in leaves((4, 3), (9, 3), (9, 2)))
+    q.requires_grad_()
+    args = (q, k, v, 0.5, None, "ip", None, None, False, -1, None, None)
+    torch.library.opcheck(torch.ops.softretrieval.attention.default, args)
+    torch.library.opcheck(torch.ops.softretrieval.logsumexp.default,
+                          (q, k, 0.5, None, "cosine", None, None, False, -1, None, None))
+
+
+def test_torch_compile_holds_the_operators():
+    """A compiled function (aot_eager: no C++ compiler needed) containing the
+    operators gives the eager results and gradients."""
+    q, k, v = (x.detach().float().requires_grad_() for x in leaves((4, 3), (20, 3), (20, 2)))
+
+    def f(q, k, v):
+        return st.attention(q, k, v).sum() + st.logsumexp(q, k).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    eager = grads_of(f(q, k, v), (q, k, v))
+    got = grads_of(compiled(q, k, v), (q, k, v))
+    for a, r in zip(got, eager):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_full_softmax_loss_against_dense_cross_entropy(small_tiles, metric, reduction):
+    """Exact cross-entropy over the whole catalog, with a logQ-style bias and
+    per-query exclusions (a user's other positives), against
+    F.cross_entropy on dense float64 logits; gradients too."""
+    B, N, d = 6, 50, 4
+    q, k, b = leaves((B, d), (N, d), (N,))
+    t = torch.tensor([0, 7, 7, 49, 20, 3])
+    excl = [np.array([1, 2]), np.array([], int), np.array([8, 9, 10]), np.array([0]),
+            np.array([21]), np.array([], int)]
+    loss = st.full_softmax_loss(q, k, t, temperature=0.25, bias=b, exclude=excl, metric=metric,
+                                reduction=reduction)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for i, e in enumerate(excl):
+        mask[i, e] = True
+    ref = F.cross_entropy(dense_logits(q, k, metric, 4.0, b, mask), t, reduction=reduction)
+    torch.testing.assert_close(loss.to(torch.float64), ref, rtol=1e-5, atol=1e-5)
+    weight = torch.randn(B, dtype=torch.float64) if reduction == "none" else 1.0
+    ours = grads_of((loss * weight).sum(), (q, k, b))
+    want = grads_of((ref * weight).sum(), (q, k, b))
+    for a, r in zip(ours, want):
+        torch.testing.assert_close(a, r, rtol=2e-4, atol=2e-5)
+
+
+def test_float32_tensors_are_read_without_a_copy():
+    from softretrieval.torch import _np
+
+    x = torch.randn(5, 3)
+    assert np.shares_memory(_np(x), x.numpy())
+    assert not np.shares_memory(_np(x.T), x.numpy())      # a transposed view is copied
+
+
+def test_bad_input():
+    q, k = torch.randn(3, 4), torch.randn(10, 4)
+    t = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="temperature must be a positive"):
+        st.full_softmax_loss(q, k, t, temperature=0.0)
+    with pytest.raises(ValueError, match="scale or temperature"):
+        st.full_softmax_loss(q, k, t, temperature=1.0, scale=1.0)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        st.full_softmax_loss(q, k, torch.tensor([1, 2, 10]))
+    with pytest.raises(TypeError, match="targets must be an int64"):
+        st.full_softmax_loss(q, k, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="targets must have shape"):
+        st.full_softmax_loss(q, k, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"targets\[1\] = 2 is excluded"):
+        st.full_softmax_loss(q, k, t, exclude=[np.array([0]), np.array([2]), np.array([])])
+    with pytest.raises(ValueError, match="reduction"):
+        st.full_softmax_loss(q, k, t, reduction="max")
+    with pytest.raises(ValueError, match="share d"):
+        st.full_softmax_loss(q, torch.randn(10, 5), t)
+    with pytest.raises(ValueError, match="-inf bias on a target"):
+        bias = torch.zeros(10)
+        bias[2] = -torch.inf
+        st.full_softmax_loss(q, k, t, bias=bias)
+
+
+def test_import_softretrieval_does_not_import_torch():
+    code = "import sys, softretrieval; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
