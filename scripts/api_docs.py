@@ -42,7 +42,8 @@ def render():
     parts = [HEADER]
     parts.append("## Functions\n")
     for name in ("attention", "logsumexp", "topk", "topk_attention", "merge", "memory_attention",
-                 "attention_backward", "logsumexp_backward", "AttentionGrads"):
+                 "attention_backward", "logsumexp_backward", "topk_attention_backward",
+                 "AttentionGrads"):
         parts.append(_entry(f"softretrieval.{name}", getattr(sr, name), "###"))
     for cls in (sr.Index, sr.KNNMemory):
         parts.append(f"## `softretrieval.{cls.__name__}`\n")
@@ -55,6 +56,12 @@ def render():
                              f"{inspect.getdoc(member) or ''}\n```\n")
             elif callable(member):
                 parts.append(_entry(f"{cls.__name__}.{name}", member, "###"))
+    parts.append("## `softretrieval.torch` (needs torch)\n")
+    import softretrieval.torch as st
+
+    parts.append(f"```text\n{inspect.getdoc(st)}\n```\n")
+    for name in st.__all__:
+        parts.append(_entry(f"softretrieval.torch.{name}", getattr(st, name), "###"))
     parts.append("## Result types\n")
     for cls in (sr.TopKAttention, sr.MemoryRead):
         parts.append(f"### `softretrieval.{cls.__name__}`\n\n```text\n{inspect.getdoc(cls)}\n```\n")

@@ -14,7 +14,8 @@
    items (each chunk's logits recomputed in the backward by
    ``torch.utils.checkpoint``, so its memory stays one chunk; the best of
    several chunk sizes), each run in a fresh process that reports its peak
-   memory above the inputs (the dense logits alone would be 16 GB).
+   memory above the inputs (the dense logits alone would be 16 GB); torch's
+   dense runs take minutes each, so they get ``--dense-reps`` runs (1).
 
 Prints medians with min-max and ratios, the CPU model and its vector
 extensions; writes JSON. Needs torch (the ``bench`` extra). ``--quick``
@@ -97,7 +98,8 @@ def ours():
 
 
 f = ours if method == "ours" else dense_chunked
-f().backward()                                   # warm-up (compiles)
+if method == "ours":
+    f().backward()                               # warm-up (compiles the kernels)
 times = []
 for _ in range({reps}):
     q.grad = k.grad = None
@@ -109,13 +111,14 @@ print(json.dumps({{"times": times, "peak_extra_MB": peak / 1024}}))
 """
 
 
-def loss(B, N, d, reps, chunks):
-    """full_softmax_loss against torch dense-in-chunks, each in a fresh process."""
+def loss(B, N, d, reps, chunks, dense_reps):
+    """full_softmax_loss against torch dense-in-chunks, each in a fresh process
+    (torch, which compiles nothing, gets no warm-up and ``dense_reps`` runs)."""
     res = {}
     for name, method, chunk in [("softretrieval full_softmax_loss", "ours", 0)] + [
             (f"torch dense, chunks of {c}", "dense", c) for c in chunks]:
         out = subprocess_json(LOSS_CODE.format(B=B, N=N, d=d, chunk=chunk, method=method,
-                                               reps=reps))
+                                               reps=reps if method == "ours" else dense_reps))
         res[name] = dict(stats(out["times"]), peak_extra_MB=out["peak_extra_MB"])
     print(f"full_softmax_loss forward + backward, B={B} N={N} d={d}; medians (min-max) in ms, "
           "peak memory above the inputs")
@@ -129,6 +132,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dense-reps", type=int, default=1,
+                    help="runs of torch's dense loss (minutes each at N = 1M)")
     ap.add_argument("--out", default="bench_backward.json")
     args = ap.parse_args()
     s = 16 if args.quick else 1
@@ -144,7 +149,7 @@ def main():
     report["gqa"] = heads(f"GQA B=256 H=8 Hkv=2 N={kg.shape[0]} d=128", qg[None], kg[None],
                           kg[None].clone(), args.reps)
     report["full_softmax_loss"] = loss(4096, 1_000_000 // s, 64, args.reps,
-                                       (65_536 // s, 262_144 // s))
+                                       (4096, 65_536 // s), args.dense_reps)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.out}")

@@ -175,8 +175,8 @@ def test_bad_input(rng):
         sr.attention_backward(Q, K, V, out.T, lse, dO)
     with pytest.raises(ValueError, match="lse holds NaN"):
         sr.attention_backward(Q, K, V, out, np.full(3, np.nan), dO)
-    with pytest.raises(ValueError, match="CPU only"):
-        sr.attention_backward(Q, K, V, out, lse, dO, device="cuda")
+    with pytest.raises(ValueError, match="device must be one of"):
+        sr.attention_backward(Q, K, V, out, lse, dO, device="gpu")
     with pytest.raises(ValueError, match="metric"):
         sr.attention_backward(Q, K, V, out, lse, dO, metric="dot")
 
@@ -212,3 +212,28 @@ def test_l2_far_from_the_origin(rng):
     ref = attention_grads_ref(Q, K, V, dO, scale=0.3, metric="l2")
     for got, want in zip(g[:3], ref[:3]):
         close(got, want, dict(rtol=1e-3, atol=1e-4))
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_topk_attention_backward(small_tiles, rng, metric):
+    """out's gradient flows only to each query's selected keys (the float64
+    reference with every other key masked), lse's to every key (the full
+    reference with no value gradient); k > N pads, exclusions and a bias."""
+    B, N, d, dv, k = 7, 40, 5, 3, 6
+    Q, K, V = rng.standard_normal((B, d)), rng.standard_normal((N, d)), rng.standard_normal((N, dv))
+    dO, dlse, bias = rng.standard_normal((B, dv)), rng.standard_normal(B), rng.standard_normal(N)
+    excl = [np.array([1, 2])] * (B - 1) + [np.arange(N - 3)]      # the last query has 3 keys left
+    kw = dict(scale=0.7, bias=bias, metric=metric, exclude=excl)
+    res = sr.topk_attention(Q, K, V, k, **kw)
+    g = sr.topk_attention_backward(Q, K, V, res, dO, dlse, **kw)
+    mask = exclusion_mask(B, N, excl)
+    unselected = np.ones((B, N), bool)
+    for i in range(B):
+        unselected[i, res.ids[i][res.ids[i] >= 0]] = False
+    part_out = attention_grads_ref(Q, K, V, dO, None, mask=unselected, scale=0.7, bias=bias,
+                                   metric=metric)
+    part_lse = attention_grads_ref(Q, K, V, np.zeros((B, dv)), dlse, mask=mask, scale=0.7,
+                                   bias=bias, metric=metric)
+    for got, a, b in zip(g, part_out, part_lse):
+        close(got, a + b)
+    assert (res.ids[-1, 3:] == -1).all()

@@ -96,6 +96,18 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
     ptx, _ = cuda.compile_ptx(gpu.scatter_heads_kernel.py_func,
                               (t.Array(f32, 2, "A"), t.Array(f32, 4, "A"), i64), cc=cc)
     assert target in ptx
+    from softretrieval import cuda_backward
+
+    for dtype in dtypes:
+        nbt = getattr(t, dtype)
+        kernel = cuda_backward.backward_kernel(np.dtype(dtype), np.dtype(dtype), 128, 128,
+                                               cuda_backward.key_tile(128, 128))
+        ptx, _ = cuda.compile_ptx(kernel.py_func, (
+            arr(f32, 2), arr(nbt, 2), arr(f32, 1), i64, arr(nbt, 2), arr(f32, 1), i64, arr(f32, 1),
+            i64, f32, arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(f32, 1), arr(f32, 1),
+            arr(f32, 1), arr(f32, 2), arr(f32, 2), arr(f32, 1), arr(f32, 2), arr(f32, 2),
+            arr(f32, 1)), cc=cc)
+        assert target in ptx and shared_bytes(ptx) <= 48 * 1024
 
 
 def test_device_argument_errors():

@@ -103,6 +103,8 @@ def test_custom_operators_pass_opcheck():
     torch.library.opcheck(torch.ops.softretrieval.attention.default, args)
     torch.library.opcheck(torch.ops.softretrieval.logsumexp.default,
                           (q, k, 0.5, None, "cosine", None, None, False, -1, None, None))
+    torch.library.opcheck(torch.ops.softretrieval.topk_attention.default,
+                          (q, k, v, 3, 0.5, None, "ip", None, None, False, -1, None, None))
 
 
 def test_torch_compile_holds_the_operators():
@@ -181,3 +183,24 @@ def test_bad_input():
 def test_import_softretrieval_does_not_import_torch():
     code = "import sys, softretrieval; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_topk_attention_gradients(small_tiles):
+    """Through out (to the selected keys and values) and lse (to every key):
+    against torch autograd on the dense float64 computation with the same
+    selection; a loss on the weights is refused in the backward."""
+    B, N, d, dv, k = 5, 30, 4, 3, 4
+    q, kk, v, b = leaves((B, d), (N, d), (N, dv), (N,))
+    res = st.topk_attention(q, kk, v, k, scale=0.6, bias=b)
+    w, u = torch.randn(B, dv, dtype=torch.float64), torch.randn(B, dtype=torch.float64)
+    ours = grads_of((res.out * w).sum() + (res.lse * u).sum(), (q, kk, v, b))
+    z = dense_logits(q, kk, "ip", 0.6, b)
+    sel = torch.zeros(B, N, dtype=torch.bool)
+    sel[torch.arange(B)[:, None], res.ids] = True
+    P = torch.softmax(z.masked_fill(~sel, -torch.inf), -1)
+    ref = grads_of(((P @ v) * w).sum() + (torch.logsumexp(z, -1) * u).sum(), (q, kk, v, b))
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=2e-4, atol=2e-5)
+    res = st.topk_attention(q, kk, v, k)
+    with pytest.raises(NotImplementedError, match="not through weights"):
+        res.weights.sum().backward()

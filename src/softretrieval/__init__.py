@@ -6,12 +6,12 @@ exists. Numba kernels are compiled on first use (and cached on disk).
 """
 
 from .api import attention, logsumexp, merge, topk, topk_attention
-from .grad import AttentionGrads, attention_backward, logsumexp_backward
+from .grad import AttentionGrads, attention_backward, logsumexp_backward, topk_attention_backward
 from .index import Index
 from .memory import KNNMemory, memory_attention
 from .terms import MemoryRead, TopKAttention
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_backward", "AttentionGrads", "logsumexp", "logsumexp_backward",
-           "merge", "topk", "topk_attention",
+           "merge", "topk", "topk_attention", "topk_attention_backward",
            "TopKAttention", "Index", "KNNMemory", "MemoryRead", "memory_attention", "__version__"]

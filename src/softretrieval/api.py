@@ -52,14 +52,15 @@ def problem_terms(Q, keys, values, values_given, *, metric, scale, bias, exclude
 
 
 def _problems(queries, keys, values, *, metric, scale, bias, exclude, causal, window, seq_lens,
-              softmax):
+              softmax, heads=None):
     """Validate a call and cut it into kernel problems.
 
     Returns ``(layout, problems)``: problems yields ``((b, g), devices.Problem)``
     whose results fill rows ``[b, :, g*G:(g+1)*G]`` of the (batch, T, H, ...)
-    outputs.
+    outputs. ``heads``: the ``(q4, k4, v4, layout)`` of
+    :func:`layout.as_heads` when the caller has them already.
     """
-    q4, k4, v4, lay = layout.as_heads(queries, keys, values)
+    q4, k4, v4, lay = heads or layout.as_heads(queries, keys, values)
     check_metric(metric)
     window = layout.check_window(causal, window)
     lens = layout.sequence_lengths(seq_lens, lay)

@@ -68,6 +68,15 @@ CUDA_MICRO = 4
 #: at a time (any ``d`` is a loop over such chunks).
 CUDA_CHUNK = 32
 
+#: CUDA: shared memory a block of the backward kernel may use for its tiles
+#: (the 48 KiB every GPU grants without opting in).
+CUDA_SHARED_BYTES = 48 * 1024
+
+#: CUDA backward: keys per block (fewer when wide keys and values would not
+#: fit ``CUDA_SHARED_BYTES``), and query rows per tile streamed past them.
+CUDA_BACKWARD_KEYS = 32
+CUDA_BACKWARD_ROWS = 8
+
 #: CUDA: key splits are added until the grid has about this many blocks
 #: (8 per SM of an H100/H200), so a single query still fills the GPU.
 CUDA_MIN_BLOCKS = 1056

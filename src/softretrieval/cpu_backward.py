@@ -146,7 +146,9 @@ def _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, q
 
 @njit(parallel=True, cache=True, nogil=True)
 def backward(Q, keys, values, logits, masks, lse2, D, dlse, dO, tiling, stop):
-    """The backward pass of one problem, in ``nsplit`` parallel key ranges.
+    """The backward pass of one problem, in ``nsplit`` parallel key ranges
+    (item ``w`` takes range ``0, nsplit - 1, 1, nsplit - 2, ...``: with the
+    static schedule each thread gets early and late ranges).
 
     Q (R, d) float32: the forward's prepared queries (kernel units: scale
     and ``log2(e)`` folded in); keys, values: :class:`devices.Rows`;
@@ -170,15 +172,19 @@ def backward(Q, keys, values, logits, masks, lse2, D, dlse, dO, tiling, stop):
     split = (N + nsplit - 1) // nsplit
     gqs = np.zeros((nsplit, R, d), np.float32)
     grs = np.zeros((nsplit, R), np.float32)
-    gk = np.zeros((N, d), np.float32)
-    gv = np.zeros((N, dv), np.float32)
-    gb = np.zeros(N, np.float32)
+    gk = np.empty((N, d), np.float32)
+    gv = np.empty((N, dv), np.float32)
+    gb = np.empty(N, np.float32)
     for w in prange(nsplit):
-        k0 = w * split
+        r = w // 2 if w % 2 == 0 else nsplit - 1 - w // 2     # zigzag: causal ranges balance
+        k0 = r * split
         k1 = min(N, k0 + split)
-        if k0 < k1:
+        if k0 < k1:                        # each item zeroes its own rows (first touch in parallel)
+            gk[k0:k1] = 0.0
+            gv[k0:k1] = 0.0
+            gb[k0:k1] = 0.0
             _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, qblock,
-                            ktile, gqs[w], grs[w], gk, gv, gb, stop)
+                            ktile, gqs[r], grs[r], gk, gv, gb, stop)
     gq = np.zeros((R, d), np.float32)
     gr = np.zeros(R, np.float32)
     for i in prange(R):
@@ -191,10 +197,12 @@ def backward(Q, keys, values, logits, masks, lse2, D, dlse, dO, tiling, stop):
 
 def run(problem, lse2, D, dlse, dO):
     """:func:`backward` on a :class:`devices.Problem` of host arrays, under
-    the runtime lock (BLAS on one thread, Ctrl-C honoured); key ranges: one
-    per thread, never shorter than ``config.MIN_KEYS_PER_SPLIT``."""
+    the runtime lock (BLAS on one thread, Ctrl-C honoured); key ranges: two
+    per thread, never shorter than ``config.MIN_KEYS_PER_SPLIT``, handed out
+    in zigzag order (first, last, second, ...) so that causal ranges, whose
+    costs fall with their position, even out across threads."""
     N = problem.keys.data.shape[0]
-    nsplit = max(1, min(runtime.num_threads(), N // config.MIN_KEYS_PER_SPLIT))
+    nsplit = max(1, min(2 * runtime.num_threads(), N // config.MIN_KEYS_PER_SPLIT))
     tiling = (nsplit, config.QUERY_BLOCK, config.KEY_TILE)
     stop = np.zeros(1, np.int64)
     work = 3 * problem.Q.shape[0] * N * (problem.Q.shape[1] + dO.shape[1])

@@ -63,7 +63,9 @@ def attention_backward(queries: ArrayLike, keys: ArrayLike, values: Optional[Arr
     grad_out : the gradient of the loss with respect to ``out``, same shape.
     grad_lse : optional, the gradient with respect to ``lse``, same shape as
         ``lse``.
-    device : "cpu" (the only target with a backward pass so far).
+    device : "cpu" (default), "cuda" or "auto", as for the forward: host
+        arrays in, host arrays out (the CUDA backward is tested under
+        numba-cuda's simulator and compiled to PTX; not yet measured on a GPU).
 
     Returns
     -------
@@ -96,14 +98,43 @@ def logsumexp_backward(queries: ArrayLike, keys: ArrayLike, lse: ArrayLike, grad
                      seq_lens=seq_lens, device=device)
 
 
-def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bias, metric, exclude,
-              causal, window, seq_lens, device):
-    """Both backward passes; ``out is None``: the lse's alone."""
-    if device != "cpu":
-        raise ValueError(f"the backward pass runs on the CPU only so far, got device={device!r}")
-    from . import cpu_backward
+def topk_attention_backward(queries: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike],
+                            result, grad_out: ArrayLike, grad_lse: Optional[ArrayLike] = None, *,
+                            scale: Optional[float] = None, bias: Optional[ArrayLike] = None,
+                            metric: str = "ip", exclude: api.Exclude = None, causal: bool = False,
+                            window: Optional[int] = None, seq_lens: api.SeqLens = None,
+                            device: str = "cpu") -> AttentionGrads:
+    """Gradients of :func:`softretrieval.topk_attention`: ``result`` is its
+    :class:`~softretrieval.TopKAttention` (``out``, ``ids``, ``weights``,
+    ``lse``), ``grad_out`` the loss's gradient with respect to ``out`` and
+    ``grad_lse`` (optional) with respect to ``lse``; the other arguments
+    exactly as given to the forward.
 
-    q4, k4, v4, lay = layout.as_heads(queries, keys, values)
+    The selection of the k keys is piecewise constant, so ``out``'s gradient
+    flows only to the selected keys and values (through the softmax over
+    them: O(B k d)), while ``lse``'s flows to every key (one streaming pass,
+    as :func:`logsumexp_backward`). Returns :class:`AttentionGrads`."""
+    return _backward(queries, keys, values, result.out, result.lse, grad_out, grad_lse,
+                     scale=scale, bias=bias, metric=metric, exclude=exclude, causal=causal,
+                     window=window, seq_lens=seq_lens, device=device,
+                     top=(result.ids, result.weights))
+
+
+def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bias, metric, exclude,
+              causal, window, seq_lens, device, top=None):
+    """The three backward passes: dense (``out`` given), the lse's alone
+    (``out is None``), top-k attention (``top = (ids, weights)``: out's part
+    over the selected keys, the lse's part streamed)."""
+    from . import devices
+
+    target = devices.kernels(device)
+    if target.NAME == "cpu":
+        from . import cpu_backward as backward
+    else:
+        from . import cuda_backward as backward
+
+    heads4 = layout.as_heads(queries, keys, values)
+    q4, k4, v4, lay = heads4
     lead = {2: (lay.T,), 3: (lay.T, lay.H), 4: (lay.batch, lay.T, lay.H)}[lay.ndim]
     lse_only = out is None
     dv = 0 if lse_only else lay.dv
@@ -118,14 +149,21 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
         raise ValueError("lse holds NaN or +inf: pass the forward's lse")
     if not np.isfinite(dlse4).all() or not np.isfinite(dout4).all():
         raise ValueError("grad_out and grad_lse must be finite")
+    if top is not None:
+        k = np.shape(top[0])[-1] if np.ndim(top[0]) else 0
+        ids4 = _rows(top[0], "result.ids", lead + (k,), lay, np.int64)
+        w4 = _rows(top[1], "result.weights", lead + (k,), lay)
+        if ((ids4 < -1) | (ids4 >= lay.S)).any():
+            raise ValueError(f"result.ids must lie in -1..{lay.S - 1}")
     t = logit_terms(metric, scale, lay.d, True)
     _, problems = api._problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                                 exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
-                                softmax=True)
+                                softmax=True, heads=heads4)
     G = lay.group
     dq4 = np.zeros(q4.shape, np.float32)
-    dk4 = np.zeros(k4.shape, np.float32)
-    dv4 = np.zeros(v4.shape, np.float32)
+    single = lay.batch * lay.Hkv == 1          # one problem: its key gradients are the outputs
+    dk4 = None if single else np.zeros(k4.shape, np.float32)
+    dv4 = None if single else np.zeros(v4.shape, np.float32)
     per_head_bias = bias is not None and np.ndim(bias) == 2
     dbias = np.zeros((lay.Hkv if per_head_bias else 1, lay.S), np.float32)
     R = lay.T * G
@@ -139,13 +177,27 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
         with np.errstate(invalid="ignore"):
             lse2 = (LOG2E * (lse4[b, :, heads].reshape(R) - p.row_const)).astype(np.float32)
         dlse = np.ascontiguousarray(dlse4[b, :, heads].reshape(R))
-        gq, gr, gk, gv, gb = cpu_backward.run(p, lse2, D, dlse, dO)
+        keys_used = p.keys.data[:, p.keys.col:p.keys.col + lay.d]
+        if top is None:
+            gq, gr, gk, gv, gb = backward.run(p, lse2, D, dlse, dO)
+        else:                                    # out over the selected keys, the lse streamed
+            gq, gr, gk, gv, gb = backward.run(p, lse2, np.zeros(R, np.float32), dlse,
+                                              np.zeros((R, 0), np.float32))
+            gv = np.zeros((lay.S, dv), np.float32)
+            _selected(t, p, keys_used, ids4[b, :, heads].reshape(R, -1),
+                      w4[b, :, heads].reshape(R, -1), dO, D, gq, gr, gk, gv, gb)
         dq4[b, :, heads] += _query_grad(t, p.Q, q4[b, :, heads].reshape(R, lay.d), gq,
                                         gr).reshape(lay.T, G, lay.d)
-        dk4[b, :, g] += _key_grad(t, p.keys.data[:, p.keys.col:p.keys.col + lay.d], gk, gb)
-        if not lse_only:
-            dv4[b, :, g] += gv
+        dk = _key_grad(t, keys_used, gk, gb)
+        if single:
+            dk4, dv4 = dk[None, :, None], gv[None, :, None]
+        else:
+            dk4[b, :, g] += dk
+            if not lse_only:
+                dv4[b, :, g] += gv
         dbias[g if per_head_bias else 0] += gb
+    if single and R == 0:
+        dk4, dv4 = np.zeros(k4.shape, np.float32), np.zeros(v4.shape, np.float32)
     if values is None and not lse_only:
         dk4 += dv4
     return AttentionGrads(lay.heads_out(dq4), lay.heads_out(dk4),
@@ -153,40 +205,69 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
                           None if bias is None else (dbias if per_head_bias else dbias[0]))
 
 
-def _rows(a, name, shape, lay):
-    """``a`` as a float32 (batch, T, H, ...) array, after checking it has
-    ``shape`` (the queries' leading axes, then its own columns)."""
+def _selected(t, p, K, ids, w, dO, D, gq, gr, gk, gv, gb):
+    """Add top-k attention's ``out`` part to the kernel's sums, in the same
+    units (natural-log ``dS``, prepared queries): over each row's selected
+    keys ``ids`` (R, k) with softmax weights ``w``, ``dS = w (dO . v - D)``,
+    ``gv[id] += w dO``; slots with id -1 hold nothing."""
+    valid = ids >= 0
+    sel = np.where(valid, ids, 0)
+    V = p.values.data[:, p.values.col:p.values.col + dO.shape[1]]
+    Vsel = V[sel].astype(np.float32)
+    w = np.where(valid, w, 0).astype(np.float32)
+    dS = w * (np.einsum("ic,ijc->ij", dO, Vsel) - D[:, None])
+    np.add.at(gv, sel[valid], (w[:, :, None] * dO[:, None, :])[valid])
+    Ksel = K[sel].astype(np.float32)
+    dSf = dS
+    if t.qunit:                                  # cosine: the keys' factor 1 / |k|
+        norms = np.linalg.norm(Ksel, axis=2)
+        dSf = dS * np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    gq += np.einsum("ij,ijc->ic", dSf, Ksel)
+    gr += dS.sum(1)
+    np.add.at(gk, sel[valid], (dS[:, :, None] * p.Q[:, None, :])[valid])
+    np.add.at(gb, sel[valid], dS[valid])
+
+
+def _rows(a, name, shape, lay, dtype=np.float32):
+    """``a`` as a (batch, T, H, ...) array of ``dtype``, after checking it
+    has ``shape`` (the queries' leading axes, then its own columns)."""
     arr = validate.as_array(a, name)
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape} (the forward's), got {arr.shape}")
     cols = shape[lay.ndim - 1:]
-    return arr.astype(np.float32, copy=False).reshape((lay.batch, lay.T, lay.H) + cols)
+    return arr.astype(dtype, copy=False).reshape((lay.batch, lay.T, lay.H) + cols)
 
 
 def _query_grad(t, Qs, q_raw, gq, gr):
-    """dL/dq (R, d) from the kernel's gq, gr and the prepared queries Qs."""
-    c = np.float64(t.qmult) * LN2                 # scale (2 scale for l2)
-    g = gq.astype(np.float64) * c
-    unit = Qs.astype(np.float64) / t.qmult       # q (l2: centred) or q / |q| (cosine)
+    """dL/dq (R, d) float32 from the kernel's gq, gr and the prepared
+    queries Qs (gq is reused)."""
+    g = gq
+    g *= np.float32(t.qmult * LN2)                # scale (2 scale for l2)
+    unit = Qs / np.float32(t.qmult)              # q (l2: centred) or q / |q| (cosine)
     if t.qsq_coef:                               # l2: the -scale |q|^2 term
-        g += 2.0 * (t.qsq_coef / t.unit) * unit * gr[:, None]
+        g += np.float32(2.0 * t.qsq_coef / t.unit) * unit * gr[:, None]
     if t.qunit:                                  # cosine: through q / |q|
-        norms = np.linalg.norm(q_raw.astype(np.float64), axis=1, keepdims=True)
-        g = (g - np.einsum("ij,ij->i", g, unit)[:, None] * unit)
-        g = np.divide(g, norms, out=np.zeros_like(g), where=norms > 0)
-    return g.astype(np.float32)
+        g = _project(g, unit, np.linalg.norm(q_raw.astype(np.float64), axis=1, keepdims=True))
+    return g
 
 
 def _key_grad(t, K, gk, gb):
-    """dL/dk (N, d) from the kernel's gk (against the prepared queries), gb
-    and the keys the kernel read."""
-    g = gk.astype(np.float64) * LN2
-    K64 = np.asarray(K, np.float64)
+    """dL/dk (N, d) float32 from the kernel's gk (against the prepared
+    queries), gb and the keys the kernel read (gk is reused)."""
+    g = gk
+    g *= np.float32(LN2)
     if t.key_coef and not t.qunit:               # l2: the -scale |k|^2 term
-        g += 2.0 * LN2 * t.key_coef * K64 * gb[:, None]
+        g += np.float32(2.0 * LN2 * t.key_coef) * K * gb[:, None]
     if t.qunit:                                  # cosine: through k / |k|
-        norms = np.linalg.norm(K64, axis=1, keepdims=True)
-        unit = np.divide(K64, norms, out=np.zeros_like(K64), where=norms > 0)
-        g = g - np.einsum("ij,ij->i", g, unit)[:, None] * unit
-        g = np.divide(g, norms, out=np.zeros_like(g), where=norms > 0)
-    return g.astype(np.float32)
+        norms = np.linalg.norm(K, axis=1, keepdims=True)
+        unit = np.divide(K, norms, out=np.zeros(K.shape, np.float32), where=norms > 0)
+        g = _project(g, unit, norms)
+    return g
+
+
+def _project(g, unit, norms):
+    """The gradient with respect to a vector from the one with respect to its
+    unit vector: ``(g - (g . u) u) / |v|``; 0 for a zero vector."""
+    g = g - np.einsum("ij,ij->i", g, unit)[:, None] * unit
+    return np.divide(g, norms, out=np.zeros(g.shape, np.float32), where=norms > 0).astype(
+        np.float32, copy=False)

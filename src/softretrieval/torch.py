@@ -1,10 +1,10 @@
 """Autograd-aware softretrieval for PyTorch: :func:`attention`,
-:func:`logsumexp` and :func:`full_softmax_loss`.
+:func:`logsumexp`, :func:`topk_attention` and :func:`full_softmax_loss`.
 
 Needs the ``torch`` extra (``import softretrieval`` never imports torch).
 Each function is a torch custom operator (``torch.library``:
-``softretrieval::attention``, ``softretrieval::logsumexp`` and their
-backward operators) with a shape-only fake implementation, so
+``softretrieval::attention``, ``softretrieval::logsumexp``,
+``softretrieval::topk_attention`` and their backward operators) with a shape-only fake implementation, so
 ``torch.compile`` graphs can hold them, and an autograd formula that runs
 :func:`softretrieval.attention_backward` /
 :func:`softretrieval.logsumexp_backward`: the score matrix is never stored,
@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from . import api, grad, validate
+from .terms import TopKAttention
 
-__all__ = ["attention", "logsumexp", "full_softmax_loss"]
+__all__ = ["attention", "logsumexp", "topk_attention", "full_softmax_loss"]
 
 
 def _np(t):
@@ -191,6 +192,83 @@ def _logsumexp_grad(ctx, grad_lse):
 _logsumexp_op.register_autograd(_logsumexp_grad, setup_context=_logsumexp_setup)
 
 
+# --- top-k attention -------------------------------------------------------------------------
+
+@torch.library.custom_op("softretrieval::topk_attention", mutates_args=())
+def _topk_attention_op(queries: Tensor, keys: Tensor, values: Tensor, k: int, scale: float,
+                       bias: Optional[Tensor], metric: str, excl_offsets: Optional[Tensor],
+                       excl_ids: Optional[Tensor], causal: bool, window: int,
+                       q_lens: Optional[Tensor], k_lens: Optional[Tensor]) -> List[Tensor]:
+    kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
+    device = "cuda" if queries.is_cuda else "cpu"
+    res = api.topk_attention(_device_arg(queries), _device_arg(keys), _device_arg(values), k,
+                             device=device, **kw)
+    return [_to_tensor(a, queries) for a in res]
+
+
+@_topk_attention_op.register_fake
+def _(queries, keys, values, k, scale, bias, metric, excl_offsets, excl_ids, causal, window,
+      q_lens, k_lens):
+    lead = queries.shape[:-1]
+    f32 = dict(dtype=torch.float32)
+    return [queries.new_empty(lead + values.shape[-1:], **f32),
+            queries.new_empty(lead + (k,), dtype=torch.int64), queries.new_empty(lead + (k,), **f32),
+            queries.new_empty(lead, **f32), queries.new_empty(lead, **f32)]
+
+
+@torch.library.custom_op("softretrieval::topk_attention_backward", mutates_args=())
+def _topk_attention_backward_op(queries: Tensor, keys: Tensor, values: Tensor, out: Tensor,
+                                ids: Tensor, weights: Tensor, lse: Tensor, grad_out: Tensor,
+                                grad_lse: Tensor, scale: float, bias: Optional[Tensor], metric: str,
+                                excl_offsets: Optional[Tensor], excl_ids: Optional[Tensor],
+                                causal: bool, window: int, q_lens: Optional[Tensor],
+                                k_lens: Optional[Tensor]) -> List[Tensor]:
+    _no_gpu_backward(queries, keys, values)
+    kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
+    result = TopKAttention(_np(out), _np_int(ids), _np(weights), _np(lse), None)
+    g = grad.topk_attention_backward(_np(queries), _np(keys), _np(values), result, _np(grad_out),
+                                     _np(grad_lse), **kw)
+    db = g.bias if g.bias is not None else np.zeros(0, np.float32)
+    return [torch.from_numpy(g.queries), torch.from_numpy(g.keys), torch.from_numpy(g.values),
+            torch.from_numpy(db)]
+
+
+@_topk_attention_backward_op.register_fake
+def _(queries, keys, values, out, ids, weights, lse, grad_out, grad_lse, scale, bias, metric,
+      excl_offsets, excl_ids, causal, window, q_lens, k_lens):
+    return [torch.empty_like(queries, dtype=torch.float32),
+            torch.empty_like(keys, dtype=torch.float32),
+            torch.empty_like(values, dtype=torch.float32),
+            queries.new_empty(bias.shape if bias is not None else (0,), dtype=torch.float32)]
+
+
+def _topk_attention_setup(ctx, inputs, output):
+    queries, keys, values, k, scale, bias, metric, eo, ei, causal, window, ql, kl = inputs
+    out, ids, weights, lse, _ = output
+    ctx.save_for_backward(queries, keys, values, bias, out, ids, weights, lse, eo, ei, ql, kl)
+    ctx.args = (scale, metric, causal, window)
+    ctx.set_materialize_grads(False)
+
+
+def _topk_attention_grad(ctx, grads):
+    grad_out, _, grad_weights, grad_lse, grad_coverage = grads
+    if grad_weights is not None or grad_coverage is not None:
+        raise NotImplementedError("softretrieval.torch.topk_attention: gradients flow through "
+                                  "out and lse only, not through weights or coverage")
+    queries, keys, values, bias, out, ids, weights, lse, eo, ei, ql, kl = ctx.saved_tensors
+    scale, metric, causal, window = ctx.args
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    dq, dk, dv, db = _topk_attention_backward_op(queries, keys, values, out, ids, weights, lse,
+                                                 grad_out, grad_lse, scale, bias, metric, eo, ei,
+                                                 causal, window, ql, kl)
+    return (dq.to(queries.dtype), dk.to(keys.dtype), dv.to(values.dtype), None, None,
+            None if bias is None else db.to(bias.dtype), None, None, None, None, None, None, None)
+
+
+_topk_attention_op.register_autograd(_topk_attention_grad, setup_context=_topk_attention_setup)
+
+
 # --- the public functions --------------------------------------------------------------------
 
 def _common(queries, keys, scale, temperature, exclude, window, seq_lens):
@@ -247,6 +325,26 @@ def logsumexp(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None,
     a softmax over every key, in one streaming pass each way."""
     scale, eo, ei, window, ql, kl = _common(queries, keys, scale, temperature, exclude, window, seq_lens)
     return _logsumexp_op(queries, keys, scale, bias, metric, eo, ei, causal, window, ql, kl)
+
+
+def topk_attention(queries: Tensor, keys: Tensor, values: Optional[Tensor] = None, k: int = 32, *,
+                   scale: Optional[float] = None, temperature: Optional[float] = None,
+                   bias: Optional[Tensor] = None, metric: str = "ip", exclude=None,
+                   causal: bool = False, window: Optional[int] = None,
+                   seq_lens=None) -> TopKAttention:
+    """:func:`softretrieval.topk_attention` on torch tensors: a
+    :class:`~softretrieval.TopKAttention` of tensors (``out``, ``ids``,
+    ``weights``, ``lse``, ``coverage``). Differentiable through ``out`` (to
+    the selected keys and values) and ``lse`` (to every key), with respect
+    to ``queries``, ``keys``, ``values`` and ``bias``; a loss that uses
+    ``weights`` or ``coverage`` raises ``NotImplementedError`` in the
+    backward."""
+    scale, eo, ei, window, ql, kl = _common(queries, keys, scale, temperature, exclude, window,
+                                            seq_lens)
+    k = validate.positive_int(k, "k")
+    res = _topk_attention_op(queries, keys, keys if values is None else values, k, scale, bias,
+                             metric, eo, ei, causal, window, ql, kl)
+    return TopKAttention(*res)
 
 
 def full_softmax_loss(queries: Tensor, keys: Tensor, targets: Tensor, *,

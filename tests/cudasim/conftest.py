@@ -22,3 +22,5 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setattr(config, "CUDA_CHUNK", 4)
     monkeypatch.setattr(config, "CUDA_MIN_BLOCKS", 6)
     monkeypatch.setattr(config, "CUDA_MIN_KEYS_PER_SPLIT", 8)
+    monkeypatch.setattr(config, "CUDA_BACKWARD_KEYS", 4)
+    monkeypatch.setattr(config, "CUDA_BACKWARD_ROWS", 3)
