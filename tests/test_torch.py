@@ -186,21 +186,23 @@ def test_import_softretrieval_does_not_import_torch():
 
 
 def test_topk_attention_gradients(small_tiles):
-    """Through out (to the selected keys and values) and lse (to every key):
-    against torch autograd on the dense float64 computation with the same
-    selection; a loss on the weights is refused in the backward."""
+    """Through out and weights (to the selected keys and values), lse (to
+    every key) and coverage (both): against torch autograd on the dense
+    float64 computation with the same selection."""
     B, N, d, dv, k = 5, 30, 4, 3, 4
     q, kk, v, b = leaves((B, d), (N, d), (N, dv), (N,))
     res = st.topk_attention(q, kk, v, k, scale=0.6, bias=b)
     w, u = torch.randn(B, dv, dtype=torch.float64), torch.randn(B, dtype=torch.float64)
-    ours = grads_of((res.out * w).sum() + (res.lse * u).sum(), (q, kk, v, b))
+    ww, cw = torch.randn(B, k, dtype=torch.float64), torch.randn(B, dtype=torch.float64)
+    ours = grads_of((res.out * w).sum() + (res.lse * u).sum() + (res.weights * ww).sum()
+                    + (res.coverage * cw).sum(), (q, kk, v, b))
     z = dense_logits(q, kk, "ip", 0.6, b)
-    sel = torch.zeros(B, N, dtype=torch.bool)
-    sel[torch.arange(B)[:, None], res.ids] = True
-    P = torch.softmax(z.masked_fill(~sel, -torch.inf), -1)
-    ref = grads_of(((P @ v) * w).sum() + (torch.logsumexp(z, -1) * u).sum(), (q, kk, v, b))
+    zsel = torch.gather(z, 1, res.ids)
+    P = torch.softmax(zsel, -1)
+    out = torch.einsum("ij,ijc->ic", P, v[res.ids])
+    lse = torch.logsumexp(z, -1)
+    cov = torch.exp(torch.logsumexp(zsel, -1) - lse)
+    ref = grads_of((out * w).sum() + (lse * u).sum() + (P * ww).sum() + (cov * cw).sum(),
+                   (q, kk, v, b))
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=2e-4, atol=2e-5)
-    res = st.topk_attention(q, kk, v, k)
-    with pytest.raises(NotImplementedError, match="not through weights"):
-        res.weights.sum().backward()

@@ -99,25 +99,31 @@ def logsumexp_backward(queries: ArrayLike, keys: ArrayLike, lse: ArrayLike, grad
 
 
 def topk_attention_backward(queries: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike],
-                            result, grad_out: ArrayLike, grad_lse: Optional[ArrayLike] = None, *,
+                            result, grad_out: ArrayLike, grad_lse: Optional[ArrayLike] = None,
+                            grad_weights: Optional[ArrayLike] = None,
+                            grad_coverage: Optional[ArrayLike] = None, *,
                             scale: Optional[float] = None, bias: Optional[ArrayLike] = None,
                             metric: str = "ip", exclude: api.Exclude = None, causal: bool = False,
                             window: Optional[int] = None, seq_lens: api.SeqLens = None,
                             device: str = "cpu") -> AttentionGrads:
     """Gradients of :func:`softretrieval.topk_attention`: ``result`` is its
-    :class:`~softretrieval.TopKAttention` (``out``, ``ids``, ``weights``,
-    ``lse``), ``grad_out`` the loss's gradient with respect to ``out`` and
-    ``grad_lse`` (optional) with respect to ``lse``; the other arguments
-    exactly as given to the forward.
+    :class:`~softretrieval.TopKAttention`; ``grad_out``, ``grad_lse``,
+    ``grad_weights`` and ``grad_coverage`` the loss's gradients with
+    respect to its ``out``, ``lse``, ``weights`` and ``coverage`` (all but
+    ``grad_out`` optional); the other arguments exactly as given to the
+    forward.
 
-    The selection of the k keys is piecewise constant, so ``out``'s gradient
-    flows only to the selected keys and values (through the softmax over
-    them: O(B k d)), while ``lse``'s flows to every key (one streaming pass,
-    as :func:`logsumexp_backward`). Returns :class:`AttentionGrads`."""
+    The selection of the k keys is piecewise constant, so the gradients of
+    ``out`` and ``weights`` flow only to the selected keys and values
+    (through the softmax over them: O(B k d)), while ``lse``'s flows to every
+    key (one streaming pass, as :func:`logsumexp_backward`); ``coverage =
+    exp(lse_topk - lse)`` sends its share both ways. Returns
+    :class:`AttentionGrads`."""
     return _backward(queries, keys, values, result.out, result.lse, grad_out, grad_lse,
                      scale=scale, bias=bias, metric=metric, exclude=exclude, causal=causal,
                      window=window, seq_lens=seq_lens, device=device,
-                     top=(result.ids, result.weights))
+                     top=(result.ids, result.weights, result.coverage, grad_weights,
+                          grad_coverage))
 
 
 def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bias, metric, exclude,
@@ -150,11 +156,22 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
     if not np.isfinite(dlse4).all() or not np.isfinite(dout4).all():
         raise ValueError("grad_out and grad_lse must be finite")
     if top is not None:
-        k = np.shape(top[0])[-1] if np.ndim(top[0]) else 0
-        ids4 = _rows(top[0], "result.ids", lead + (k,), lay, np.int64)
-        w4 = _rows(top[1], "result.weights", lead + (k,), lay)
+        ids, weights, coverage, grad_w, grad_cov = top
+        k = np.shape(ids)[-1] if np.ndim(ids) else 0
+        ids4 = _rows(ids, "result.ids", lead + (k,), lay, np.int64)
+        w4 = _rows(weights, "result.weights", lead + (k,), lay)
         if ((ids4 < -1) | (ids4 >= lay.S)).any():
             raise ValueError(f"result.ids must lie in -1..{lay.S - 1}")
+        # weights = softmax of the selected logits; coverage = exp(lse_top - lse)
+        gw4 = np.zeros_like(w4) if grad_w is None else _rows(grad_w, "grad_weights", lead + (k,), lay)
+        extra4 = w4 * (gw4 - (w4 * gw4).sum(-1, keepdims=True))
+        if grad_cov is not None:
+            cov4 = _rows(coverage, "result.coverage", lead, lay)
+            gc4 = cov4 * _rows(grad_cov, "grad_coverage", lead, lay)
+            extra4 = extra4 + w4 * gc4[..., None]
+            dlse4 = dlse4 - gc4
+        if not np.isfinite(extra4).all():
+            raise ValueError("grad_weights and grad_coverage must be finite")
     t = logit_terms(metric, scale, lay.d, True)
     _, problems = api._problems(queries, keys, values, metric=metric, scale=scale, bias=bias,
                                 exclude=exclude, causal=causal, window=window, seq_lens=seq_lens,
@@ -185,7 +202,8 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
                                               np.zeros((R, 0), np.float32))
             gv = np.zeros((lay.S, dv), np.float32)
             _selected(t, p, keys_used, ids4[b, :, heads].reshape(R, -1),
-                      w4[b, :, heads].reshape(R, -1), dO, D, gq, gr, gk, gv, gb)
+                      w4[b, :, heads].reshape(R, -1), extra4[b, :, heads].reshape(R, -1), dO, D,
+                      gq, gr, gk, gv, gb)
         dq4[b, :, heads] += _query_grad(t, p.Q, q4[b, :, heads].reshape(R, lay.d), gq,
                                         gr).reshape(lay.T, G, lay.d)
         dk = _key_grad(t, keys_used, gk, gb)
@@ -205,17 +223,18 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
                           None if bias is None else (dbias if per_head_bias else dbias[0]))
 
 
-def _selected(t, p, K, ids, w, dO, D, gq, gr, gk, gv, gb):
-    """Add top-k attention's ``out`` part to the kernel's sums, in the same
-    units (natural-log ``dS``, prepared queries): over each row's selected
-    keys ``ids`` (R, k) with softmax weights ``w``, ``dS = w (dO . v - D)``,
-    ``gv[id] += w dO``; slots with id -1 hold nothing."""
+def _selected(t, p, K, ids, w, extra, dO, D, gq, gr, gk, gv, gb):
+    """Add top-k attention's selected-key part to the kernel's sums, in the
+    same units (natural-log ``dS``, prepared queries): over each row's
+    selected keys ``ids`` (R, k) with softmax weights ``w``,
+    ``dS = w (dO . v - D) + extra`` (``extra``: the weights' and coverage's
+    share), ``gv[id] += w dO``; slots with id -1 hold nothing."""
     valid = ids >= 0
     sel = np.where(valid, ids, 0)
     V = p.values.data[:, p.values.col:p.values.col + dO.shape[1]]
     Vsel = V[sel].astype(np.float32)
     w = np.where(valid, w, 0).astype(np.float32)
-    dS = w * (np.einsum("ic,ijc->ij", dO, Vsel) - D[:, None])
+    dS = w * (np.einsum("ic,ijc->ij", dO, Vsel) - D[:, None]) + np.where(valid, extra, 0)
     np.add.at(gv, sel[valid], (w[:, :, None] * dO[:, None, :])[valid])
     Ksel = K[sel].astype(np.float32)
     dSf = dS

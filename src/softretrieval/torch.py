@@ -218,24 +218,25 @@ def _(queries, keys, values, k, scale, bias, metric, excl_offsets, excl_ids, cau
 
 @torch.library.custom_op("softretrieval::topk_attention_backward", mutates_args=())
 def _topk_attention_backward_op(queries: Tensor, keys: Tensor, values: Tensor, out: Tensor,
-                                ids: Tensor, weights: Tensor, lse: Tensor, grad_out: Tensor,
-                                grad_lse: Tensor, scale: float, bias: Optional[Tensor], metric: str,
-                                excl_offsets: Optional[Tensor], excl_ids: Optional[Tensor],
-                                causal: bool, window: int, q_lens: Optional[Tensor],
-                                k_lens: Optional[Tensor]) -> List[Tensor]:
+                                ids: Tensor, weights: Tensor, lse: Tensor, coverage: Tensor,
+                                grad_out: Tensor, grad_weights: Tensor, grad_lse: Tensor,
+                                grad_coverage: Tensor, scale: float, bias: Optional[Tensor],
+                                metric: str, excl_offsets: Optional[Tensor],
+                                excl_ids: Optional[Tensor], causal: bool, window: int,
+                                q_lens: Optional[Tensor], k_lens: Optional[Tensor]) -> List[Tensor]:
     _no_gpu_backward(queries, keys, values)
     kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
-    result = TopKAttention(_np(out), _np_int(ids), _np(weights), _np(lse), None)
+    result = TopKAttention(_np(out), _np_int(ids), _np(weights), _np(lse), _np(coverage))
     g = grad.topk_attention_backward(_np(queries), _np(keys), _np(values), result, _np(grad_out),
-                                     _np(grad_lse), **kw)
+                                     _np(grad_lse), _np(grad_weights), _np(grad_coverage), **kw)
     db = g.bias if g.bias is not None else np.zeros(0, np.float32)
     return [torch.from_numpy(g.queries), torch.from_numpy(g.keys), torch.from_numpy(g.values),
             torch.from_numpy(db)]
 
 
 @_topk_attention_backward_op.register_fake
-def _(queries, keys, values, out, ids, weights, lse, grad_out, grad_lse, scale, bias, metric,
-      excl_offsets, excl_ids, causal, window, q_lens, k_lens):
+def _(queries, keys, values, out, ids, weights, lse, coverage, grad_out, grad_weights, grad_lse,
+      grad_coverage, scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens):
     return [torch.empty_like(queries, dtype=torch.float32),
             torch.empty_like(keys, dtype=torch.float32),
             torch.empty_like(values, dtype=torch.float32),
@@ -244,23 +245,19 @@ def _(queries, keys, values, out, ids, weights, lse, grad_out, grad_lse, scale, 
 
 def _topk_attention_setup(ctx, inputs, output):
     queries, keys, values, k, scale, bias, metric, eo, ei, causal, window, ql, kl = inputs
-    out, ids, weights, lse, _ = output
-    ctx.save_for_backward(queries, keys, values, bias, out, ids, weights, lse, eo, ei, ql, kl)
+    out, ids, weights, lse, coverage = output
+    ctx.save_for_backward(queries, keys, values, bias, out, ids, weights, lse, coverage, eo, ei,
+                          ql, kl)
     ctx.args = (scale, metric, causal, window)
-    ctx.set_materialize_grads(False)
 
 
 def _topk_attention_grad(ctx, grads):
     grad_out, _, grad_weights, grad_lse, grad_coverage = grads
-    if grad_weights is not None or grad_coverage is not None:
-        raise NotImplementedError("softretrieval.torch.topk_attention: gradients flow through "
-                                  "out and lse only, not through weights or coverage")
-    queries, keys, values, bias, out, ids, weights, lse, eo, ei, ql, kl = ctx.saved_tensors
+    queries, keys, values, bias, out, ids, weights, lse, coverage, eo, ei, ql, kl = ctx.saved_tensors
     scale, metric, causal, window = ctx.args
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
     dq, dk, dv, db = _topk_attention_backward_op(queries, keys, values, out, ids, weights, lse,
-                                                 grad_out, grad_lse, scale, bias, metric, eo, ei,
+                                                 coverage, grad_out, grad_weights, grad_lse,
+                                                 grad_coverage, scale, bias, metric, eo, ei,
                                                  causal, window, ql, kl)
     return (dq.to(queries.dtype), dk.to(keys.dtype), dv.to(values.dtype), None, None,
             None if bias is None else db.to(bias.dtype), None, None, None, None, None, None, None)
@@ -334,11 +331,10 @@ def topk_attention(queries: Tensor, keys: Tensor, values: Optional[Tensor] = Non
                    seq_lens=None) -> TopKAttention:
     """:func:`softretrieval.topk_attention` on torch tensors: a
     :class:`~softretrieval.TopKAttention` of tensors (``out``, ``ids``,
-    ``weights``, ``lse``, ``coverage``). Differentiable through ``out`` (to
-    the selected keys and values) and ``lse`` (to every key), with respect
-    to ``queries``, ``keys``, ``values`` and ``bias``; a loss that uses
-    ``weights`` or ``coverage`` raises ``NotImplementedError`` in the
-    backward."""
+    ``weights``, ``lse``, ``coverage``), differentiable with respect to
+    ``queries``, ``keys``, ``values`` and ``bias`` through ``out`` and
+    ``weights`` (to the selected keys), ``lse`` (to every key) and
+    ``coverage`` (both)."""
     scale, eo, ei, window, ql, kl = _common(queries, keys, scale, temperature, exclude, window,
                                             seq_lens)
     k = validate.positive_int(k, "k")
