@@ -91,6 +91,31 @@ def read_once(K, V=None):
     return runtime.parallel_call(_read_once, K, V)
 
 
+def reset_peak_memory():
+    """Reset this process's peak resident memory (Linux: ``/proc/self/clear_refs``),
+    so that :func:`peak_memory_MB` reports the peak from here on."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_memory_MB():
+    """Peak resident memory (``VmHWM``) since the last :func:`reset_peak_memory`, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def resident_memory_MB():
+    """Resident memory now (``VmRSS``), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def subprocess_json(code):
     """Run Python ``code`` in a fresh process; parse its last stdout line as JSON."""
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -14,7 +14,8 @@
    items (each chunk's logits recomputed in the backward by
    ``torch.utils.checkpoint``, so its memory stays one chunk; the best of
    several chunk sizes), each run in a fresh process that reports its peak
-   memory above the inputs (the dense logits alone would be 16 GB); torch's
+   resident memory during the timed runs above the inputs and the gradients
+   it must return (the dense logits alone would be 16 GB); torch's
    dense runs take minutes each, so they get ``--dense-reps`` runs (1).
 
 Prints medians with min-max and ratios, the CPU model and its vector
@@ -24,6 +25,7 @@ shrinks every N and T by 16 (a smoke test, not figures).
 
 import argparse
 import json
+import os
 
 import numpy as np
 import torch
@@ -75,13 +77,14 @@ def heads(name, q, k, v, reps, **kw):
 
 
 LOSS_CODE = """
-import json, resource, time, numpy as np, torch
+import json, sys, time, numpy as np, torch
+sys.path.insert(0, {scripts!r})
+from _bench import peak_memory_MB, reset_peak_memory, resident_memory_MB
 torch.manual_seed(0)
 B, N, d, chunk, method = {B}, {N}, {d}, {chunk}, {method!r}
 q = torch.randn(B, d, requires_grad=True)
 k = torch.randn(N, d, requires_grad=True)
 t = torch.randint(0, N, (B,))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def dense_chunked():
@@ -100,14 +103,17 @@ def ours():
 f = ours if method == "ours" else dense_chunked
 if method == "ours":
     f().backward()                               # warm-up (compiles the kernels)
+q.grad = k.grad = None
+base = resident_memory_MB()
+reset_peak_memory()
 times = []
 for _ in range({reps}):
     q.grad = k.grad = None
     s = time.perf_counter()
     f().backward()
     times.append(time.perf_counter() - s)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-print(json.dumps({{"times": times, "peak_extra_MB": peak / 1024}}))
+grads = (q.numel() + k.numel()) * 4 / 2**20
+print(json.dumps({{"times": times, "peak_extra_MB": peak_memory_MB() - base - grads}}))
 """
 
 
@@ -117,11 +123,12 @@ def loss(B, N, d, reps, chunks, dense_reps):
     res = {}
     for name, method, chunk in [("softretrieval full_softmax_loss", "ours", 0)] + [
             (f"torch dense, chunks of {c}", "dense", c) for c in chunks]:
-        out = subprocess_json(LOSS_CODE.format(B=B, N=N, d=d, chunk=chunk, method=method,
+        out = subprocess_json(LOSS_CODE.format(scripts=os.path.dirname(os.path.abspath(__file__)),
+                                               B=B, N=N, d=d, chunk=chunk, method=method,
                                                reps=reps if method == "ours" else dense_reps))
         res[name] = dict(stats(out["times"]), peak_extra_MB=out["peak_extra_MB"])
     print(f"full_softmax_loss forward + backward, B={B} N={N} d={d}; medians (min-max) in ms, "
-          "peak memory above the inputs")
+          "peak memory above the inputs and the returned gradients")
     print_rows(res, "softretrieval full_softmax_loss")
     for name, r in res.items():
         print(f"  {name:34s} peak extra {r['peak_extra_MB']:8.0f} MB")

@@ -206,3 +206,41 @@ def test_topk_attention_gradients(small_tiles):
                    (q, kk, v, b))
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("gate", [None, [0.3, 0.9]])
+def test_memory_attention(gate):
+    """One memorizing-transformer step in torch: the numpy function's result,
+    and the gradients for q, k, v (and the gate) of torch autograd over the
+    explicit [memory top-k ; causal local keys] softmax; the memory gets none."""
+    import softretrieval as sr
+
+    rng = np.random.default_rng(3)
+    T, H, d, dv = 6, 2, 4, 3
+    memory = sr.KNNMemory(d, dv, capacity=20, heads=H)
+    memory.write(rng.standard_normal((25, H, d)), rng.standard_normal((25, H, dv)))  # wraps
+    q, k, v = leaves((T, H, d), (T, H, d), (T, H, dv))
+    g = None if gate is None else torch.tensor(gate, dtype=torch.float64, requires_grad=True)
+    out, cov = st.memory_attention(q, k, v, memory, topk=4, gate=g)
+    ref_out, ref_cov = sr.memory_attention(*(x.detach().numpy() for x in (q, k, v)), memory, topk=4,
+                                           gate=gate)
+    np.testing.assert_allclose(out.detach().numpy(), ref_out, rtol=1e-5, atol=1e-6)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    params = (q, k, v) if g is None else (q, k, v, g)
+    ours = grads_of((out * w).sum(), params)
+    ids = memory.read(q.detach().numpy(), k=4).ids
+    mk, mv = (torch.from_numpy(a).double() for a in memory.snapshot())
+    scale = d ** -0.5
+    outs = []
+    for h in range(H):
+        zm = scale * torch.einsum("td,tjd->tj", q[:, h], mk[ids[:, h], h])
+        zl = (scale * q[:, h] @ k[:, h].T).masked_fill(torch.ones(T, T).triu(1).bool(), -torch.inf)
+        if g is None:
+            P = torch.softmax(torch.cat([zm, zl], 1), -1)
+            outs.append(P[:, :4, None].mul(mv[ids[:, h], h]).sum(1) + P[:, 4:] @ v[:, h])
+        else:
+            mem_out = torch.softmax(zm, -1)[:, :, None].mul(mv[ids[:, h], h]).sum(1)
+            outs.append(g[h] * mem_out + (1 - g[h]) * torch.softmax(zl, -1) @ v[:, h])
+    ref = grads_of((torch.stack(outs, 1) * w).sum(), params)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a.to(r.dtype), r, rtol=2e-4, atol=2e-5)

@@ -222,6 +222,15 @@ class KNNMemory:
             res = (r.out, r.lse, r.ids, r.coverage)
         return MemoryRead(*(a.copy_to_host() for a in res))
 
+    def snapshot(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Copies of the live entries, ``(keys (n, heads, key_dim), values
+        (n, heads, value_dim))`` float32, in slot order (the ids of
+        :meth:`read` index them), taken under the lock: a concurrent write is
+        wholly in or out."""
+        with self._lock:
+            keys, values = self._live(self._size)
+            return np.ascontiguousarray(keys), np.ascontiguousarray(values)
+
     def release_device(self) -> None:
         """Free the device copy of the ring (the next GPU read makes it again)."""
         with self._lock:

@@ -1,5 +1,6 @@
 """Autograd-aware softretrieval for PyTorch: :func:`attention`,
-:func:`logsumexp`, :func:`topk_attention` and :func:`full_softmax_loss`.
+:func:`logsumexp`, :func:`topk_attention`, :func:`memory_attention` and
+:func:`full_softmax_loss`.
 
 Needs the ``torch`` extra (``import softretrieval`` never imports torch).
 Each function is a torch custom operator (``torch.library``:
@@ -28,7 +29,7 @@ from torch import Tensor
 from . import api, grad, validate
 from .terms import TopKAttention
 
-__all__ = ["attention", "logsumexp", "topk_attention", "full_softmax_loss"]
+__all__ = ["attention", "logsumexp", "topk_attention", "memory_attention", "full_softmax_loss"]
 
 
 def _np(t):
@@ -341,6 +342,41 @@ def topk_attention(queries: Tensor, keys: Tensor, values: Optional[Tensor] = Non
     res = _topk_attention_op(queries, keys, keys if values is None else values, k, scale, bias,
                              metric, eo, ei, causal, window, ql, kl)
     return TopKAttention(*res)
+
+
+def memory_attention(q: Tensor, k: Tensor, v: Tensor, memory, *, topk: int = 32,
+                     causal: bool = True, gate: Optional[Tensor] = None,
+                     scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """:func:`softretrieval.memory_attention` on torch tensors: local
+    attention over the sequence's own ``k``, ``v`` (causal) and top-k
+    attention over the :class:`~softretrieval.KNNMemory`, combined as one
+    exact softmax (``gate=None``) or mixed per head by ``gate`` (H,).
+    Differentiable with respect to ``q``, ``k``, ``v`` and ``gate``; the
+    memory's entries are constants (no gradient), as in Memorizing
+    Transformers. Returns ``(out (T, H, dv), coverage (T, H))``."""
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape (T, H, d), got {tuple(q.shape)}")
+    local, lse_local = attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+    keys, values = memory.snapshot()
+    if keys.shape[0] == 0:
+        empty = torch.zeros(q.shape[:2], dtype=torch.float32)
+        if gate is None:
+            return local, empty
+        g = gate.to(torch.float32)[None, :, None]
+        return (1 - g) * local, empty
+    mem = topk_attention(q, torch.from_numpy(keys), torch.from_numpy(values), topk, scale=scale,
+                         metric=memory.metric)
+    if gate is not None:
+        g = gate.to(torch.float32)[None, :, None]
+        return g * mem.out + (1 - g) * local, mem.coverage
+    lse_top = mem.lse + torch.log(mem.coverage)          # the top-k entries' own partition
+    top = torch.maximum(lse_local, lse_top)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w_local = torch.exp(lse_local - top)[..., None]
+    w_mem = torch.exp(lse_top - top)[..., None]
+    total = w_local + w_mem
+    out = (w_local * local + w_mem * mem.out) / torch.where(total > 0, total, torch.ones_like(total))
+    return out, mem.coverage
 
 
 def full_softmax_loss(queries: Tensor, keys: Tensor, targets: Tensor, *,
