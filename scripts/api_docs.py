@@ -43,7 +43,7 @@ def render():
     parts.append("## Functions\n")
     for name in ("attention", "logsumexp", "topk", "topk_attention", "merge", "memory_attention",
                  "attention_backward", "logsumexp_backward", "topk_attention_backward",
-                 "AttentionGrads"):
+                 "memory_attention_backward", "AttentionGrads", "MemoryGrads"):
         parts.append(_entry(f"softretrieval.{name}", getattr(sr, name), "###"))
     for cls in (sr.Index, sr.KNNMemory):
         parts.append(f"## `softretrieval.{cls.__name__}`\n")

@@ -237,3 +237,36 @@ def test_topk_attention_backward(small_tiles, rng, metric):
     for got, a, b in zip(g, part_out, part_lse):
         close(got, a + b)
     assert (res.ids[-1, 3:] == -1).all()
+
+
+@pytest.mark.parametrize("gate", [None, [0.25, 0.75]])
+def test_memory_attention_backward(rng, gate):
+    """memory_attention_backward against central finite differences of the
+    forward itself (float64 differences of a float32 forward, so eps = 1e-3
+    and a 2% tolerance), for q, k, v and the gate; the memory's values'
+    gradient (memory_grad=True) against the dense reference over each
+    query's selected entries."""
+    T, H, d, dv = 5, 2, 3, 2
+    memory = sr.KNNMemory(d, dv, capacity=12, heads=H)
+    memory.write(rng.standard_normal((15, H, d)), rng.standard_normal((15, H, dv)))
+    q, k, v = (rng.standard_normal(s) for s in ((T, H, d), (T, H, d), (T, H, dv)))
+    W = rng.standard_normal((T, H, dv))
+    g = sr.memory_attention_backward(q, k, v, memory, W, topk=3, gate=gate, memory_grad=True)
+
+    def loss(q, k, v, gate):
+        return float((sr.memory_attention(q, k, v, memory, topk=3, gate=gate)[0] * W).sum())
+
+    args = [q, k, v] + ([] if gate is None else [np.array(gate, float)])
+    for i, grad in enumerate([g.q, g.k, g.v] + ([] if gate is None else [g.gate])):
+        num = np.zeros_like(args[i])
+        for idx in np.ndindex(num.shape):
+            hi = [a.copy() for a in args]
+            lo = [a.copy() for a in args]
+            hi[i][idx] += 1e-3
+            lo[i][idx] -= 1e-3
+            num[idx] = (loss(*hi[:3], hi[3] if gate else None)
+                        - loss(*lo[:3], lo[3] if gate else None)) / 2e-3
+        np.testing.assert_allclose(grad, num, rtol=2e-2, atol=2e-3, err_msg=str(i))
+    assert g.memory_values.shape == (12, H, dv) and g.memory_keys.shape == (12, H, d)
+    ids = memory.read(q, k=3).ids
+    assert (g.memory_values[np.setdiff1d(np.arange(12), ids[:, 0]), 0] == 0).all()

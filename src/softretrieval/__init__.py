@@ -6,12 +6,14 @@ exists. Numba kernels are compiled on first use (and cached on disk).
 """
 
 from .api import attention, logsumexp, merge, topk, topk_attention
-from .grad import AttentionGrads, attention_backward, logsumexp_backward, topk_attention_backward
+from .grad import (AttentionGrads, MemoryGrads, attention_backward, logsumexp_backward,
+                   memory_attention_backward, topk_attention_backward)
 from .index import Index
 from .memory import KNNMemory, memory_attention
 from .terms import MemoryRead, TopKAttention
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_backward", "AttentionGrads", "logsumexp", "logsumexp_backward",
-           "merge", "topk", "topk_attention", "topk_attention_backward",
+           "memory_attention_backward", "MemoryGrads", "merge", "topk", "topk_attention",
+           "topk_attention_backward",
            "TopKAttention", "Index", "KNNMemory", "MemoryRead", "memory_attention", "__version__"]

@@ -197,11 +197,15 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
         keys_used = p.keys.data[:, p.keys.col:p.keys.col + lay.d]
         if top is None:
             gq, gr, gk, gv, gb = backward.run(p, lse2, D, dlse, dO)
-        else:                                    # out over the selected keys, the lse streamed
-            gq, gr, gk, gv, gb = backward.run(p, lse2, np.zeros(R, np.float32), dlse,
-                                              np.zeros((R, 0), np.float32))
+        else:
+            if dlse.any():                       # the lse's gradient, streamed over every key
+                gq, gr, gk, _, gb = backward.run(p, lse2, np.zeros(R, np.float32), dlse,
+                                                 np.zeros((R, 0), np.float32))
+            else:                                # none: no streaming pass
+                gq, gr = np.zeros((R, lay.d), np.float32), np.zeros(R, np.float32)
+                gk, gb = np.zeros((lay.S, lay.d), np.float32), np.zeros(lay.S, np.float32)
             gv = np.zeros((lay.S, dv), np.float32)
-            _selected(t, p, keys_used, ids4[b, :, heads].reshape(R, -1),
+            _selected(t, p, keys_used, ids4[b, :, heads].reshape(R, -1),   # out, over the top k
                       w4[b, :, heads].reshape(R, -1), extra4[b, :, heads].reshape(R, -1), dO, D,
                       gq, gr, gk, gv, gb)
         dq4[b, :, heads] += _query_grad(t, p.Q, q4[b, :, heads].reshape(R, lay.d), gq,
@@ -290,3 +294,83 @@ def _project(g, unit, norms):
     g = g - np.einsum("ij,ij->i", g, unit)[:, None] * unit
     return np.divide(g, norms, out=np.zeros(g.shape, np.float32), where=norms > 0).astype(
         np.float32, copy=False)
+
+
+class MemoryGrads(NamedTuple):
+    """Gradients returned by :func:`memory_attention_backward`, float32:
+    ``q``, ``k``, ``v`` shaped like the inputs, ``gate`` (H,) (None without
+    a gate), and the memory's ``memory_keys``, ``memory_values`` (n, heads,
+    dim) in :meth:`KNNMemory.snapshot` order (None unless asked for)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    gate: Optional[np.ndarray]
+    memory_keys: Optional[np.ndarray]
+    memory_values: Optional[np.ndarray]
+
+
+def memory_attention_backward(q: ArrayLike, k: ArrayLike, v: ArrayLike, memory, grad_out: ArrayLike,
+                              *, topk: int = 32, causal: bool = True,
+                              gate: Optional[ArrayLike] = None, scale: Optional[float] = None,
+                              memory_grad: bool = False, device: str = "cpu") -> MemoryGrads:
+    """Gradients of :func:`softretrieval.memory_attention` (same arguments,
+    ``grad_out`` (T, H, dv) the loss's gradient with respect to its ``out``)
+    for ``q``, ``k``, ``v`` and ``gate``. The memory's entries are constants,
+    as in Memorizing Transformers; ``memory_grad=True`` also returns the
+    gradients for the memory's keys and values (the top-k selection itself
+    has none). The memory must not change between the forward and this call.
+
+    Recomputes the forward's two parts: local attention (its backward:
+    :func:`attention_backward`) and top-k attention over the memory
+    (:func:`topk_attention_backward`), combined as the forward does: one
+    softmax, ``out = a o_local + (1 - a) o_memory`` with
+    ``a = sigmoid(lse_local - lse_topk)``, or the gate's mix."""
+    from . import memory as memory_module
+
+    q = validate.as_array(q, "q")
+    if q.ndim != 3:
+        raise ValueError(f"q must have shape (T, H, d), got {q.shape}")
+    local, lse_local = api.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
+    dO = _rows(grad_out, "grad_out", local.shape, layout.as_heads(q, k, v)[3])[0]
+    keys, values = memory.snapshot()
+    g = None if gate is None else memory_module._gate(gate, q.shape[1])
+    if len(keys) == 0:
+        mem_out = np.zeros_like(local)
+        res = None
+    else:
+        res = api.topk_attention(q, keys, values, k=topk, scale=scale, metric=memory.metric)
+        mem_out = res.out
+    if g is None:
+        with np.errstate(divide="ignore"):
+            lse_top = (res.lse + np.log(res.coverage)) if res is not None else np.full_like(
+                lse_local, -np.inf)
+        a = 1.0 / (1.0 + np.exp(np.clip(lse_top - lse_local, -80, 80)))   # sigmoid(l_l - l_t)
+        a = np.where(np.isneginf(lse_top), 1.0, a).astype(np.float32)[..., None]
+        d_local_out, d_mem_out = a * dO, (1 - a) * dO
+        d_lse_local = (a * (1 - a) * (dO * (local - mem_out)).sum(-1, keepdims=True))[..., 0]
+        d_lse_top = -d_lse_local
+        dgate = None
+    else:
+        gg = g[None, :, None].astype(np.float32)
+        d_local_out, d_mem_out = (1 - gg) * dO, gg * dO
+        d_lse_local = d_lse_top = np.zeros(lse_local.shape, np.float32)
+        dgate = (dO * (mem_out - local)).sum((0, 2)).astype(np.float32)
+    gl = attention_backward(q, k, v, local, lse_local, d_local_out, d_lse_local, scale=scale,
+                            causal=causal, device=device)
+    dq = gl.queries
+    mk = mv = None
+    if res is not None:
+        # lse_top = lse + log(coverage): its gradient reaches the top k's own softmax only (the
+        # full lse's two shares cancel exactly, so no streaming pass over the memory runs)
+        g_cov = np.divide(d_lse_top, res.coverage, out=np.zeros_like(d_lse_top),
+                          where=res.coverage > 0).astype(np.float32)
+        gm = topk_attention_backward(q, keys, values, res, d_mem_out, res.coverage * g_cov,
+                                     grad_coverage=g_cov, scale=scale, metric=memory.metric,
+                                     device=device)
+        dq = dq + gm.queries
+        if memory_grad:
+            mk, mv = gm.keys, gm.values
+    elif memory_grad:
+        mk, mv = np.zeros_like(keys), np.zeros_like(values)
+    return MemoryGrads(dq, gl.keys, gl.values, dgate, mk, mv)

@@ -307,13 +307,7 @@ def memory_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, memory: KNNMemory
     if q.ndim != 3:
         raise ValueError(f"q must have shape (T, H, d), got {q.shape}")
     if gate is not None:
-        g = validate.as_array(gate, "gate")
-        H = q.shape[1]
-        if g.dtype.kind not in "fiu":
-            raise TypeError(f"gate must be {H} real numbers in [0, 1] (one per head), got {g.dtype}")
-        g = g.astype(np.float64)
-        if g.shape != (H,) or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
-            raise ValueError(f"gate must be {H} values in [0, 1] (one per head), got {g}")
+        g = _gate(gate, q.shape[1])
     local, lse_local = api.attention(q, k, v, scale=scale, causal=causal, return_lse=True,
                                      device=device)
     mem = memory.read(q, k=topk, scale=scale, device=device)
@@ -324,3 +318,15 @@ def memory_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, memory: KNNMemory
         return out, mem.coverage
     g = g[None, :, None]
     return (g * mem.out + (1 - g) * local).astype(np.float32), mem.coverage
+
+
+def _gate(gate, H):
+    """``gate`` as (H,) float64 values in [0, 1]; TypeError or ValueError
+    naming it otherwise."""
+    g = validate.as_array(gate, "gate")
+    if g.dtype.kind not in "fiu":
+        raise TypeError(f"gate must be {H} real numbers in [0, 1] (one per head), got {g.dtype}")
+    g = g.astype(np.float64)
+    if g.shape != (H,) or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
+        raise ValueError(f"gate must be {H} values in [0, 1] (one per head), got {g}")
+    return g
