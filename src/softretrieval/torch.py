@@ -16,8 +16,8 @@ dtypes and layouts are converted to contiguous float32 first (a copy). The
 computation is float32; outputs are float32 and gradients come back in each
 input's dtype. CUDA tensors run the forward on the CUDA kernels (read in
 place through ``__cuda_array_interface__``, outputs returned as CUDA
-tensors); their backward pass is not implemented yet and raises
-``NotImplementedError``.
+tensors); their backward pass runs the CUDA backward kernel on host copies
+(not yet measured on a GPU), and the gradients come back as CUDA tensors.
 """
 
 from typing import List, Optional, Tuple
@@ -33,8 +33,9 @@ __all__ = ["attention", "logsumexp", "topk_attention", "memory_attention", "full
 
 
 def _np(t):
-    """A CPU tensor as a float32 numpy array (no copy when it is one already)."""
-    return t.detach().to(torch.float32).contiguous().numpy()
+    """A tensor as a float32 numpy array (no copy for a contiguous float32 CPU
+    tensor; a CUDA tensor is copied to the host)."""
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
 def _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens):
@@ -63,10 +64,18 @@ def _to_tensor(a, like):
     return torch.as_tensor(a, device=like.device)        # numba device arrays (CUDA)
 
 
-def _no_gpu_backward(*tensors):
-    if any(t is not None and t.is_cuda for t in tensors):
-        raise NotImplementedError("softretrieval.torch: the backward pass runs on the CPU only "
-                                  "so far; use CPU tensors to train")
+def _grads_out(g, like):
+    """A backward result's arrays as tensors on ``like``'s device (the bias
+    gradient empty when there is no bias)."""
+    db = g.bias if g.bias is not None else np.zeros(0, np.float32)
+    arrays = [g.queries, g.keys] + ([] if g.values is None else [g.values]) + [db]
+    return [torch.from_numpy(np.ascontiguousarray(a)).to(like.device) for a in arrays]
+
+
+def _backward_device(t):
+    """CUDA tensors' backward runs the CUDA backward kernel (host copies in
+    and out); CPU tensors the CPU's."""
+    return "cuda" if t.is_cuda else "cpu"
 
 
 # --- attention -------------------------------------------------------------------------------
@@ -97,13 +106,11 @@ def _attention_backward_op(queries: Tensor, keys: Tensor, values: Tensor, out: T
                            bias: Optional[Tensor], metric: str, excl_offsets: Optional[Tensor],
                            excl_ids: Optional[Tensor], causal: bool, window: int,
                            q_lens: Optional[Tensor], k_lens: Optional[Tensor]) -> List[Tensor]:
-    _no_gpu_backward(queries, keys, values)
     kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
     g = grad.attention_backward(_np(queries), _np(keys), _np(values), _np(out), _np(lse),
-                                _np(grad_out), _np(grad_lse), **kw)
-    db = g.bias if g.bias is not None else np.zeros(0, np.float32)
-    return [torch.from_numpy(g.queries), torch.from_numpy(g.keys), torch.from_numpy(g.values),
-            torch.from_numpy(db)]
+                                _np(grad_out), _np(grad_lse), device=_backward_device(queries),
+                                **kw)
+    return _grads_out(g, queries)
 
 
 @_attention_backward_op.register_fake
@@ -160,11 +167,10 @@ def _logsumexp_backward_op(queries: Tensor, keys: Tensor, lse: Tensor, grad_lse:
                            excl_offsets: Optional[Tensor], excl_ids: Optional[Tensor],
                            causal: bool, window: int, q_lens: Optional[Tensor],
                            k_lens: Optional[Tensor]) -> List[Tensor]:
-    _no_gpu_backward(queries, keys)
     kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
-    g = grad.logsumexp_backward(_np(queries), _np(keys), _np(lse), _np(grad_lse), **kw)
-    db = g.bias if g.bias is not None else np.zeros(0, np.float32)
-    return [torch.from_numpy(g.queries), torch.from_numpy(g.keys), torch.from_numpy(db)]
+    g = grad.logsumexp_backward(_np(queries), _np(keys), _np(lse), _np(grad_lse),
+                                device=_backward_device(queries), **kw)
+    return _grads_out(g, queries)
 
 
 @_logsumexp_backward_op.register_fake
@@ -225,14 +231,12 @@ def _topk_attention_backward_op(queries: Tensor, keys: Tensor, values: Tensor, o
                                 metric: str, excl_offsets: Optional[Tensor],
                                 excl_ids: Optional[Tensor], causal: bool, window: int,
                                 q_lens: Optional[Tensor], k_lens: Optional[Tensor]) -> List[Tensor]:
-    _no_gpu_backward(queries, keys, values)
     kw = _kw(scale, bias, metric, excl_offsets, excl_ids, causal, window, q_lens, k_lens)
     result = TopKAttention(_np(out), _np_int(ids), _np(weights), _np(lse), _np(coverage))
     g = grad.topk_attention_backward(_np(queries), _np(keys), _np(values), result, _np(grad_out),
-                                     _np(grad_lse), _np(grad_weights), _np(grad_coverage), **kw)
-    db = g.bias if g.bias is not None else np.zeros(0, np.float32)
-    return [torch.from_numpy(g.queries), torch.from_numpy(g.keys), torch.from_numpy(g.values),
-            torch.from_numpy(db)]
+                                     _np(grad_lse), _np(grad_weights), _np(grad_coverage),
+                                     device=_backward_device(queries), **kw)
+    return _grads_out(g, queries)
 
 
 @_topk_attention_backward_op.register_fake
@@ -364,7 +368,8 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, memory, *, topk: int = 32,
             return local, empty
         g = gate.to(torch.float32)[None, :, None]
         return (1 - g) * local, empty
-    mem = topk_attention(q, torch.from_numpy(keys), torch.from_numpy(values), topk, scale=scale,
+    mem = topk_attention(q, torch.from_numpy(keys).to(q.device),
+                         torch.from_numpy(values).to(q.device), topk, scale=scale,
                          metric=memory.metric)
     if gate is not None:
         g = gate.to(torch.float32)[None, :, None]
