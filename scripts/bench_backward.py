@@ -142,21 +142,28 @@ def main():
     ap.add_argument("--dense-reps", type=int, default=1,
                     help="runs of torch's dense loss (minutes each at N = 1M)")
     ap.add_argument("--out", default="bench_backward.json")
+    ap.add_argument("--sections", default="soft,causal,gqa,loss",
+                    help="which of soft, causal, gqa, loss to run (comma-separated)")
     args = ap.parse_args()
     s = 16 if args.quick else 1
     report = {"cpu": cpu_info(), "torch_threads": torch.get_num_threads()}
-    report["soft"] = soft(1024, 1_000_000 // s, 128, args.reps)
+    sections = args.sections.split(",")
+    if "soft" in sections:
+        report["soft"] = soft(1024, 1_000_000 // s, 128, args.reps)
     g = torch.Generator().manual_seed(0)
-    T = 8192 // s
-    q = torch.randn(1, T, 8, 64, generator=g)
-    report["causal"] = heads(f"causal T=S={T} H=8 d=64", q, q.clone(), q.clone(), args.reps,
-                             causal=True)
-    qg = torch.randn(256, 8, 128, generator=g)
-    kg = torch.randn(100_000 // s, 2, 128, generator=g)
-    report["gqa"] = heads(f"GQA B=256 H=8 Hkv=2 N={kg.shape[0]} d=128", qg[None], kg[None],
-                          kg[None].clone(), args.reps)
-    report["full_softmax_loss"] = loss(4096, 1_000_000 // s, 64, args.reps,
-                                       (4096, 65_536 // s), args.dense_reps)
+    if "causal" in sections:
+        T = 8192 // s
+        q = torch.randn(1, T, 8, 64, generator=g)
+        report["causal"] = heads(f"causal T=S={T} H=8 d=64", q, q.clone(), q.clone(), args.reps,
+                                 causal=True)
+    if "gqa" in sections:
+        qg = torch.randn(256, 8, 128, generator=g)
+        kg = torch.randn(100_000 // s, 2, 128, generator=g)
+        report["gqa"] = heads(f"GQA B=256 H=8 Hkv=2 N={kg.shape[0]} d=128", qg[None], kg[None],
+                              kg[None].clone(), args.reps)
+    if "loss" in sections:
+        report["full_softmax_loss"] = loss(4096, 1_000_000 // s, 64, args.reps,
+                                           (4096, 65_536 // s), args.dense_reps)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.out}")

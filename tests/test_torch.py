@@ -105,6 +105,8 @@ def test_custom_operators_pass_opcheck():
                           (q, k, 0.5, None, "cosine", None, None, False, -1, None, None))
     torch.library.opcheck(torch.ops.softretrieval.topk_attention.default,
                           (q, k, v, 3, 0.5, None, "ip", None, None, False, -1, None, None))
+    torch.library.opcheck(torch.ops.softretrieval.full_softmax_loss.default,
+                          (q, k, torch.tensor([0, 3, 8, 1]), 0.5, None, "l2", None, None))
 
 
 def test_torch_compile_holds_the_operators():

@@ -127,10 +127,12 @@ def topk_attention_backward(queries: ArrayLike, keys: ArrayLike, values: Optiona
 
 
 def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bias, metric, exclude,
-              causal, window, seq_lens, device, top=None):
-    """The three backward passes: dense (``out`` given), the lse's alone
-    (``out is None``), top-k attention (``top = (ids, weights)``: out's part
-    over the selected keys, the lse's part streamed)."""
+              causal, window, seq_lens, device, top=None, sparse=None):
+    """The backward passes: dense (``out`` given), the lse's alone (``out is
+    None``), top-k attention (``top = (ids, weights, coverage, grad_weights,
+    grad_coverage)``: out's part over the selected keys, the lse's part
+    streamed); ``sparse = (ids, dS)`` (B, m) adds gradients of single logits
+    (2-D queries only)."""
     from . import devices
 
     target = devices.kernels(device)
@@ -208,6 +210,8 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
             _selected(t, p, keys_used, ids4[b, :, heads].reshape(R, -1),   # out, over the top k
                       w4[b, :, heads].reshape(R, -1), extra4[b, :, heads].reshape(R, -1), dO, D,
                       gq, gr, gk, gv, gb)
+        if sparse is not None:
+            _sparse(t, p, keys_used, sparse[0], sparse[1], gq, gr, gk, gb)
         dq4[b, :, heads] += _query_grad(t, p.Q, q4[b, :, heads].reshape(R, lay.d), gq,
                                         gr).reshape(lay.T, G, lay.d)
         dk = _key_grad(t, keys_used, gk, gb)
@@ -228,18 +232,28 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
 
 
 def _selected(t, p, K, ids, w, extra, dO, D, gq, gr, gk, gv, gb):
-    """Add top-k attention's selected-key part to the kernel's sums, in the
-    same units (natural-log ``dS``, prepared queries): over each row's
-    selected keys ``ids`` (R, k) with softmax weights ``w``,
+    """Add top-k attention's selected-key part to the kernel's sums: over
+    each row's selected keys ``ids`` (R, k) with softmax weights ``w``,
     ``dS = w (dO . v - D) + extra`` (``extra``: the weights' and coverage's
-    share), ``gv[id] += w dO``; slots with id -1 hold nothing."""
+    share) and ``gv[id] += w dO``; slots with id -1 hold nothing."""
     valid = ids >= 0
     sel = np.where(valid, ids, 0)
     V = p.values.data[:, p.values.col:p.values.col + dO.shape[1]]
     Vsel = V[sel].astype(np.float32)
     w = np.where(valid, w, 0).astype(np.float32)
-    dS = w * (np.einsum("ic,ijc->ij", dO, Vsel) - D[:, None]) + np.where(valid, extra, 0)
+    dS = w * (np.einsum("ic,ijc->ij", dO, Vsel) - D[:, None]) + extra
     np.add.at(gv, sel[valid], (w[:, :, None] * dO[:, None, :])[valid])
+    _sparse(t, p, K, ids, dS, gq, gr, gk, gb)
+
+
+def _sparse(t, p, K, ids, dS, gq, gr, gk, gb):
+    """Add the gradients ``dS`` (R, m) of single logits, row i's at keys
+    ``ids[i]`` (-1: none), to the kernel's sums, in its units (natural-log
+    ``dS``, prepared queries): ``gq += dS f k``, ``gr += rowsum(dS)``,
+    ``gk[id] += dS q``, ``gb[id] += dS``."""
+    valid = ids >= 0
+    sel = np.where(valid, ids, 0)
+    dS = np.where(valid, dS, 0).astype(np.float32)
     Ksel = K[sel].astype(np.float32)
     dSf = dS
     if t.qunit:                                  # cosine: the keys' factor 1 / |k|
@@ -249,6 +263,42 @@ def _selected(t, p, K, ids, w, extra, dO, D, gq, gr, gk, gv, gb):
     gr += dS.sum(1)
     np.add.at(gk, sel[valid], (dS[:, :, None] * p.Q[:, None, :])[valid])
     np.add.at(gb, sel[valid], dS[valid])
+
+
+def softmax_loss(queries, keys, targets, *, scale, bias, exclude, metric):
+    """The forward of :func:`softretrieval.torch.full_softmax_loss` on
+    validated arrays: ``(loss (B,), lse (B,))`` float32, ``loss_i = lse_i -
+    logit(q_i, k_{t_i})``, the target's logit in float64 by the metric's
+    definition (``scale q.k``, ``scale cos(q, k)``, ``-scale |q - k|^2``)."""
+    lse = api.logsumexp(queries, keys, scale=scale, bias=bias, metric=metric, exclude=exclude)
+    q = np.asarray(queries, np.float64)
+    k = np.asarray(keys, np.float64)[targets]
+    if metric == "ip":
+        z = scale * np.einsum("ij,ij->i", q, k)
+    elif metric == "cosine":
+        norms = np.linalg.norm(q, axis=1) * np.linalg.norm(k, axis=1)
+        z = scale * np.divide(np.einsum("ij,ij->i", q, k), norms, out=np.zeros(len(q)),
+                              where=norms > 0)
+    else:
+        z = -scale * ((q - k) ** 2).sum(1)
+    if bias is not None:
+        z = z + np.asarray(bias, np.float64)[targets]
+    if not np.isfinite(z).all():
+        raise ValueError("a target's logit is not finite (a -inf bias on a target?)")
+    return (lse - z).astype(np.float32), lse
+
+
+def softmax_loss_backward(queries, keys, targets, lse, grad_loss, *, scale, bias, exclude, metric,
+                          device="cpu"):
+    """Gradients of :func:`softmax_loss`'s ``loss`` (``grad_loss`` (B,)) for
+    the queries, keys and bias: the lse's streaming pass with ``grad_lse =
+    grad_loss``, and ``-grad_loss`` at each target's own logit, added into
+    the same sums (so the keys' gradient is one (N, d) array, no second)."""
+    targets = np.asarray(targets, np.int64)
+    g = np.asarray(grad_loss, np.float32)
+    return _backward(queries, keys, None, None, lse, None, g, scale=scale, bias=bias,
+                     metric=metric, exclude=exclude, causal=False, window=None, seq_lens=None,
+                     device=device, sparse=(targets[:, None], -g[:, None]))
 
 
 def _rows(a, name, shape, lay, dtype=np.float32):

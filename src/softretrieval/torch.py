@@ -271,6 +271,65 @@ def _topk_attention_grad(ctx, grads):
 _topk_attention_op.register_autograd(_topk_attention_grad, setup_context=_topk_attention_setup)
 
 
+# --- the full-catalog softmax loss ---------------------------------------------------------
+
+@torch.library.custom_op("softretrieval::full_softmax_loss", mutates_args=())
+def _softmax_loss_op(queries: Tensor, keys: Tensor, targets: Tensor, scale: float,
+                     bias: Optional[Tensor], metric: str, excl_offsets: Optional[Tensor],
+                     excl_ids: Optional[Tensor]) -> List[Tensor]:
+    kw = _kw(scale, bias, metric, excl_offsets, excl_ids, False, -1, None, None)
+    loss, lse = grad.softmax_loss(_np(queries), _np(keys), _np_int(targets), scale=scale,
+                                  bias=kw["bias"], exclude=kw["exclude"], metric=metric)
+    return [torch.from_numpy(loss).to(queries.device), torch.from_numpy(lse).to(queries.device)]
+
+
+@_softmax_loss_op.register_fake
+def _(queries, keys, targets, scale, bias, metric, excl_offsets, excl_ids):
+    return [queries.new_empty(queries.shape[:1], dtype=torch.float32),
+            queries.new_empty(queries.shape[:1], dtype=torch.float32)]
+
+
+@torch.library.custom_op("softretrieval::full_softmax_loss_backward", mutates_args=())
+def _softmax_loss_backward_op(queries: Tensor, keys: Tensor, targets: Tensor, lse: Tensor,
+                              grad_loss: Tensor, scale: float, bias: Optional[Tensor], metric: str,
+                              excl_offsets: Optional[Tensor],
+                              excl_ids: Optional[Tensor]) -> List[Tensor]:
+    kw = _kw(scale, bias, metric, excl_offsets, excl_ids, False, -1, None, None)
+    g = grad.softmax_loss_backward(_np(queries), _np(keys), _np_int(targets), _np(lse),
+                                   _np(grad_loss), scale=scale, bias=kw["bias"],
+                                   exclude=kw["exclude"], metric=metric,
+                                   device=_backward_device(queries))
+    return _grads_out(g, queries)
+
+
+@_softmax_loss_backward_op.register_fake
+def _(queries, keys, targets, lse, grad_loss, scale, bias, metric, excl_offsets, excl_ids):
+    return [torch.empty_like(queries, dtype=torch.float32),
+            torch.empty_like(keys, dtype=torch.float32),
+            queries.new_empty(bias.shape if bias is not None else (0,), dtype=torch.float32)]
+
+
+def _softmax_loss_setup(ctx, inputs, output):
+    queries, keys, targets, scale, bias, metric, eo, ei = inputs
+    ctx.save_for_backward(queries, keys, targets, bias, output[1], eo, ei)
+    ctx.args = (scale, metric)
+
+
+def _softmax_loss_grad(ctx, grads):
+    grad_loss = grads[0]
+    queries, keys, targets, bias, lse, eo, ei = ctx.saved_tensors
+    scale, metric = ctx.args
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    dq, dk, db = _softmax_loss_backward_op(queries, keys, targets, lse, grad_loss, scale, bias,
+                                           metric, eo, ei)
+    return (dq.to(queries.dtype), dk.to(keys.dtype), None, None,
+            None if bias is None else db.to(bias.dtype), None, None, None)
+
+
+_softmax_loss_op.register_autograd(_softmax_loss_grad, setup_context=_softmax_loss_setup)
+
+
 # --- the public functions --------------------------------------------------------------------
 
 def _common(queries, keys, scale, temperature, exclude, window, seq_lens):
@@ -407,9 +466,10 @@ def full_softmax_loss(queries: Tensor, keys: Tensor, targets: Tensor, *,
     metric : "ip" (default), "cosine" or "l2".
     reduction : "mean" (default), "sum" or "none" (the (B,) losses).
 
-    Gradients flow to ``queries``, ``keys`` and ``bias``: one streaming pass
-    over the catalog (:func:`softretrieval.logsumexp_backward`) plus the
-    targets' own terms, which torch differentiates itself.
+    Gradients flow to ``queries``, ``keys`` and ``bias`` in one streaming
+    pass over the catalog (that of :func:`softretrieval.logsumexp_backward`),
+    the targets' own terms added into the same sums: the keys' gradient is
+    the one (N, d) array returned, no second.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -431,22 +491,9 @@ def full_softmax_loss(queries: Tensor, keys: Tensor, targets: Tensor, *,
         for i in range(B):
             if tn[i] in ids[offsets[i]:offsets[i + 1]]:
                 raise ValueError(f"targets[{i}] = {tn[i]} is excluded for its query")
-    lse = _logsumexp_op(queries, keys, scale_v, bias, metric, eo, ei, False, -1, None, None)
-    q = queries.to(torch.float32)
-    k = keys.to(torch.float32)[t.to(keys.device)]
-    if metric == "ip":
-        z = scale_v * (q * k).sum(-1)
-    elif metric == "cosine":
-        z = scale_v * torch.nn.functional.cosine_similarity(q, k, dim=-1, eps=1e-30)
-    elif metric == "l2":
-        z = -scale_v * ((q - k) ** 2).sum(-1)
-    else:
+    if metric not in ("ip", "cosine", "l2"):
         raise ValueError(f"metric must be one of ('ip', 'cosine', 'l2'), got {metric!r}")
-    if bias is not None:
-        z = z + bias.to(torch.float32)[t.to(bias.device)]
-    if not torch.isfinite(z.detach()).all():
-        raise ValueError("a target's logit is not finite (a -inf bias on a target?)")
-    loss = lse - z
+    loss, _ = _softmax_loss_op(queries, keys, t, scale_v, bias, metric, eo, ei)
     if reduction == "mean":
         return loss.mean()
     return loss.sum() if reduction == "sum" else loss
