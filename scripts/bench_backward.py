@@ -122,7 +122,7 @@ def loss(B, N, d, reps, chunks, dense_reps):
     (torch, which compiles nothing, gets no warm-up and ``dense_reps`` runs)."""
     res = {}
     for name, method, chunk in [("softretrieval full_softmax_loss", "ours", 0)] + [
-            (f"torch dense, chunks of {c}", "dense", c) for c in chunks]:
+            (f"torch dense, chunks of {c}", "dense", c) for c in chunks if dense_reps > 0]:
         out = subprocess_json(LOSS_CODE.format(scripts=os.path.dirname(os.path.abspath(__file__)),
                                                B=B, N=N, d=d, chunk=chunk, method=method,
                                                reps=reps if method == "ours" else dense_reps))
@@ -140,7 +140,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dense-reps", type=int, default=1,
-                    help="runs of torch's dense loss (minutes each at N = 1M)")
+                    help="runs of torch's dense loss (minutes each at N = 1M; 0: skip it)")
     ap.add_argument("--out", default="bench_backward.json")
     ap.add_argument("--sections", default="soft,causal,gqa,loss",
                     help="which of soft, causal, gqa, loss to run (comma-separated)")

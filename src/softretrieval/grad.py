@@ -272,7 +272,7 @@ def softmax_loss(queries, keys, targets, *, scale, bias, exclude, metric):
     definition (``scale q.k``, ``scale cos(q, k)``, ``-scale |q - k|^2``)."""
     lse = api.logsumexp(queries, keys, scale=scale, bias=bias, metric=metric, exclude=exclude)
     q = np.asarray(queries, np.float64)
-    k = np.asarray(keys, np.float64)[targets]
+    k = np.asarray(keys)[targets].astype(np.float64)      # the targets' rows only
     if metric == "ip":
         z = scale * np.einsum("ij,ij->i", q, k)
     elif metric == "cosine":
@@ -282,7 +282,7 @@ def softmax_loss(queries, keys, targets, *, scale, bias, exclude, metric):
     else:
         z = -scale * ((q - k) ** 2).sum(1)
     if bias is not None:
-        z = z + np.asarray(bias, np.float64)[targets]
+        z = z + np.asarray(bias)[targets].astype(np.float64)
     if not np.isfinite(z).all():
         raise ValueError("a target's logit is not finite (a -inf bias on a target?)")
     return (lse - z).astype(np.float32), lse
