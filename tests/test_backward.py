@@ -270,3 +270,27 @@ def test_memory_attention_backward(rng, gate):
     assert g.memory_values.shape == (12, H, dv) and g.memory_keys.shape == (12, H, d)
     ids = memory.read(q, k=3).ids
     assert (g.memory_values[np.setdiff1d(np.arange(12), ids[:, 0]), 0] == 0).all()
+
+
+@pytest.mark.parametrize("k", [None, 4])
+def test_memory_read_backward(rng, k):
+    """KNNMemory.read_backward: the exact soft read and the top-k read against
+    the float64 reference over the live entries (every one, or each query's
+    selected ones for out and every one for lse); memory_grad returns the
+    entries' gradients, a one-head memory takes 2-D queries."""
+    memory = sr.KNNMemory(3, 2, capacity=10, heads=1)
+    memory.write(rng.standard_normal((13, 3)), rng.standard_normal((13, 2)))   # wraps
+    q, dO, dlse = rng.standard_normal((4, 3)), rng.standard_normal((4, 2)), rng.standard_normal(4)
+    g = memory.read_backward(q, dO, dlse, k=k, memory_grad=True)
+    keys, values = (a[:, 0] for a in memory.snapshot())
+    mask = None
+    if k is not None:
+        ids = memory.read(q, k=k).ids
+        mask = np.ones((4, 10), bool)
+        mask[np.arange(4)[:, None], ids] = False
+    out_part = attention_grads_ref(q, keys, values, dO, None, mask=mask)
+    lse_part = attention_grads_ref(q, keys, values, np.zeros((4, 2)), dlse)
+    close(g.queries, out_part[0] + lse_part[0])
+    close(g.keys[:, 0], out_part[1] + lse_part[1])
+    close(g.values[:, 0], out_part[2])
+    assert memory.read_backward(q, dO, k=k).keys is None

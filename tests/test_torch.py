@@ -246,3 +246,18 @@ def test_memory_attention(gate):
     ref = grads_of((torch.stack(outs, 1) * w).sum(), params)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a.to(r.dtype), r, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_gradients_come_back_in_the_inputs_dtype(dtype):
+    """Inputs of any float dtype are computed in float32; outputs are float32
+    and each gradient has its input's dtype (and matches the float32 one)."""
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in leaves((3, 4), (9, 4), (9, 2)))
+    out = st.attention(q, k, v)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    st.attention(*ref).sum().backward()
+    for x, r in zip((q, k, v), ref):
+        assert x.grad.dtype == dtype
+        torch.testing.assert_close(x.grad.float(), r.grad, rtol=1e-2, atol=1e-2)

@@ -222,6 +222,42 @@ class KNNMemory:
             res = (r.out, r.lse, r.ids, r.coverage)
         return MemoryRead(*(a.copy_to_host() for a in res))
 
+    def read_backward(self, queries: ArrayLike, grad_out: ArrayLike,
+                      grad_lse: Optional[ArrayLike] = None, *, k: Optional[int] = None,
+                      scale: Optional[float] = None, memory_grad: bool = False,
+                      device: str = "cpu"):
+        """Gradients of :meth:`read` (same ``queries``, ``k``, ``scale``;
+        ``grad_out`` and ``grad_lse`` the loss's gradients with respect to its
+        ``out`` and ``lse``) for the queries; the entries are constants unless
+        ``memory_grad=True`` also asks for theirs (in :meth:`snapshot`
+        order). The read is recomputed on the live entries (they must not
+        change in between). Returns a :class:`softretrieval.AttentionGrads`
+        ``(queries, keys, values, None)`` (keys and values None without
+        ``memory_grad``)."""
+        from . import grad
+
+        q, squeeze = self._queries(queries)
+        keys, values = self.snapshot()
+        dO = validate.as_array(grad_out, "grad_out")
+        dO = dO[:, None] if squeeze and dO.ndim == 2 else dO
+        dlse = None if grad_lse is None else validate.as_array(grad_lse, "grad_lse")
+        dlse = dlse[:, None] if squeeze and dlse is not None and dlse.ndim == 1 else dlse
+        if len(keys) == 0:
+            g = grad.AttentionGrads(np.zeros(q.shape, np.float32), keys, values, None)
+        elif k is None:
+            out, lse = api.attention(q, keys, values, scale=scale, metric=self.metric,
+                                     return_lse=True)
+            g = grad.attention_backward(q, keys, values, out, lse, dO, dlse, scale=scale,
+                                        metric=self.metric, device=device)
+        else:
+            res = api.topk_attention(q, keys, values, k=validate.positive_int(k, "k"), scale=scale,
+                                     metric=self.metric)
+            g = grad.topk_attention_backward(q, keys, values, res, dO, dlse, scale=scale,
+                                             metric=self.metric, device=device)
+        dq = g.queries[:, 0] if squeeze else g.queries
+        return grad.AttentionGrads(dq, g.keys if memory_grad else None,
+                                   g.values if memory_grad else None, None)
+
     def snapshot(self) -> Tuple[np.ndarray, np.ndarray]:
         """Copies of the live entries, ``(keys (n, heads, key_dim), values
         (n, heads, value_dim))`` float32, in slot order (the ids of
