@@ -177,6 +177,15 @@ def test_bad_input(rng):
         sr.attention_backward(Q, K, V, out, np.full(3, np.nan), dO)
     with pytest.raises(ValueError, match="device must be one of"):
         sr.attention_backward(Q, K, V, out, lse, dO, device="gpu")
+    with pytest.raises(ValueError, match="out is required"):
+        sr.attention_backward(Q, K, V, None, lse, dO)
+    with pytest.raises(ValueError, match="out holds NaN"):
+        sr.attention_backward(Q, K, V, np.full_like(out, np.nan), lse, dO)
+    res = sr.topk_attention(Q, K, V, 3)
+    with pytest.raises(TypeError, match="TopKAttention"):
+        sr.topk_attention_backward(Q, K, V, tuple(res), dO)
+    with pytest.raises(ValueError, match="out is required"):
+        sr.topk_attention_backward(Q, K, V, res._replace(out=None), dO)
     with pytest.raises(ValueError, match="metric"):
         sr.attention_backward(Q, K, V, out, lse, dO, metric="dot")
 

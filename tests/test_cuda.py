@@ -98,10 +98,13 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
     assert target in ptx
     from softretrieval import cuda_backward
 
-    for dtype in dtypes:
+    assert cuda_backward.key_tile(64, 1300) is None        # too wide: the CPU's backward runs
+    widths = [(128, 128, dtypes[0])] + [(d, dv, "float32") for d, dv in ((808, 0), (680, 128),
+                                                                         (744, 64), (64, 1200))]
+    for d, dv, dtype in widths + [(128, 128, dt) for dt in dtypes[1:]]:
         nbt = getattr(t, dtype)
-        kernel = cuda_backward.backward_kernel(np.dtype(dtype), np.dtype(dtype), 128, 128,
-                                               cuda_backward.key_tile(128, 128))
+        kernel = cuda_backward.backward_kernel(np.dtype(dtype), np.dtype(dtype), d, dv,
+                                               cuda_backward.key_tile(d, dv))
         ptx, _ = cuda.compile_ptx(kernel.py_func, (
             arr(f32, 2), arr(nbt, 2), arr(f32, 1), i64, arr(nbt, 2), arr(f32, 1), i64, arr(f32, 1),
             i64, f32, arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(f32, 1), arr(f32, 1),

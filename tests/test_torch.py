@@ -176,6 +176,12 @@ def test_bad_input():
         st.full_softmax_loss(q, k, t, reduction="max")
     with pytest.raises(ValueError, match="share d"):
         st.full_softmax_loss(q, torch.randn(10, 5), t)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        st.full_softmax_loss(q, k, t, bias=torch.zeros(1, 10))
+    with pytest.raises(TypeError, match="temperature is not differentiable"):
+        st.full_softmax_loss(q, k, t, temperature=torch.tensor(0.5, requires_grad=True))
+    with pytest.raises(ValueError, match="window"):
+        st.attention(q[None, :, None], k[None, :, None], causal=True, window=-1)
     with pytest.raises(ValueError, match="-inf bias on a target"):
         bias = torch.zeros(10)
         bias[2] = -torch.inf
@@ -223,6 +229,8 @@ def test_memory_attention(gate):
     memory.write(rng.standard_normal((25, H, d)), rng.standard_normal((25, H, dv)))  # wraps
     q, k, v = leaves((T, H, d), (T, H, d), (T, H, dv))
     g = None if gate is None else torch.tensor(gate, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="gate must be"):
+        st.memory_attention(q, k, v, memory, topk=4, gate=[0.2, 1.7])
     out, cov = st.memory_attention(q, k, v, memory, topk=4, gate=g)
     ref_out, ref_cov = sr.memory_attention(*(x.detach().numpy() for x in (q, k, v)), memory, topk=4,
                                            gate=gate)

@@ -47,16 +47,16 @@ def _first_at_or_after(ids, lo, hi, x):
 
 def key_tile(d, dv):
     """Keys per block for keys of ``d`` and ``dv`` value columns:
-    ``config.CUDA_BACKWARD_KEYS``, fewer so that the block's shared tiles fit
-    ``config.CUDA_SHARED_BYTES``; ValueError when not even one key fits."""
+    ``config.CUDA_BACKWARD_KEYS``, at most a block's threads, fewer so that
+    the block's shared arrays fit ``config.CUDA_SHARED_BYTES``; None when not
+    even one key fits (the caller then runs the CPU's backward)."""
     rows = config.CUDA_BACKWARD_ROWS
-    fixed = 4 * rows * (d + 1 + dv + 1)                 # query and dO tiles
-    per_key = 4 * (d + 1 + dv + 1 + 2 * rows + 3)       # key, value, P, dS, terms
+    fixed = 4 * rows * (d + dv + 4) + 16           # query and dO tiles, the L and dS pads, win
+    per_key = 4 * (d + dv + 4 + 2 * rows)          # key and value rows, L and dS columns, terms
     fit = (config.CUDA_SHARED_BYTES - fixed) // per_key
     if fit < 1:
-        raise ValueError(f"keys of dimension {d} with {dv} value columns are too wide for the CUDA "
-                         "backward pass; use device='cpu'")
-    return int(min(config.CUDA_BACKWARD_KEYS, fit))
+        return None
+    return int(min(config.CUDA_BACKWARD_KEYS, config.CUDA_QUERY_BLOCK, fit))
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,14 +231,20 @@ def backward_kernel(kdtype, vdtype, d, dv, KT):
 
 def run(problem, lse2, D, dlse, dO):
     """:func:`cpu_backward.run` on the GPU: same arguments (host arrays are
-    copied to the device), same results (host arrays)."""
+    copied to the device), same results (host arrays). Rows too wide for a
+    block's shared memory (d + dv beyond about 1,400) run on the CPU's
+    backward instead."""
     Q, keys, values = problem.Q, problem.keys, problem.values
+    KT = key_tile(Q.shape[1], dO.shape[1])
+    if KT is None:
+        from . import cpu_backward
+
+        return cpu_backward.run(problem, lse2, D, dlse, dO)
     bias, key_mode, key_coef = problem.logits
     excl_off, excl_ids, row_lo, row_hi = problem.masks
     R, d = Q.shape
     N = keys.data.shape[0]
     dv = dO.shape[1]
-    KT = key_tile(d, dv)
     to = device_view
     K = to(keys.data)
     V = K if values.data is keys.data else to(values.data)

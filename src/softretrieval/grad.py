@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike
 
 from . import api, layout, validate
 from .constants import LN2, LOG2E
-from .terms import logit_terms
+from .terms import TopKAttention, logit_terms
 
 
 class AttentionGrads(NamedTuple):
@@ -77,9 +77,17 @@ def attention_backward(queries: ArrayLike, keys: ArrayLike, values: Optional[Arr
     pass none to any key; excluded keys and keys with a ``-inf`` bias get
     none either.
     """
+    _given(out, "out")
+    _given(grad_out, "grad_out")
     return _backward(queries, keys, values, out, lse, grad_out, grad_lse, scale=scale, bias=bias,
                      metric=metric, exclude=exclude, causal=causal, window=window,
                      seq_lens=seq_lens, device=device)
+
+
+def _given(a, name):
+    if a is None:
+        raise ValueError(f"{name} is required (the forward's {name.replace('grad_', '')} or its "
+                         "gradient), got None")
 
 
 def logsumexp_backward(queries: ArrayLike, keys: ArrayLike, lse: ArrayLike, grad_lse: ArrayLike,
@@ -119,6 +127,10 @@ def topk_attention_backward(queries: ArrayLike, keys: ArrayLike, values: Optiona
     key (one streaming pass, as :func:`logsumexp_backward`); ``coverage =
     exp(lse_topk - lse)`` sends its share both ways. Returns
     :class:`AttentionGrads`."""
+    if not isinstance(result, TopKAttention):
+        raise TypeError("result must be the TopKAttention returned by topk_attention")
+    _given(result.out, "out")
+    _given(grad_out, "grad_out")
     return _backward(queries, keys, values, result.out, result.lse, grad_out, grad_lse,
                      scale=scale, bias=bias, metric=metric, exclude=exclude, causal=causal,
                      window=window, seq_lens=seq_lens, device=device,
@@ -157,6 +169,8 @@ def _backward(queries, keys, values, out, lse, grad_out, grad_lse, *, scale, bia
         raise ValueError("lse holds NaN or +inf: pass the forward's lse")
     if not np.isfinite(dlse4).all() or not np.isfinite(dout4).all():
         raise ValueError("grad_out and grad_lse must be finite")
+    if not np.isfinite(out4).all():
+        raise ValueError("out holds NaN or inf: pass the forward's out")
     if top is not None:
         ids, weights, coverage, grad_w, grad_cov = top
         k = np.shape(ids)[-1] if np.ndim(ids) else 0
@@ -381,6 +395,9 @@ def memory_attention_backward(q: ArrayLike, k: ArrayLike, v: ArrayLike, memory, 
     q = validate.as_array(q, "q")
     if q.ndim != 3:
         raise ValueError(f"q must have shape (T, H, d), got {q.shape}")
+    topk = validate.positive_int(topk, "topk")
+    if topk > memory.capacity:
+        raise ValueError(f"topk = {topk} is larger than the memory's capacity {memory.capacity}")
     local, lse_local = api.attention(q, k, v, scale=scale, causal=causal, return_lse=True)
     dO = _rows(grad_out, "grad_out", local.shape, layout.as_heads(q, k, v)[3])[0]
     keys, values = memory.snapshot()

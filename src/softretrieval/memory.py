@@ -237,8 +237,14 @@ class KNNMemory:
         from . import grad
 
         q, squeeze = self._queries(queries)
+        if k is not None:
+            k = validate.positive_int(k, "k")
+            if k > self.capacity:
+                raise ValueError(f"k = {k} is larger than the memory's capacity {self.capacity}")
         keys, values = self.snapshot()
         dO = validate.as_array(grad_out, "grad_out")
+        if dO.shape != q.shape[:2] + (self.value_dim,) and dO.shape != (q.shape[0], self.value_dim):
+            raise ValueError(f"grad_out must have the shape of read's out, got {dO.shape}")
         dO = dO[:, None] if squeeze and dO.ndim == 2 else dO
         dlse = None if grad_lse is None else validate.as_array(grad_lse, "grad_lse")
         dlse = dlse[:, None] if squeeze and dlse is not None and dlse.ndim == 1 else dlse
@@ -250,8 +256,7 @@ class KNNMemory:
             g = grad.attention_backward(q, keys, values, out, lse, dO, dlse, scale=scale,
                                         metric=self.metric, device=device)
         else:
-            res = api.topk_attention(q, keys, values, k=validate.positive_int(k, "k"), scale=scale,
-                                     metric=self.metric)
+            res = api.topk_attention(q, keys, values, k=k, scale=scale, metric=self.metric)
             g = grad.topk_attention_backward(q, keys, values, res, dO, dlse, scale=scale,
                                              metric=self.metric, device=device)
         dq = g.queries[:, 0] if squeeze else g.queries

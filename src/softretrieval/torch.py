@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import api, grad, validate
+from .memory import _gate
 from .terms import TopKAttention
 
 __all__ = ["attention", "logsumexp", "topk_attention", "memory_attention", "full_softmax_loss"]
@@ -336,6 +337,12 @@ def _common(queries, keys, scale, temperature, exclude, window, seq_lens):
     """Operator arguments shared by every function: the scale (1/temperature,
     default 1/sqrt(d)), exclusions as CSR tensors, the window (-1: none) and
     the lengths as tensors."""
+    for name, value in (("scale", scale), ("temperature", temperature)):
+        if isinstance(value, Tensor) and value.requires_grad:
+            raise TypeError(f"{name} is not differentiable here: pass a number (a tensor that "
+                            "requires grad would be detached silently)")
+    if window is not None:
+        window = validate.positive_int(window, "window")
     if temperature is not None:
         if scale is not None:
             raise ValueError("give scale or temperature, not both")
@@ -419,10 +426,13 @@ def memory_attention(q: Tensor, k: Tensor, v: Tensor, memory, *, topk: int = 32,
     Transformers. Returns ``(out (T, H, dv), coverage (T, H))``."""
     if q.dim() != 3:
         raise ValueError(f"q must have shape (T, H, d), got {tuple(q.shape)}")
+    if gate is not None:
+        _gate(gate.detach().cpu().numpy() if isinstance(gate, Tensor) else gate, q.shape[1])
+        gate = torch.as_tensor(gate, device=q.device)
     local, lse_local = attention(q, k, v, scale=scale, causal=causal, return_lse=True)
     keys, values = memory.snapshot()
     if keys.shape[0] == 0:
-        empty = torch.zeros(q.shape[:2], dtype=torch.float32)
+        empty = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
         if gate is None:
             return local, empty
         g = gate.to(torch.float32)[None, :, None]
@@ -493,6 +503,8 @@ def full_softmax_loss(queries: Tensor, keys: Tensor, targets: Tensor, *,
                 raise ValueError(f"targets[{i}] = {tn[i]} is excluded for its query")
     if metric not in ("ip", "cosine", "l2"):
         raise ValueError(f"metric must be one of ('ip', 'cosine', 'l2'), got {metric!r}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     loss, _ = _softmax_loss_op(queries, keys, t, scale_v, bias, metric, eo, ei)
     if reduction == "mean":
         return loss.mean()

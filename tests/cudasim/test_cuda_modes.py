@@ -378,6 +378,24 @@ def test_backward(rng, metric):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_backward_key_columns_split_and_wide_rows(rng, monkeypatch):
+    """Two threads per key (blocks of 2 keys, 4 threads: each thread a share
+    of its key's columns), and rows too wide for the block's shared memory,
+    which run on the CPU's backward: both equal the CPU."""
+    from softretrieval import config
+
+    Q, K, V = rng.standard_normal((5, 7)), rng.standard_normal((11, 7)), rng.standard_normal((11, 3))
+    dO = rng.standard_normal((5, 3))
+    out, lse = sr.attention(Q, K, V, metric="cosine", return_lse=True)
+    want = sr.attention_backward(Q, K, V, out, lse, dO, metric="cosine")
+    monkeypatch.setattr(config, "CUDA_BACKWARD_KEYS", 2)
+    for shared_bytes in (config.CUDA_SHARED_BYTES, 64):
+        monkeypatch.setattr(config, "CUDA_SHARED_BYTES", shared_bytes)
+        got = sr.attention_backward(Q, K, V, out, lse, dO, metric="cosine", device="cuda")
+        for a, b in zip(got[:3], want[:3]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_backward_heads_and_causal_windows(rng):
     """Grouped-query heads, causal with a window and uneven lengths (query
     tiles outside a key block's windows are skipped)."""
