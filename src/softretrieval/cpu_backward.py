@@ -8,10 +8,10 @@ forward's log-partition, the upstream gradients ``dO`` and ``dlse`` and
 * ``S`` (bq, tn) = queries . keysᵀ, turned into base-2 logits by the
   forward's rules (:func:`cpu._key_terms`, :func:`cpu._masks`: metric terms,
   bias, exclusions, windows);
-* ``P = 2 ** (S - lse2)`` (:func:`core.exp2`; ``lse2`` the row's partition in
-  the same base-2 units), the softmax weights;
-* ``dP = dO . Vᵀ`` and ``dS = P * (dP - D + dlse)``, the gradient of the
-  natural-log logits;
+* ``dP = dO . Vᵀ``, then the weights ``P = 2 ** (S - lse2)`` (``lse2`` the
+  row's partition in the same base-2 units) and ``dS = P * (dP - D +
+  dlse)``, the gradient of the natural-log logits, by the shared rule
+  :func:`rules.weight_grad`;
 * ``gv += Pᵀ dO``, ``gk += dSᵀ Q``, ``gb += colsum(dS)``,
   ``gq += (dS * f) . K`` (``f`` the keys' cosine factors, else 1) and
   ``gr += rowsum(dS)``.
@@ -32,7 +32,7 @@ from . import config, runtime
 from .constants import KEYS_PLAIN, KEYS_UNIT
 from .cpu import _FAST, _key_terms, _masks, _squared_norms, _tile, shared
 
-exp2 = shared.core.exp2
+weight_grad = shared.weight_grad
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -93,36 +93,29 @@ def _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, q
                        factors)
             _masks(P, t0, excl_ids, ptr[:bq], end[:bq], row_lo[q0:q1] if windowed else row_lo,
                    row_hi[q0:q1] if windowed else row_hi)
-            for i in range(bq):
-                m = lse2[q0 + i]
-                row = P[i]
-                if m == -np.inf:                   # no valid key: no weight, no gradient
-                    for j in range(tn):
-                        row[j] = np.float32(0.0)
-                else:
-                    for j in range(tn):
-                        row[j] = exp2(row[j] - m)
             if dv > 0:
                 Vt = _tile(V[t0:t1], vcol, dv, vbuf,
                            vscale[t0:t1] if vscale.shape[0] > 0 else vscale)
                 np.dot(dOb, Vt.T, dS)
-                np.dot(P.T, dOb, gvt[:tn])
-                for j in range(tn):
-                    gv_row = gv[t0 + j]
-                    gvt_row = gvt[j]
-                    for c in range(dv):
-                        gv_row[c] += gvt_row[c]
-            else:                                  # lse only: dS = P * dlse
+            else:                                  # lse only: dP = 0
                 dS[:, :] = np.float32(0.0)
-            for i in range(bq):
-                c = dlse[q0 + i] - D[q0 + i]
+            for i in range(bq):                    # P and dS, by the shared rule
+                m = lse2[q0 + i]
+                shift = dlse[q0 + i] - D[q0 + i]
                 p = P[i]
                 s = dS[i]
                 total = np.float32(0.0)
                 for j in range(tn):
-                    s[j] = p[j] * (s[j] + c)
+                    p[j], s[j] = weight_grad(p[j], m, s[j], shift)
                     total += s[j]
                 gr[q0 + i] += total
+            if dv > 0:
+                np.dot(P.T, dOb, gvt[:tn])
+                for j in range(tn):
+                    gv_row = gv[t0 + j]
+                    gvt_row = gvt[j]
+                    for col in range(dv):
+                        gv_row[col] += gvt_row[col]
             np.dot(dS.T, Qb, gkt[:tn])
             for j in range(tn):
                 gk_row = gk[t0 + j]

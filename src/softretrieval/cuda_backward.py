@@ -9,8 +9,8 @@ per-key terms, and streams every query row past them in tiles of
 ``config.CUDA_BACKWARD_ROWS``. Per query tile: each thread scores some
 (row, key) pairs (logits by :func:`rules.logit`), one thread per row applies
 the exclusions and windows (:func:`rules.exclude_row`,
-:func:`rules.window_row`), each pair gets ``P = 2 ** (S - lse2)``
-(:func:`core.exp2`), ``dP = dO . v`` and ``dS = P (dP - D + dlse)``; the
+:func:`rules.window_row`), each pair gets ``dP = dO . v``, then ``P`` and
+``dS = P (dP - D + dlse)`` by the shared :func:`rules.weight_grad`; the
 block's keys accumulate ``gv``, ``gk``, ``gb`` in registers (each thread a
 key and a share of its columns: no two blocks write the same key), and each
 (row, column) pair adds the tile's ``dS f . K`` to ``gq`` (and each row its
@@ -30,7 +30,7 @@ from . import config
 from .constants import KEYS_UNIT
 from .cuda import DECODERS, device_view, shared
 
-exp2 = shared.core.exp2
+weight_grad = shared.weight_grad
 
 
 @cuda.jit(device=True)
@@ -177,12 +177,11 @@ def backward_kernel(kdtype, vdtype, d, dv, KT):
                 j = e - i * KT
                 g = float32(0.0)
                 p = float32(0.0)
-                if i < rn and j < tn and lse2[r0 + i] != -np.inf:
-                    p = exp2(L[i, j] - lse2[r0 + i])
+                if i < rn and j < tn:
                     dp = float32(0.0)
                     for c in range(dv):
                         dp += o_sm[i, c] * v_sm[j, c]
-                    g = p * (dp - D[r0 + i] + dlse[r0 + i])
+                    p, g = weight_grad(L[i, j], lse2[r0 + i], dp, dlse[r0 + i] - D[r0 + i])
                 L[i, j] = p
                 dS[i, j] = g
             cuda.syncthreads()

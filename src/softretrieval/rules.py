@@ -14,6 +14,7 @@ which row and where the data sit; what a row's numbers mean is decided here:
   max and the NaN/inf check);
 * the per-tile updates: :func:`softmax_row` (the online-softmax state) and
   :func:`topk_scan_row` (offering a tile's keys to a top-k buffer);
+* the backward of a weight: :func:`weight_grad`;
 * the merge of the online-softmax states of key splits: :func:`merge_row`;
 * the merge of the top-k buffers of key splits: :func:`merge_topk_row`;
 * the top-k finish: :func:`topk_scores_row` (FAISS's score conventions,
@@ -153,6 +154,18 @@ def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
     return count, ts, ti
 
 
+def weight_grad(t, lse2, dp, c):
+    """The backward of one softmax weight: ``t`` a base-2 logit, ``lse2`` its
+    row's log-partition in the same units (``-inf``: the row has no valid
+    key), ``dp = dO . v`` and ``c = dlse - rowsum(dO * out)``. Returns
+    ``(p, ds)``: the weight ``2 ** (t - lse2)`` and the gradient of the
+    natural-log logit, ``p * (dp + c)``; both 0 in a row with no valid key."""
+    if lse2 == -math.inf:
+        return np.float32(0.0), np.float32(0.0)
+    p = core.exp2(t - lse2)
+    return p, p * (dp + c)
+
+
 def merge_row(m, l, acc, b, out):
     """Merge the P split states of query ``b`` — m, l (P, B) and acc
     (P, B, dv) float32, base 2 — into ``out`` (dv,), normalized. Returns
@@ -243,7 +256,8 @@ def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_o
 #: The rules, in dependency order (each may call the ones before it and the
 #: functions of :mod:`core` and :mod:`topk_buffer`).
 FUNCTIONS = (key_factor, key_offset, logit, exclude_row, window_row, row_max_finite, softmax_row,
-             topk_scan_row, merge_row, merge_topk_row, topk_scores_row, topk_attention_row)
+             topk_scan_row, weight_grad, merge_row, merge_topk_row, topk_scores_row,
+             topk_attention_row)
 
 #: Modules whose functions every target compiles from one source, in order.
 SHARED = (core, topk_buffer)
