@@ -46,14 +46,20 @@ def test_reference_gradients_match_finite_differences(rng):
         ref = attention_grads_ref(Q, K, V, W, u, scale=0.8, bias=bias, metric=metric, mask=mask)
         args = [Q, K, V, bias]
         for arg, grad in zip(range(4), ref):
-            num = np.zeros_like(args[arg])
-            for idx in np.ndindex(num.shape):
-                hi = [a.copy() for a in args]
-                lo = [a.copy() for a in args]
-                hi[arg][idx] += 1e-6
-                lo[arg][idx] -= 1e-6
-                num[idx] = (loss(*hi) - loss(*lo)) / 2e-6
-            np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-6, err_msg=f"{metric} {arg}")
+            np.testing.assert_allclose(grad, numeric_grad(loss, args, arg, 1e-6), rtol=1e-5,
+                                       atol=1e-6, err_msg=f"{metric} {arg}")
+
+
+def numeric_grad(loss, args, arg, eps):
+    """Central differences of ``loss(*args)`` with respect to ``args[arg]``."""
+    num = np.zeros_like(args[arg])
+    for idx in np.ndindex(num.shape):
+        hi = [a.copy() for a in args]
+        lo = [a.copy() for a in args]
+        hi[arg][idx] += eps
+        lo[arg][idx] -= eps
+        num[idx] = (loss(*hi) - loss(*lo)) / (2 * eps)
+    return num
 
 
 def logits(Q, K, metric, scale=0.8):
@@ -262,20 +268,13 @@ def test_memory_attention_backward(rng, gate):
     W = rng.standard_normal((T, H, dv))
     g = sr.memory_attention_backward(q, k, v, memory, W, topk=3, gate=gate, memory_grad=True)
 
-    def loss(q, k, v, gate):
+    def loss(q, k, v, gate=None):
         return float((sr.memory_attention(q, k, v, memory, topk=3, gate=gate)[0] * W).sum())
 
     args = [q, k, v] + ([] if gate is None else [np.array(gate, float)])
     for i, grad in enumerate([g.q, g.k, g.v] + ([] if gate is None else [g.gate])):
-        num = np.zeros_like(args[i])
-        for idx in np.ndindex(num.shape):
-            hi = [a.copy() for a in args]
-            lo = [a.copy() for a in args]
-            hi[i][idx] += 1e-3
-            lo[i][idx] -= 1e-3
-            num[idx] = (loss(*hi[:3], hi[3] if gate else None)
-                        - loss(*lo[:3], lo[3] if gate else None)) / 2e-3
-        np.testing.assert_allclose(grad, num, rtol=2e-2, atol=2e-3, err_msg=str(i))
+        np.testing.assert_allclose(grad, numeric_grad(loss, args, i, 1e-3), rtol=2e-2, atol=2e-3,
+                                   err_msg=str(i))
     assert g.memory_values.shape == (12, H, dv) and g.memory_keys.shape == (12, H, d)
     ids = memory.read(q, k=3).ids
     assert (g.memory_values[np.setdiff1d(np.arange(12), ids[:, 0]), 0] == 0).all()

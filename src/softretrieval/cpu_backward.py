@@ -35,6 +35,17 @@ from .cpu import _FAST, _key_terms, _masks, _squared_norms, _tile, shared
 weight_grad = shared.weight_grad
 
 
+@njit(fastmath=_FAST, cache=True, inline="always")
+def _add_rows(dst, r0, src):
+    """dst[r0 + i] += src[i] for every row i of src (a tile's sums into the
+    running gradients)."""
+    for i in range(src.shape[0]):
+        d = dst[r0 + i]
+        s = src[i]
+        for c in range(s.shape[0]):
+            d[c] += s[c]
+
+
 @njit(fastmath=_FAST, cache=True)
 def _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, qblock, ktile,
                     gq, gr, gk, gv, gb, stop):
@@ -111,17 +122,9 @@ def _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, q
                 gr[q0 + i] += total
             if dv > 0:
                 np.dot(P.T, dOb, gvt[:tn])
-                for j in range(tn):
-                    gv_row = gv[t0 + j]
-                    gvt_row = gvt[j]
-                    for col in range(dv):
-                        gv_row[col] += gvt_row[col]
+                _add_rows(gv, t0, gvt[:tn])
             np.dot(dS.T, Qb, gkt[:tn])
-            for j in range(tn):
-                gk_row = gk[t0 + j]
-                gkt_row = gkt[j]
-                for c in range(d):
-                    gk_row[c] += gkt_row[c]
+            _add_rows(gk, t0, gkt[:tn])
             for i in range(bq):
                 s = dS[i]
                 for j in range(tn):
@@ -130,11 +133,7 @@ def _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, q
                     for j in range(tn):
                         s[j] *= factors[j]
             np.dot(dS, Kt, gqt[:bq])
-            for i in range(bq):
-                gq_row = gq[q0 + i]
-                gqt_row = gqt[i]
-                for c in range(d):
-                    gq_row[c] += gqt_row[c]
+            _add_rows(gq, q0, gqt[:bq])
 
 
 @njit(parallel=True, cache=True, nogil=True)

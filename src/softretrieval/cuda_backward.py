@@ -60,12 +60,35 @@ def key_tile(d, dv):
 
 
 @functools.lru_cache(maxsize=None)
+def _stager(dtype):
+    """A device function that decodes rows ``t0 .. t0 + tn`` of ``X`` stored
+    as ``dtype`` (columns ``col .. col + width``, int8 row scales ``xscale``
+    or (0,)) into the shared tile ``sm`` (rows past tn: 0), the block's
+    ``nthreads`` threads sharing the elements."""
+    dec = DECODERS[dtype]
+
+    @cuda.jit(device=True)
+    def stage(sm, X, xscale, col, t0, tn, width, tid, nthreads):
+        for e in range(tid, sm.shape[0] * width, nthreads):
+            j = e // width
+            c = e - j * width
+            x = float32(0.0)
+            if j < tn:
+                x = dec(X[t0 + j, col + c])
+                if xscale.shape[0] > 0:
+                    x *= xscale[t0 + j]
+            sm[j, c] = x
+
+    return stage
+
+
+@functools.lru_cache(maxsize=None)
 def backward_kernel(kdtype, vdtype, d, dv, KT):
     """The backward kernel for keys/values stored as ``kdtype``/``vdtype``,
     ``d`` key and ``dv`` value columns, ``KT`` keys per block (all sizes of
     its shared tiles and register accumulators are compile-time)."""
-    kdec = DECODERS[np.dtype(kdtype)]
-    vdec = DECODERS[np.dtype(vdtype)]
+    stage_keys = _stager(np.dtype(kdtype))
+    stage_values = _stager(np.dtype(vdtype))
     key_factor = shared.key_factor
     key_offset = shared.key_offset
     logit = shared.logit
@@ -103,24 +126,8 @@ def backward_kernel(kdtype, vdtype, d, dv, KT):
         for e in range(VACC):
             vacc[e] = float32(0.0)
         bacc = float32(0.0)
-        for e in range(tid, KT * d, NT):
-            j = e // d
-            c = e - j * d
-            x = float32(0.0)
-            if j < tn:
-                x = kdec(K[t0 + j, kcol + c])
-                if kscale.shape[0] > 0:
-                    x *= kscale[t0 + j]
-            k_sm[j, c] = x
-        for e in range(tid, KT * dv, NT):
-            j = e // dv
-            c = e - j * dv
-            x = float32(0.0)
-            if j < tn:
-                x = vdec(V[t0 + j, vcol + c])
-                if vscale.shape[0] > 0:
-                    x *= vscale[t0 + j]
-            v_sm[j, c] = x
+        stage_keys(k_sm, K, kscale, kcol, t0, tn, d, tid, NT)
+        stage_values(v_sm, V, vscale, vcol, t0, tn, dv, tid, NT)
         cuda.syncthreads()
         if tid < tn:
             sq = float32(0.0)
