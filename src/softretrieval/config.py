@@ -35,6 +35,14 @@ NUM_THREADS = None
 #: costs tens of microseconds).
 INTERRUPTIBLE_WORK = 1 << 26
 
+#: Index allow-lists (``include=``): the allowed rows are gathered and each
+#: query scores only its own (cost O(sum of list lengths x d)) when the lists
+#: hold at most this share of the B x N (query, item) pairs and the gathered
+#: rows take at most ``INCLUDE_GATHER_BYTES``; otherwise every key is scanned
+#: and the rows not allowed are masked (cost O(B x N x d), like a search).
+INCLUDE_GATHER_SHARE = 1 / 16
+INCLUDE_GATHER_BYTES = 256 << 20
+
 #: CUDA: threads per block of the one-thread-per-row kernels (the split
 #: merges, the top-k finishes, the head gathers and scatters).
 CUDA_QUERY_BLOCK = 64

@@ -329,21 +329,21 @@ def _key_terms(bias_t, has_bias, key_mode, key_coef, S, terms, factors):
 
 
 @njit(cache=True)
-def _masks(S, t0, excl_ids, ptr, end, lo, hi):
-    """Mask each row's excluded keys (:func:`rules.exclude_row`; ``ptr``
-    advances per row) and keys outside its window ``[lo[i], hi[i])``
-    (:func:`rules.window_row`, when ``lo`` is not empty)."""
+def _masks(S, t0, excl_ids, ptr, end, allow, lo, hi):
+    """Mask each row's excluded keys, or with ``allow`` the keys not in its
+    allow-list (:func:`rules.list_row`; ``ptr`` advances per row), and keys
+    outside its window ``[lo[i], hi[i])`` (:func:`rules.window_row`, when
+    ``lo`` is not empty)."""
     tn = S.shape[1]
     for i in range(S.shape[0]):
-        if ptr[i] < end[i]:
-            ptr[i] = shared.exclude_row(S[i], tn, t0, excl_ids, ptr[i], end[i])
+        ptr[i] = shared.list_row(S[i], tn, t0, excl_ids, ptr[i], end[i], allow)
         if lo.shape[0] > 0:
             shared.window_row(S[i], tn, t0, lo[i], hi[i])
 
 
 @njit(fastmath=_FAST, cache=True)
-def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, lo, hi, k0, k1, ktile, simd, mode,
-                  states, stop):
+def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k0, k1, ktile, simd,
+                  mode, states, stop):
     """Stream keys ``k0:k1`` into the states of one query block.
 
     Qb (bq, d) float32. keys, values: :class:`devices.Rows` (the keys are
@@ -351,7 +351,8 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, lo, hi, k0, k1, 
     (:func:`decode`), int8 row scales in ``keys.scale``; likewise the
     ``values.width`` value columns). logits: :class:`devices.Logits`.
     excl_ids: the sorted excluded ids, row i's in ``excl_ids[ptr[i]:end[i]]``
-    (ptr, end (bq,)). lo, hi (bq,) or (0,): each row's key window. mode:
+    (ptr, end (bq,)); with ``allow`` they are allow-lists instead. lo, hi
+    (bq,) or (0,): each row's key window. mode:
     :class:`devices.Mode`. states: ``(m, l, acc, tk_s, tk_i, tk_n, tk_ts,
     tk_ti)``: m, l (bq,), acc (bq, dv) online-softmax states, updated when
     ``want_soft`` (acc only when ``want_acc``); tk_s, tk_i (bq, cap), tk_n,
@@ -397,7 +398,7 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, lo, hi, k0, k1, 
                 _squared_norms(Kt, terms)
         _key_terms(bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms,
                    factors)
-        _masks(S, t0, excl_ids, ptr, end, lo, hi)
+        _masks(S, t0, excl_ids, ptr, end, allow, lo, hi)
         bits = S.view(np.int32)
         for i in range(bq):
             mx, finite = shared.row_max_finite(bits[i], t1 - t0)
@@ -426,7 +427,7 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     Q (B, d) float32, C-contiguous. keys, values: :class:`devices.Rows`
     (C-contiguous storage rows, e.g. one head of a multi-head array at its
     column offset); logits: :class:`devices.Logits`; masks:
-    :class:`devices.Masks` — CSR exclusion lists sorted per query, and the
+    :class:`devices.Masks` — CSR exclusion lists (or allow-lists) sorted per query, and the
     int64 key window ``[lo, hi)`` of each query (causal and sliding-window
     modes): key tiles outside every window of a block are skipped, tiles
     that cross a window edge masked. tiling: ``(nqb, nsplit, ktile,
@@ -447,7 +448,7 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     """
     K = keys.data
     dv = values.width
-    excl_off, excl_ids, row_lo, row_hi = masks
+    excl_off, excl_ids, row_lo, row_hi, allow = masks
     nqb, nsplit, ktile, ktile_simd, simd_queries = tiling
     want_soft, want_acc, k = mode
     B = Q.shape[0]
@@ -490,8 +491,9 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
         tile = ktile_simd if simd else ktile
         states = (m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1], tk_s[sp, q0:q1], tk_i[sp, q0:q1],
                   tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1])
-        bad[w] = _stream_range(Q[q0:q1], keys, values, logits, excl_ids, ptr, end, row_lo[q0:q1],
-                               row_hi[q0:q1], k0, k1, tile, simd, mode, states, stop)
+        bad[w] = _stream_range(Q[q0:q1], keys, values, logits, excl_ids, ptr, end, allow,
+                               row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd, mode, states,
+                               stop)
     return m, l, acc, tk_s, tk_i, tk_n, bad.sum()
 
 
@@ -567,8 +569,13 @@ def finish_topk_attention(logits, ids, count, lse, V, vscale, vcol, dv, k):
     return out, ids_out, weights, coverage
 
 
-def plan(B, N, threads):
+def plan(B, N, threads, span=None):
     """Split of the work: ``(nqb, nsplit)`` query blocks and key ranges.
+
+    ``span``: the total length of the queries' key windows, when they have
+    windows. Windows that together are no longer than N (each query its own
+    segment of the keys, as for gathered allow-lists) get one query per
+    block, so no query scans the others' segments.
 
     Many queries: equal query blocks of at most ``config.QUERY_BLOCK``, their
     count a multiple of ``threads``, and one key range. Few queries (fewer
@@ -576,6 +583,8 @@ def plan(B, N, threads):
     ``threads`` key ranges, merged afterwards, so a single query still uses
     every core; never ranges shorter than ``config.MIN_KEYS_PER_SPLIT``.
     """
+    if span is not None and span <= N and B >= threads:
+        return B, 1
     if B >= threads * config.MIN_QUERIES_PER_THREAD:
         rounds = -(-B // (threads * config.QUERY_BLOCK))
         return threads * rounds, 1
@@ -609,7 +618,9 @@ def run(problem, mode):
     score rows with NaN/inf).
     """
     Q = problem.Q
-    nqb, nsplit = plan(Q.shape[0], problem.keys.data.shape[0], runtime.num_threads())
+    lo, hi = problem.masks.row_lo, problem.masks.row_hi
+    nqb, nsplit = plan(Q.shape[0], problem.keys.data.shape[0], runtime.num_threads(),
+                       int((hi - lo).sum()) if lo.shape[0] else None)
     tiling = (nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES)
     stop = np.zeros(1, np.int64)
     work = Q.shape[0] * problem.keys.data.shape[0] * (

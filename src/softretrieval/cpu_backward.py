@@ -55,7 +55,7 @@ def _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, q
     K, kscale, kcol = keys.data, keys.scale, keys.col
     V, vscale, vcol = values.data, values.scale, values.col
     bias, key_mode, key_coef = logits
-    excl_off, excl_ids, row_lo, row_hi = masks
+    excl_off, excl_ids, row_lo, row_hi, allow = masks
     R, d = Q.shape
     dv = dO.shape[1]
     has_bias = bias.shape[0] > 0
@@ -102,7 +102,8 @@ def _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, q
                 _squared_norms(Kt, terms)
             _key_terms(bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, P, terms,
                        factors)
-            _masks(P, t0, excl_ids, ptr[:bq], end[:bq], row_lo[q0:q1] if windowed else row_lo,
+            _masks(P, t0, excl_ids, ptr[:bq], end[:bq], allow,
+                   row_lo[q0:q1] if windowed else row_lo,
                    row_hi[q0:q1] if windowed else row_hi)
             if dv > 0:
                 Vt = _tile(V[t0:t1], vcol, dv, vbuf,

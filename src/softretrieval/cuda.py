@@ -190,7 +190,7 @@ def stream_kernel(kdtype, vdtype, lay, vd):
     key_factor = shared.key_factor
     key_offset = shared.key_offset
     logit = shared.logit
-    exclude_row = shared.exclude_row
+    list_row = shared.list_row
     window_row = shared.window_row
     row_max_finite = shared.row_max_finite
     rescale = shared.core.rescale
@@ -207,7 +207,7 @@ def stream_kernel(kdtype, vdtype, lay, vd):
 
     @cuda.jit(**_jit_options(lay))
     def kernel(Q, qmult, qunit, qsq_coef, K4, kscale, V4, vscale, kcol, vcol, bias2, bias_mult,
-               key_mode, key_coef, excl_off, excl_ids, row_lo, row_hi, want_soft, k,
+               key_mode, key_coef, excl_off, excl_ids, allow, row_lo, row_hi, want_soft, k,
                m_out, l_out, acc_out, tk_s, tk_i, tk_n, bad):
         pz = cuda.blockIdx.z               # the problem: batch element bb, KV head g
         Hkv = K4.shape[2]
@@ -363,8 +363,7 @@ def stream_kernel(kdtype, vdtype, lay, vd):
             cuda.syncthreads()
             if own:
                 row = L[tid]
-                if p < pend:
-                    p = exclude_row(row, tn, t0, excl_ids, p, pend)
+                p = list_row(row, tn, t0, excl_ids, p, pend, allow)
                 if windowed:
                     window_row(row, tn, t0, lo, hi)
                 mx, finite = row_max_finite(row, tn)
@@ -521,7 +520,7 @@ def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
     Q, keys, values = to(problem.Q), problem.keys, problem.values
     want_soft, want_acc, k = mode
     bias, key_mode, key_coef = problem.logits
-    excl_off, excl_ids, row_lo, row_hi = problem.masks
+    excl_off, excl_ids, row_lo, row_hi, allow = problem.masks
     K4 = to(keys.data)
     V4 = K4 if values.data is keys.data or not want_acc else to(values.data)
     bias2, row_lo, row_hi = to(bias), to(row_lo), to(row_hi)
@@ -546,7 +545,7 @@ def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
         Q, np.float32(query.qmult), query.qunit, np.float32(query.qsq_coef), K4,
         to(keys.scale), V4, to(values.scale), keys.col, values.col, bias2,
         np.float32(query.bias_mult), key_mode, np.float32(key_coef),
-        to(excl_off), to(excl_ids), row_lo, row_hi, want_soft, k, m, l, acc,
+        to(excl_off), to(excl_ids), allow, row_lo, row_hi, want_soft, k, m, l, acc,
         tk_s, tk_i, tk_n, bad)
     res = {"bad": int(bad.copy_to_host()[0])}
     threads = config.CUDA_QUERY_BLOCK

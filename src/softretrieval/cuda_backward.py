@@ -8,7 +8,7 @@ Layout: a block owns a tile of ``config.CUDA_BACKWARD_KEYS`` keys (fewer when
 per-key terms, and streams every query row past them in tiles of
 ``config.CUDA_BACKWARD_ROWS``. Per query tile: each thread scores some
 (row, key) pairs (logits by :func:`rules.logit`), one thread per row applies
-the exclusions and windows (:func:`rules.exclude_row`,
+the exclusions or allow-lists and windows (:func:`rules.list_row`,
 :func:`rules.window_row`), each pair gets ``dP = dO . v``, then ``P`` and
 ``dS = P (dP - D + dlse)`` by the shared :func:`rules.weight_grad`; the
 block's keys accumulate ``gv``, ``gk``, ``gb`` in registers (each thread a
@@ -92,7 +92,7 @@ def backward_kernel(kdtype, vdtype, d, dv, KT):
     key_factor = shared.key_factor
     key_offset = shared.key_offset
     logit = shared.logit
-    exclude_row = shared.exclude_row
+    list_row = shared.list_row
     window_row = shared.window_row
     QB = config.CUDA_BACKWARD_ROWS
     NT = config.CUDA_QUERY_BLOCK
@@ -104,7 +104,7 @@ def backward_kernel(kdtype, vdtype, d, dv, KT):
 
     @cuda.jit
     def kernel(Q, K, kscale, kcol, V, vscale, vcol, bias, key_mode, key_coef, excl_off, excl_ids,
-               row_lo, row_hi, lse2, D, dlse, dO, gq, gr, gk, gv, gb):
+               allow, row_lo, row_hi, lse2, D, dlse, dO, gq, gr, gk, gv, gb):
         R = Q.shape[0]
         N = K.shape[0]
         tid = cuda.threadIdx.x
@@ -174,8 +174,8 @@ def backward_kernel(kdtype, vdtype, d, dv, KT):
                 if excl_off.shape[0] > 0:
                     lo = excl_off[row]
                     hi = excl_off[row + 1]
-                    exclude_row(L[tid], tn, t0, excl_ids, _first_at_or_after(excl_ids, lo, hi, t0),
-                                hi)
+                    list_row(L[tid], tn, t0, excl_ids, _first_at_or_after(excl_ids, lo, hi, t0),
+                             hi, allow)
                 if windowed:
                     window_row(L[tid], tn, t0, row_lo[row], row_hi[row])
             cuda.syncthreads()
@@ -247,7 +247,7 @@ def run(problem, lse2, D, dlse, dO):
 
         return cpu_backward.run(problem, lse2, D, dlse, dO)
     bias, key_mode, key_coef = problem.logits
-    excl_off, excl_ids, row_lo, row_hi = problem.masks
+    excl_off, excl_ids, row_lo, row_hi, allow = problem.masks
     R, d = Q.shape
     N = keys.data.shape[0]
     dv = dO.shape[1]
@@ -262,6 +262,6 @@ def run(problem, lse2, D, dlse, dO):
     kernel = backward_kernel(np.dtype(K.dtype), np.dtype(V.dtype), d, dv, KT)
     kernel[-(-N // KT), config.CUDA_QUERY_BLOCK](
         to(Q), K, to(keys.scale), keys.col, V, to(values.scale), values.col, to(bias), key_mode,
-        np.float32(key_coef), to(excl_off), to(excl_ids), to(row_lo), to(row_hi), to(lse2), to(D),
+        np.float32(key_coef), to(excl_off), to(excl_ids), allow, to(row_lo), to(row_hi), to(lse2), to(D),
         to(dlse), to(np.ascontiguousarray(dO)), gq, gr, gk, gv, gb)
     return tuple(a.copy_to_host() for a in (gq, gr, gk, gv, gb))

@@ -38,20 +38,24 @@ class Logits(NamedTuple):
 
 
 class Masks(NamedTuple):
-    """Per-query masks: CSR exclusion lists (sorted per query) and key windows
-    ``[row_lo, row_hi)``; empty arrays for none."""
+    """Per-query masks: CSR id lists (sorted per query) and key windows
+    ``[row_lo, row_hi)``; empty arrays for none. The lists are exclusions,
+    or allow-lists when ``allow`` (then a query sees only its listed keys:
+    :func:`rules.list_row`)."""
 
     excl_off: Any = _NONE     # (R + 1,) int64
     excl_ids: Any = _NONE
     row_lo: Any = _NONE       # (R,) int64
     row_hi: Any = _NONE
+    allow: bool = False
 
 
-def masks(exclude=None, window=None):
-    """:class:`Masks` from ``exclude = (offsets, ids)`` and ``window = (lo, hi)`` (or None)."""
+def masks(exclude=None, window=None, allow=False):
+    """:class:`Masks` from ``exclude = (offsets, ids)`` (an allow-list with
+    ``allow``) and ``window = (lo, hi)`` (or None)."""
     off, ids = (_NONE, _NONE) if exclude is None else exclude
     lo, hi = (_NONE, _NONE) if window is None else window
-    return Masks(off, ids, lo, hi)
+    return Masks(off, ids, lo, hi, allow)
 
 
 class Mode(NamedTuple):

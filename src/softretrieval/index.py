@@ -20,8 +20,11 @@ On-disk format (:meth:`Index.save`, :meth:`Index.load`; see
 * ``center``: (dim,) float32, the point l2 keys are stored relative to (when
   set, see :class:`Index`);
 * ``meta.json``: format ``"softretrieval.Index"``, version, ``dim``,
-  ``metric``, ``dtype``, ``value_dim``, ``ntotal``, each file's name, dtype,
-  shape and SHA-256, and the checksum of meta.json itself.
+  ``metric``, ``dtype``, ``value_dim``, ``ntotal``, ``next_id`` (only for an
+  index that numbers its items itself, see :meth:`Index.remove`), each file's
+  name, dtype, shape and SHA-256, and the checksum of meta.json itself.
+
+A save writes the live items only (removed rows are dropped).
 """
 
 import os
@@ -96,10 +99,14 @@ class Index:
         self._scales = np.empty(0, np.float32)   # int8 row scales (grown for int8 only)
         self._values = None if self.value_dim is None else np.empty((0, self.value_dim), np.float32)
         self._ids = None
-        self._id_order = None
+        self._auto_ids = False    # ids numbered by the index (an index without ids, once changed)
+        self._next_id = 0         # the next such id
+        self._dead = None         # (capacity,) bool tombstones of removed rows, or None
+        self._n_dead = 0
         self._bias = None
         self._center = None       # (dim,) float32 for l2 data far from the origin
-        self._bias_cache = {}
+        self._version = 0         # bumped by every change; keys the caches
+        self._cache = {}          # what is derived from one version (lookups, call biases)
         self._resident = {}       # GPU copies of the stored arrays (device="cuda")
         self._lock = threading.RLock()
 
@@ -107,12 +114,12 @@ class Index:
         with self._lock:
             state = dict(self.__dict__)
             n = self._n
-            for name in ("_data", "_scales", "_values", "_ids", "_bias"):
+            for name in ("_data", "_scales", "_values", "_ids", "_bias", "_dead"):
                 a = state[name]
                 if a is not None and (name != "_scales" or self.dtype == "int8"):
                     state[name] = np.array(a[:n])
         del state["_lock"]
-        state.update(_bias_cache={}, _resident={}, _id_order=None)
+        state.update(_cache={}, _resident={})
         return state
 
     def __setstate__(self, state):
@@ -122,38 +129,65 @@ class Index:
 
     @property
     def ntotal(self) -> int:
-        """Number of items."""
-        return self._n
+        """Number of live items (removed ones are not counted)."""
+        return self._n - self._n_dead
 
     def __len__(self):
-        return self._n
+        return self.ntotal
 
     def __repr__(self):
         return (f"Index(dim={self.dim}, metric={self.metric!r}, value_dim={self.value_dim}, "
-                f"dtype={self.dtype!r}, ntotal={self._n})")
+                f"dtype={self.dtype!r}, ntotal={self.ntotal})")
+
+    def _live(self, a):
+        """The live items' rows of a stored array (its first n rows without
+        the removed ones), in row order: what the public views show."""
+        a = a[: self._n]
+        return a if self._n_dead == 0 else a[~self._dead[: self._n]]
 
     @property
     def ids(self) -> Optional[np.ndarray]:
-        """(N,) int64 external ids, or None when items are known by row number."""
-        return None if self._ids is None else self._ids[: self._n]
+        """(N,) int64 external ids of the live items, or None when items are
+        known by row number (an index without ids that has never had an
+        item removed or updated; after that its items keep the numbers they
+        had, see :meth:`remove`)."""
+        with self._lock:
+            return None if self._ids is None else self._live(self._ids)
 
     @property
     def bias(self) -> Optional[np.ndarray]:
-        """(N,) float64 stored per-item bias, or None. Assign an (N,) array
-        (``-inf`` hides an item) or None."""
-        return None if self._bias is None else self._bias[: self._n]
+        """(N,) float64 stored per-item bias of the live items, or None.
+        Assign an (N,) array (``-inf`` hides an item) or None."""
+        with self._lock:
+            return None if self._bias is None else self._live(self._bias)
 
     @bias.setter
     def bias(self, value: Optional[ArrayLike]) -> None:
         with self._lock:
-            b = validate.bias_vector(value, self._n)
+            b = validate.bias_vector(value, self.ntotal)
             if b is None:
                 self._bias = None
             else:
-                self._bias = np.zeros(self._data.shape[0])
-                self._bias[: self._n] = b
-            self._bias_cache = {}
-            self._resident = {}
+                full = np.zeros(self._data.shape[0])
+                full[: self._n][self._live_mask()] = b
+                self._bias = full
+            self._changed(keep_stored=True)
+
+    def _live_mask(self):
+        """(n,) bool: which rows hold live items."""
+        if self._n_dead == 0:
+            return np.ones(self._n, bool)
+        return ~self._dead[: self._n]
+
+    def _changed(self, keep_stored=False):
+        """Note a change: a new version (the caches of the old one are
+        dropped) and new GPU copies — only of the bias with ``keep_stored``
+        (the stored rows did not change), so a removal does not recopy a
+        catalog to the GPU."""
+        self._version += 1
+        self._cache = {}
+        self._resident = ({name: a for name, a in self._resident.items()
+                           if not name.startswith("bias")} if keep_stored else {})
 
     @property
     def center(self) -> Optional[np.ndarray]:
@@ -167,6 +201,7 @@ class Index:
         with self._lock:
             n = self._n
             rows = storage.decode_rows(self._data[:n], self.dtype, self._scales[:n])
+            rows = rows if self._n_dead == 0 else rows[self._live_mask()]
         return rows if self._center is None else rows + self._center
 
     def add(self, keys: ArrayLike, values: Optional[ArrayLike] = None,
@@ -194,32 +229,47 @@ class Index:
         if n == 0:
             return
         with self._lock:
-            if (new_ids is None) != (self._ids is None) and self._n > 0:
+            if self._auto_ids and new_ids is not None:
+                raise ValueError("this index numbers its items itself (it had no ids when items "
+                                 "were first removed or updated): add without ids")
+            if (new_ids is None) != (self._ids is None) and self.ntotal > 0 and not self._auto_ids:
                 raise ValueError("ids must be given on every add or on none "
                                  f"(this index has {'ids' if self._ids is not None else 'no ids'})")
-            if new_ids is not None and self._n and np.isin(new_ids, self.ids).any():
+            if new_ids is not None and self.ntotal and np.isin(new_ids, self.ids).any():
                 raise ValueError("ids already in the index")
-            center = self._center
-            if self._n == 0 and self.metric == "l2":
-                center = terms.far_center(K[: storage.ENCODE_CHUNK])
-            self._reserve(self._n + n)
-            lo, hi = self._n, self._n + n
-            storage.encode_rows(K, self.dtype, self._data[lo:hi], self._scales[lo:hi], center)
-            self._center = center
-            if V is not None:
-                self._values[lo:hi] = V
-            if new_ids is not None:
-                if self._ids is None:
-                    self._ids = np.empty(self._data.shape[0], np.int64)
-                self._ids[lo:hi] = new_ids
-                self._id_order = None
-            if b is not None and self._bias is None:
-                self._bias = np.zeros(self._data.shape[0])
-            if self._bias is not None:
-                self._bias[lo:hi] = 0.0 if b is None else b
-            self._bias_cache = {}
-            self._resident = {}
-            self._n = hi
+            if new_ids is None and self._auto_ids:
+                new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+            self._append(K, V, new_ids, b)
+            if self._auto_ids:
+                self._next_id += n
+
+    def _append(self, K, V, new_ids, b, keep_bias=None):
+        """Encode and append n rows (under the lock); they become visible
+        when ``_n`` moves, after every array holds them. ``keep_bias``: the
+        rows whose stored bias the new rows take (an update)."""
+        n = K.shape[0]
+        center = self._center
+        if self._n == 0 and self.metric == "l2":
+            center = terms.far_center(K[: storage.ENCODE_CHUNK])
+        self._reserve(self._n + n)
+        lo, hi = self._n, self._n + n
+        storage.encode_rows(K, self.dtype, self._data[lo:hi], self._scales[lo:hi], center)
+        self._center = center
+        if V is not None:
+            self._values[lo:hi] = V
+        if new_ids is not None:
+            if self._ids is None:
+                self._ids = np.empty(self._data.shape[0], np.int64)
+            self._ids[lo:hi] = new_ids
+        if b is not None and self._bias is None:
+            self._bias = np.zeros(self._data.shape[0])
+        if self._bias is not None:
+            self._bias[lo:hi] = self._bias[keep_bias] if keep_bias is not None else (
+                0.0 if b is None else b)
+        if self._dead is not None:
+            self._dead[lo:hi] = False
+        self._changed()
+        self._n = hi
 
     def _check_values(self, values, n):
         if self.value_dim is None:
@@ -251,46 +301,171 @@ class Index:
         return arr
 
     def _reserve(self, total):
-        """Grow the arrays to hold ``total`` items (by at least 1.5x)."""
+        """Make room for ``total`` rows (by at least 1.5x), dropping removed
+        rows on the way (the copy is paid anyway): row numbers may change,
+        ids do not."""
         cap = self._data.shape[0]
         if total <= cap:
             return
-        cap = max(total, cap + cap // 2)
-        n = self._n
-        per_item = self.dim * self._data.itemsize + 4 * (self.value_dim or 0) + 24
-        validate.fits_in_memory(total * per_item, f"an index of {total} items of dimension {self.dim}")
+        need = total - self._n_dead
+        per_item = self.dim * self._data.itemsize + 4 * (self.value_dim or 0) + 25
+        validate.fits_in_memory(need * per_item, f"an index of {need} items of dimension {self.dim}")
+        self._rebuild(max(need, cap + cap // 2))
 
-        def grown(a, shape):
+    def _rebuild(self, cap):
+        """New arrays of ``cap`` rows holding the live rows, in order (the
+        old arrays are left to the snapshots that still read them)."""
+        live = None if self._n_dead == 0 else self._live_mask()
+
+        def moved(a, shape):
             out = np.empty(shape, a.dtype)
-            out[:n] = a[:n]
+            rows = a[: self._n] if live is None else a[: self._n][live]
+            out[: rows.shape[0]] = rows
             return out
 
-        self._data = grown(self._data, (cap, self.dim))
+        self._data = moved(self._data, (cap, self.dim))
         if self.dtype == "int8":
-            self._scales = grown(self._scales, (cap,))
+            self._scales = moved(self._scales, (cap,))
         if self._values is not None:
-            self._values = grown(self._values, (cap, self.value_dim))
+            self._values = moved(self._values, (cap, self.value_dim))
         if self._ids is not None:
-            self._ids = grown(self._ids, (cap,))
+            self._ids = moved(self._ids, (cap,))
         if self._bias is not None:
-            self._bias = grown(self._bias, (cap,))
+            self._bias = moved(self._bias, (cap,))
+        self._n -= self._n_dead
+        self._n_dead = 0
+        self._dead = None
+        self._changed()
+
+    def compact(self) -> None:
+        """Drop the rows of removed items now (saves and growth do it too),
+        freeing their memory: one pass over the stored arrays. Results do not
+        change; a search running meanwhile reads the old arrays."""
+        with self._lock:
+            self._rebuild(self.ntotal)
+
+    # ------------------------------------------------------------------ changes
+
+    def _number_items(self):
+        """An index without ids gets ids equal to its row numbers, so its
+        items keep their numbers when rows are dropped or moved."""
+        if self._ids is None:
+            self._ids = np.arange(self._data.shape[0], dtype=np.int64)
+            self._auto_ids = True
+            self._next_id = self._n
+
+    def _rows_of(self, ids):
+        """Rows of the live items with external ids ``ids`` (int64 (m,)):
+        (m,) int64, -1 for ids not in the index."""
+        sorted_ids, rows = self._lookup()
+        if sorted_ids.shape[0] == 0:
+            return np.full(ids.shape, -1, np.int64)
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
+        return np.where(sorted_ids[pos] == ids, rows[pos], -1)
+
+    def _lookup(self):
+        """``(sorted external ids, their rows)`` of the live items (cached per
+        version; the caller holds the lock). Without ids: rows are ids."""
+        key = (self._version, "lookup")
+        if key not in self._cache:
+            live = np.flatnonzero(self._live_mask()) if self._n_dead else np.arange(self._n)
+            if self._ids is None:
+                self._cache[key] = (live, live)
+            else:
+                ext = self._ids[live]
+                order = np.argsort(ext, kind="stable")
+                self._cache[key] = (ext[order], live[order])
+        return self._cache[key]
+
+    def remove(self, ids: ArrayLike) -> int:
+        """Remove the items with these ids (external ids, or row numbers for
+        an index without ids); ids not in the index are ignored, as FAISS's
+        ``remove_ids`` does. Returns the number removed.
+
+        O(number removed): the rows are marked removed (the kernels see them
+        as excluded keys, like a ``-inf`` bias) and dropped on :meth:`save`,
+        :meth:`compact` or the next growth of the arrays. Removed ids never
+        come back from any method, and may be added again. An index without
+        ids keeps numbering its items as before: its item ``i`` keeps id
+        ``i`` (``ids`` is no longer None), and later adds continue the count.
+        A search running meanwhile sees the index before the removal.
+        """
+        arr = validate.as_array(ids, "ids").reshape(-1)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
+        arr = validate.int64_ids(arr.astype(np.int64) if arr.size == 0 else arr, "ids")
+        with self._lock:
+            rows = self._rows_of(np.unique(arr))
+            rows = rows[rows >= 0]
+            if rows.size == 0:
+                return 0
+            self._number_items()
+            if self._dead is None:
+                self._dead = np.zeros(self._data.shape[0], bool)
+            self._dead[rows] = True
+            self._n_dead += rows.size
+            self._changed(keep_stored=True)
+            return int(rows.size)
+
+    def update(self, ids: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike] = None) -> None:
+        """Replace the keys (and values) of existing items, keeping their ids
+        and stored bias.
+
+        ids (n,) unique ids of live items (external ids, or row numbers for
+        an index without ids, which then numbers its items as after
+        :meth:`remove`); keys (n, dim) float; values (n, value_dim) for an
+        index with values, or None to keep the items' values. All or
+        nothing: an unknown id, a duplicate, or a bad key or value refuses
+        the whole update. The new rows are appended and the old ones marked
+        removed (O(n)), so a search running meanwhile sees every item before
+        the update or every item after it. Ties between equal scores are
+        broken by row order, which an update changes for its items.
+        """
+        K = validate.as_array(keys, "keys")
+        if K.dtype.kind != "f":
+            raise TypeError(f"keys must be a floating-point array, got dtype {K.dtype}")
+        if K.ndim != 2 or K.shape[1] != self.dim:
+            raise ValueError(f"keys must have shape (n, {self.dim}), got {K.shape}")
+        n = K.shape[0]
+        new_ids = self._check_ids(ids, n)
+        if new_ids is None:
+            raise ValueError("ids are required: the items to update")
+        V = None if values is None and self.value_dim is not None else self._check_values(values, n)
+        validate.all_finite(K, "keys")
+        if n == 0:
+            return
+        with self._lock:
+            self._reserve(self._n + n)
+            rows = self._rows_of(new_ids)
+            if (rows < 0).any():
+                raise ValueError(f"ids not in the index: {new_ids[rows < 0][:5].tolist()}")
+            self._number_items()
+            if V is None and self._values is not None:
+                V = self._values[rows]
+            dead = self._dead if self._dead is not None else np.zeros(self._data.shape[0], bool)
+            self._append(K, V, self._ids[rows], None, keep_bias=rows)
+            dead[rows] = True
+            self._dead = dead
+            self._n_dead += n
+            self._changed(keep_stored=True)
 
     # ------------------------------------------------------------------ queries
 
-    def search(self, queries: ArrayLike, k: int, *, exclude: Exclude = None, bias: Bias = None,
+    def search(self, queries: ArrayLike, k: int, *, exclude: Exclude = None,
+               include: Exclude = None, bias: Bias = None,
                device: str = "cpu") -> Tuple[np.ndarray, np.ndarray]:
         """Exact top-k: ``(scores (B, k) float32, ids (B, k) int64)``, with
         the conventions of :func:`softretrieval.topk` (ids are external ids
         when the index has them; -1 pads)."""
         k = validate.positive_int(k, "k")
         snap, lay, problems = self._problems(queries, softmax=False, scale=None, bias=bias,
-                                             exclude=exclude, device=device)
+                                             exclude=exclude, include=include, device=device)
         scores, rows = api.solve_topk(lay, problems, k, self.metric, device)
         return scores, snap.external(rows)
 
     def retrieve(self, queries: ArrayLike, *, scale: Optional[float] = None,
                  temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,
-                 return_lse: bool = False,
+                 include: Exclude = None, return_lse: bool = False,
                  device: str = "cpu") -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         """Soft retrieval over the whole catalog.
 
@@ -300,31 +475,34 @@ class Index:
         """
         snap, lay, problems = self._problems(queries, softmax=True,
                                              scale=validate.logit_scale(scale, temperature), bias=bias,
-                                             exclude=exclude, device=device)
+                                             exclude=exclude, include=include, device=device)
         out, lse = api.solve_attention(lay, problems, True, device)
         out = snap.uncenter(out, np.isfinite(lse))
         return (out, lse) if return_lse else out
 
     def retrieve_topk(self, queries: ArrayLike, k: int, *, scale: Optional[float] = None,
                       temperature: Optional[float] = None, bias: Bias = None,
-                      exclude: Exclude = None, device: str = "cpu") -> terms.TopKAttention:
+                      exclude: Exclude = None, include: Exclude = None,
+                      device: str = "cpu") -> terms.TopKAttention:
         """Top-k attention in one pass: a :class:`softretrieval.TopKAttention`
         (out, ids, weights, full-catalog lse, coverage); ids as in :meth:`search`."""
         k = validate.positive_int(k, "k")
         snap, lay, problems = self._problems(queries, softmax=True,
                                              scale=validate.logit_scale(scale, temperature), bias=bias,
-                                             exclude=exclude, device=device, values_on_host=True)
+                                             exclude=exclude, include=include, device=device,
+                                             values_on_host=True)
         res = api.solve_topk_attention(lay, problems, k, device)
         return res._replace(ids=snap.external(res.ids), out=snap.uncenter(res.out, res.ids[:, 0] >= 0))
 
     def logsumexp(self, queries: ArrayLike, *, scale: Optional[float] = None,
                   temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,
-                  device: str = "cpu") -> np.ndarray:
+                  include: Exclude = None, device: str = "cpu") -> np.ndarray:
         """``log sum_n exp(logit(q, k_n) + bias_n)`` over the whole catalog,
         (B,) float32: the normalizer of an exact full-softmax loss."""
         _, lay, problems = self._problems(queries, softmax=True,
                                           scale=validate.logit_scale(scale, temperature),
-                                          bias=bias, exclude=exclude, device=device)
+                                          bias=bias, exclude=exclude, include=include,
+                                          device=device)
         return api.solve_logsumexp(lay, problems, device)
 
     def release_device(self) -> None:
@@ -337,22 +515,24 @@ class Index:
         """What one query call sees, taken under the lock: a :class:`_Snapshot`."""
         with self._lock:
             n = self._n
-            if n == 0:
+            if self.ntotal == 0:
                 raise ValueError("the index is empty: add items before searching")
-            if self._ids is not None and (self._id_order is None or self._id_order.shape[0] != n):
-                self._id_order = np.argsort(self._ids[:n], kind="stable")
+            sorted_ids, rows = self._lookup()
             return _Snapshot(
                 n, storage.stored(self._data[:n], self.dtype, self._scales[:n]),
                 None if self._values is None else self._values[:n],
-                None if self._ids is None else self._ids[:n],
-                None if self._ids is None else self._id_order, self._center,
-                self.value_dim is None, self._resident)
+                None if self._ids is None else self._ids[:n], sorted_ids, rows, self._center,
+                self.value_dim is None, self._resident, self._version, None,
+                None if self._bias is None else self._bias[:n],
+                None if self._n_dead == 0 else self._dead[:n].copy())
 
-    def _problems(self, queries, *, softmax, scale, bias, exclude, device, values_on_host=False):
+    def _problems(self, queries, *, softmax, scale, bias, exclude, include, device,
+                  values_on_host=False):
         """The call as one kernel problem on a snapshot of the stored arrays
         (on the GPU, their resident copies; the values stay on the host with
         ``values_on_host``, where top-k attention gathers them). Returns
-        ``(snapshot, layout, problems)``."""
+        ``(snapshot, layout, problems)``; with short allow-lists the problem
+        reads gathered rows, and the snapshot's ``row_map`` maps them back."""
         kernels = devices.kernels(device)
         snap = self._snapshot()
         n, keys, values = snap.n, snap.keys, snap.values
@@ -363,55 +543,83 @@ class Index:
         if snap.center is not None:
             Q = (Q - snap.center).astype(np.float32)
         B = Q.shape[0]
+        call_bias, stored_bias = self._call_bias(snap, bias, softmax)
+        excl = snap.rows(exclude, B, "exclude")
+        window = None
+        allow = include is not None
+        if allow:
+            excl = _without(snap.rows(include, B, "include"), excl)
+            gathered = _gather_rows(excl, B, n, keys, values, self.value_dim or self.dim)
+            if gathered is not None:
+                snap = snap._replace(row_map=gathered)
+                keys = storage.stored(keys.data[gathered], self.dtype,
+                                      keys.scale[gathered] if keys.scale.shape[0] else keys.scale)
+                values = None if values is None else values[gathered]
+                call_bias = call_bias[gathered] if call_bias.shape[0] else call_bias
+                window = (excl[0][:-1].copy(), excl[0][1:].copy())
+                excl, allow, stored_bias, n = None, False, None, gathered.shape[0]
         dv = self.dim if values is None else self.value_dim
         lay = layout.Layout(ndim=2, batch=1, T=B, H=1, S=n, Hkv=1, d=self.dim, dv=dv)
         key_rows = devices.Rows(keys.data, keys.scale, 0, self.dim)
         value_rows = key_rows._replace(width=dv) if values is None else devices.Rows(values, width=dv)
         p = api.problem_terms(Q, key_rows, value_rows, values is not None, metric=self.metric,
-                              scale=scale, bias=None, exclude=snap.exclusions(exclude, B),
-                              window=None, softmax=softmax)
-        call_bias, stored_bias = self._call_bias(bias, n, softmax)
-        p = p._replace(logits=p.logits._replace(bias=call_bias))
-        if devices.is_gpu(kernels):
+                              scale=scale, bias=None, exclude=None, window=None, softmax=softmax)
+        p = p._replace(logits=p.logits._replace(bias=call_bias),
+                       masks=devices.masks(excl, window, allow))
+        if devices.is_gpu(kernels) and snap.row_map is None:
             p = _resident_problem(p, kernels, snap.resident, values is None, stored_bias,
                                   values_on_host)
         return snap, lay, [((0, 0), p)]
 
-    def _call_bias(self, bias, n, softmax):
-        """The kernels' bias for a call (cached for the stored bias), and the
-        name of its GPU copy when it is the stored bias (else None)."""
+    def _call_bias(self, snap, bias, softmax):
+        """The kernels' bias for a call — the stored bias, the call's (N,)
+        bias over the live items, or none (``False``) — with removed rows at
+        ``-inf``; and the name of its GPU copy when it is derived from the
+        index alone (cached per version), else None."""
         unit = LOG2E if softmax else 1.0
-        if bias is False:
+        if bias is not None and bias is not False:
+            b = validate.bias_vector(bias, self._n_live(snap))
+            return terms.prepare_bias(snap.spread(b), snap.n, unit), None
+        kind = "none" if bias is False or snap.bias is None else "stored"
+        if kind == "none" and snap.dead is None:
             return np.zeros(0, np.float32), None
-        if bias is not None:
-            return terms.prepare_bias(bias, n, unit), None
-        with self._lock:
-            if self._bias is None:
-                return np.zeros(0, np.float32), None
-            key = (n, unit)
-            if key not in self._bias_cache:
-                self._bias_cache[key] = terms.prepare_bias(self._bias[:n], n, unit)
-            return self._bias_cache[key], f"bias {unit}"
+        key = (snap.version, "bias", kind, unit)
+        cached = self._cache.get(key)
+        if cached is None:
+            base = np.zeros(snap.n) if kind == "none" else snap.bias
+            if snap.dead is not None:
+                base = np.where(snap.dead, -np.inf, base)
+            cached = terms.prepare_bias(base, snap.n, unit)
+            with self._lock:
+                if self._version == snap.version:
+                    self._cache[key] = cached
+        return cached, f"bias {kind} {unit} {snap.version}"
+
+    @staticmethod
+    def _n_live(snap):
+        return snap.n if snap.dead is None else snap.n - int(snap.dead.sum())
 
     # ------------------------------------------------------------------ files
 
     def save(self, path: "os.PathLike[str] | str") -> None:
         """Write the index to the folder ``path`` atomically (module docstring)."""
         with self._lock:
-            n = self._n
-            arrays = {"keys": self._data[:n]}
+            live = self._live
+            arrays = {"keys": live(self._data)}
             if self.dtype == "int8":
-                arrays["scales"] = self._scales[:n]
+                arrays["scales"] = live(self._scales)
             if self._values is not None:
-                arrays["values"] = self._values[:n]
+                arrays["values"] = live(self._values)
             if self._ids is not None:
-                arrays["ids"] = self._ids[:n]
+                arrays["ids"] = live(self._ids)
             if self._bias is not None:
-                arrays["bias"] = self._bias[:n]
+                arrays["bias"] = live(self._bias)
             if self._center is not None:
                 arrays["center"] = self._center
             fields = {"dim": self.dim, "metric": self.metric, "dtype": self.dtype,
-                      "value_dim": self.value_dim, "ntotal": n}
+                      "value_dim": self.value_dim, "ntotal": self.ntotal}
+            if self._auto_ids:
+                fields["next_id"] = self._next_id
             persist.save_folder(path, FORMAT, FORMAT_VERSION, arrays, fields,
                                 legacy=LEGACY_VERSIONS)
 
@@ -469,6 +677,11 @@ class Index:
             index._bias = validate.bias_vector(np.asarray(arrays["bias"]), n)
         if "center" in arrays:
             index._center = np.array(arrays["center"])
+        if "next_id" in meta:
+            if "ids" not in arrays:
+                raise ValueError(f"{path}: meta.json has next_id but the index has no ids")
+            index._auto_ids = True
+            index._next_id = persist.field(meta, path, "next_id", int)
         index._n = n
         return index
 
@@ -480,31 +693,51 @@ class _Snapshot(NamedTuple):
     keys: storage.Stored
     values: Optional[np.ndarray]
     ids: Optional[np.ndarray]        # (n,) int64 external ids, or None
-    id_order: Optional[np.ndarray]   # argsort of ids
+    sorted_ids: np.ndarray           # external ids of the live items, sorted (rows without ids)
+    sorted_rows: np.ndarray          # their rows
     center: Optional[np.ndarray]     # (dim,) float32, or None
     keys_as_values: bool
     resident: dict                   # GPU copies that belong to these contents
+    version: int
+    row_map: Optional[np.ndarray]    # rows of a gathered problem's keys (allow-lists), or None
+    bias: Optional[np.ndarray]       # (n,) float64 stored bias, or None
+    dead: Optional[np.ndarray]       # (n,) bool removed rows, or None
 
-    def exclusions(self, exclude, B):
-        """Exclusion lists (external ids, or row numbers without ids) as
-        sorted CSR row numbers; ids not in the snapshot are ignored."""
-        if exclude is None:
+    def rows(self, lists, B, name):
+        """Per-query id lists (external ids, or row numbers without ids) as
+        sorted CSR ``(offsets, rows)`` of live items; external ids not in
+        the snapshot (or removed) are ignored, row numbers out of range
+        refused. None for None."""
+        if lists is None:
             return None
-        if self.ids is None:
-            return validate.exclusion_lists(exclude, B, self.n)
-        offsets, ext = validate.exclusion_lists(exclude, B, None)
-        sorted_ids = self.ids[self.id_order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ext), self.n - 1)
+        offsets, ext = validate.exclusion_lists(lists, B, self.n if self.ids is None else None,
+                                                name)
+        sorted_ids = self.sorted_ids
+        if sorted_ids.shape[0] == 0:
+            return np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
+        pos = np.minimum(np.searchsorted(sorted_ids, ext), sorted_ids.shape[0] - 1)
         found = sorted_ids[pos] == ext
         row_of = np.repeat(np.arange(B), np.diff(offsets))[found]
-        rows = self.id_order[pos[found]]
-        keep = np.lexsort((rows, row_of))
+        rows = self.sorted_rows[pos[found]]
+        pairs = np.unique(row_of * np.int64(self.n) + rows)
         new_off = np.zeros(B + 1, np.int64)
-        np.cumsum(np.bincount(row_of, minlength=B), out=new_off[1:])
-        return new_off, rows[keep].astype(np.int64)
+        np.cumsum(np.bincount(pairs // self.n, minlength=B), out=new_off[1:])
+        return new_off, pairs % self.n
+
+    def spread(self, live_bias):
+        """An (N,) bias over the live items as (n,) over the rows, removed
+        rows at ``-inf``."""
+        if self.dead is None:
+            return live_bias
+        out = np.full(self.n, -np.inf)
+        out[~self.dead] = live_bias
+        return out
 
     def external(self, rows):
-        """Row numbers (-1 for none) as external ids."""
+        """Row numbers (-1 for none) — of the gathered keys when the call
+        gathered them — as external ids."""
+        if self.row_map is not None:
+            rows = np.where(rows >= 0, self.row_map[np.maximum(rows, 0)], -1)
         if self.ids is None:
             return rows
         return np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
@@ -515,6 +748,43 @@ class _Snapshot(NamedTuple):
         if self.center is None or not self.keys_as_values:
             return out
         return np.where(valid[:, None], out + self.center, out).astype(np.float32)
+
+
+def _without(allowed, excluded):
+    """CSR allow-lists minus CSR exclusions (same queries, sorted rows)."""
+    if excluded is None:
+        return allowed
+    (a_off, a_rows), (e_off, e_rows) = allowed, excluded
+    B = a_off.shape[0] - 1
+    span = np.int64(max(a_rows.max(initial=0), e_rows.max(initial=0)) + 1)
+    a_key = np.repeat(np.arange(B), np.diff(a_off)) * span + a_rows
+    e_key = np.repeat(np.arange(B), np.diff(e_off)) * span + e_rows
+    keep = ~np.isin(a_key, e_key)
+    off = np.zeros(B + 1, np.int64)
+    np.cumsum(np.bincount(np.repeat(np.arange(B), np.diff(a_off))[keep], minlength=B), out=off[1:])
+    return off, a_rows[keep]
+
+
+def _gather_rows(allowed, B, n, keys, values, dv):
+    """The rows to gather for allow-lists ``allowed`` (CSR of rows), or None
+    to mask a scan of every key instead.
+
+    Gathering scores each query against its own rows only (cost
+    O(sum of list lengths x d)); a scan costs O(B x n x d). Gather when the
+    lists hold at most ``config.INCLUDE_GATHER_SHARE`` of ``B x n`` pairs
+    and their rows fit ``config.INCLUDE_GATHER_BYTES``. The lists are laid
+    end to end (query b's rows are ``[offsets[b], offsets[b+1])`` of the
+    gathered keys, its key window); an empty total gathers one row that no
+    window covers.
+    """
+    from . import config
+
+    offsets, rows = allowed
+    total = rows.shape[0]
+    row_bytes = keys.data.shape[1] * keys.data.itemsize + (4 * dv if values is not None else 0)
+    if total > config.INCLUDE_GATHER_SHARE * B * n or total * row_bytes > config.INCLUDE_GATHER_BYTES:
+        return None
+    return rows if total else np.zeros(1, np.int64)
 
 
 def _resident_problem(p, kernels, resident, keys_as_values, stored_bias, values_on_host):

@@ -9,7 +9,8 @@ which row and where the data sit; what a row's numbers mean is decided here:
 
 * a key's logit: :func:`key_factor`, :func:`key_offset` and :func:`logit`
   (metric terms, bias, and "a ``-inf`` bias excludes the key"), then
-  :func:`exclude_row` (per-query exclusion lists), :func:`window_row`
+  :func:`exclude_row` (per-query exclusion lists) or :func:`include_row`
+  (per-query allow-lists), :func:`window_row`
   (causal and sliding-window limits) and :func:`row_max_finite` (the row's
   max and the NaN/inf check);
 * the per-tile updates: :func:`softmax_row` (the online-softmax state) and
@@ -74,6 +75,38 @@ def exclude_row(row, n, t0, excl_ids, p, pend):
         if excl_ids[p] >= t0:
             row[excl_ids[p] - t0] = MASKED
         p += 1
+    return p
+
+
+def include_row(row, n, t0, incl_ids, p, pend):
+    """Mask every key of one query's logits ``row[:n]`` (keys ``t0 .. t0 +
+    n - 1``) that is not in its sorted allow-list ``incl_ids[p:pend]``: the
+    inverse of :func:`exclude_row`, with the same pointer convention (returns
+    the first id at or beyond the tile). A query whose list is used up gets
+    every later key masked."""
+    t1 = t0 + n
+    j = 0
+    while p < pend and incl_ids[p] < t1:
+        if incl_ids[p] >= t0:
+            keep = incl_ids[p] - t0
+            for x in range(j, keep):
+                row[x] = MASKED
+            j = keep + 1
+        p += 1
+    for x in range(j, n):
+        row[x] = MASKED
+    return p
+
+
+def list_row(row, n, t0, ids, p, pend, allow):
+    """One query's id list applied to its logits ``row[:n]``: an allow-list
+    (:func:`include_row`) when ``allow``, else exclusions
+    (:func:`exclude_row`, skipped once the list is used up). Returns the
+    advanced ``p``."""
+    if allow:
+        return include_row(row, n, t0, ids, p, pend)
+    if p < pend:
+        return exclude_row(row, n, t0, ids, p, pend)
     return p
 
 
@@ -255,9 +288,9 @@ def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_o
 
 #: The rules, in dependency order (each may call the ones before it and the
 #: functions of :mod:`core` and :mod:`topk_buffer`).
-FUNCTIONS = (key_factor, key_offset, logit, exclude_row, window_row, row_max_finite, softmax_row,
-             topk_scan_row, weight_grad, merge_row, merge_topk_row, topk_scores_row,
-             topk_attention_row)
+FUNCTIONS = (key_factor, key_offset, logit, exclude_row, include_row, list_row, window_row,
+             row_max_finite, softmax_row, topk_scan_row, weight_grad, merge_row, merge_topk_row,
+             topk_scores_row, topk_attention_row)
 
 #: Modules whose functions every target compiles from one source, in order.
 SHARED = (core, topk_buffer)

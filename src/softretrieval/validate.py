@@ -128,11 +128,12 @@ def bias_vector(bias, n, name="bias"):
     return arr
 
 
-def exclusion_lists(exclude, n_queries, n_keys):
+def exclusion_lists(exclude, n_queries, n_keys, name="exclude"):
     """Per-query ids to exclude as CSR ``(offsets (B+1,), ids)`` int64, each
     query's ids sorted; None when ``exclude`` is None.
 
-    ``exclude`` is a tuple ``(offsets, ids)`` (CSR: query b excludes
+    ``exclude`` (called ``name`` in errors, e.g. "include" for allow-lists
+    in the same form) is a tuple ``(offsets, ids)`` (CSR: query b excludes
     ``ids[offsets[b]:offsets[b+1]]``) or a list of ``n_queries`` integer
     arrays. Ids must lie in ``[0, n_keys)`` (``n_keys=None``: be >= 0);
     duplicates are harmless.
@@ -141,34 +142,34 @@ def exclusion_lists(exclude, n_queries, n_keys):
         return None
     if isinstance(exclude, tuple):
         if len(exclude) != 2:
-            raise ValueError("exclude as a tuple must be (offsets, ids) in CSR form")
-        offsets, ids = (as_array(a, "exclude") for a in exclude)
-        for name, a in (("exclude offsets", offsets), ("exclude ids", ids)):
+            raise ValueError(f"{name} as a tuple must be (offsets, ids) in CSR form")
+        offsets, ids = (as_array(a, name) for a in exclude)
+        for name, a in ((f"{name} offsets", offsets), (f"{name} ids", ids)):
             if a.dtype.kind not in "iu" or a.ndim != 1:
                 raise TypeError(f"{name} must be a 1-D integer array, got {a.dtype} {a.shape}")
         if offsets.shape != (n_queries + 1,):
-            raise ValueError(f"exclude offsets must have shape ({n_queries + 1},), got {offsets.shape}")
+            raise ValueError(f"{name} offsets must have shape ({n_queries + 1},), got {offsets.shape}")
         if offsets[0] != 0 or offsets[-1] != ids.shape[0] or (np.diff(offsets) < 0).any():
-            raise ValueError("exclude offsets must start at 0, never decrease, and end at len(ids)")
+            raise ValueError(f"{name} offsets must start at 0, never decrease, and end at len(ids)")
     elif isinstance(exclude, list):
         if len(exclude) != n_queries:
-            raise ValueError(f"exclude must hold one array per query ({n_queries}), got {len(exclude)}")
-        rows = [as_array(r, "exclude").reshape(-1) for r in exclude]
+            raise ValueError(f"{name} must hold one array per query ({n_queries}), got {len(exclude)}")
+        rows = [as_array(r, name).reshape(-1) for r in exclude]
         for r in rows:
             if r.dtype.kind not in "iu" and r.size:
-                raise TypeError(f"exclude ids must be integers, got dtype {r.dtype}")
+                raise TypeError(f"{name} ids must be integers, got dtype {r.dtype}")
         offsets = np.zeros(n_queries + 1, np.int64)
         np.cumsum([r.size for r in rows], out=offsets[1:])
-        rows = [int64_ids(r, "exclude ids") for r in rows]    # (an empty list may be float)
+        rows = [int64_ids(r, f"{name} ids") for r in rows]    # (an empty list may be float)
         ids = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     else:
-        raise TypeError("exclude must be a tuple (offsets, ids) or a list of arrays, "
+        raise TypeError(f"{name} must be a tuple (offsets, ids) or a list of arrays, "
                         f"got {type(exclude).__name__}")
-    ids = int64_ids(ids, "exclude ids")
+    ids = int64_ids(ids, f"{name} ids")
     if ids.size and ids.min() < 0:
-        raise ValueError(f"exclude ids out of range: they must be >= 0, got {ids.min()}")
+        raise ValueError(f"{name} ids out of range: they must be >= 0, got {ids.min()}")
     if ids.size and n_keys is not None and ids.max() >= n_keys:
-        raise ValueError(f"exclude ids out of range: they must lie in [0, {n_keys}), got {ids.max()}")
+        raise ValueError(f"{name} ids out of range: they must lie in [0, {n_keys}), got {ids.max()}")
     offsets = offsets.astype(np.int64)
     row = np.repeat(np.arange(n_queries), np.diff(offsets))
     ids = ids[np.lexsort((ids, row))]
