@@ -38,7 +38,7 @@ def _signature(kdtype, vdtype):
     f32, i64 = t.float32, t.int64
     return (arr(f32, 4, "A"), f32, t.boolean, f32, arr(kdtype, 4, "A"), arr(f32, 1),
             arr(vdtype, 4, "A"), arr(f32, 1), i64, i64, arr(f32, 2), f32, i64, f32, arr(i64, 1),
-            arr(i64, 1), arr(i64, 2), arr(i64, 2), t.boolean, i64, arr(f32, 3), arr(f32, 3),
+            arr(i64, 1), t.boolean, arr(i64, 2), arr(i64, 2), t.boolean, i64, arr(f32, 3), arr(f32, 3),
             arr(f32, 4), arr(f32, 4), arr(i64, 4), arr(i64, 3), arr(i64, 1))
 
 
@@ -107,7 +107,8 @@ def test_kernels_compile_to_ptx(fake_device, cc, dtypes):
                                                cuda_backward.key_tile(d, dv))
         ptx, _ = cuda.compile_ptx(kernel.py_func, (
             arr(f32, 2), arr(nbt, 2), arr(f32, 1), i64, arr(nbt, 2), arr(f32, 1), i64, arr(f32, 1),
-            i64, f32, arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(i64, 1), arr(f32, 1), arr(f32, 1),
+            i64, f32, arr(i64, 1), arr(i64, 1), t.boolean, arr(i64, 1), arr(i64, 1), arr(f32, 1),
+            arr(f32, 1),
             arr(f32, 1), arr(f32, 2), arr(f32, 2), arr(f32, 1), arr(f32, 2), arr(f32, 2),
             arr(f32, 1)), cc=cc)
         assert target in ptx and shared_bytes(ptx) <= 48 * 1024

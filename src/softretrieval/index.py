@@ -106,7 +106,9 @@ class Index:
         self._bias = None
         self._center = None       # (dim,) float32 for l2 data far from the origin
         self._version = 0         # bumped by every change; keys the caches
-        self._cache = {}          # what is derived from one version (lookups, call biases)
+        self._cache = {}          # what is derived from one version (call biases)
+        self._lookup_cache = None  # (rows version, sorted ids, their rows): see _lookup
+        self._rows_version = 0    # bumped when rows are added or moved (not by removals)
         self._resident = {}       # GPU copies of the stored arrays (device="cuda")
         self._lock = threading.RLock()
 
@@ -119,7 +121,7 @@ class Index:
                 if a is not None and (name != "_scales" or self.dtype == "int8"):
                     state[name] = np.array(a[:n])
         del state["_lock"]
-        state.update(_cache={}, _resident={})
+        state.update(_cache={}, _resident={}, _lookup_cache=None)
         return state
 
     def __setstate__(self, state):
@@ -269,6 +271,7 @@ class Index:
         if self._dead is not None:
             self._dead[lo:hi] = False
         self._changed()
+        self._rows_version += 1
         self._n = hi
 
     def _check_values(self, values, n):
@@ -336,6 +339,7 @@ class Index:
         self._n_dead = 0
         self._dead = None
         self._changed()
+        self._rows_version += 1
 
     def compact(self) -> None:
         """Drop the rows of removed items now (saves and growth do it too),
@@ -356,26 +360,25 @@ class Index:
 
     def _rows_of(self, ids):
         """Rows of the live items with external ids ``ids`` (int64 (m,)):
-        (m,) int64, -1 for ids not in the index."""
+        (m,) int64, -1 for ids not in the index (the caller holds the lock)."""
         sorted_ids, rows = self._lookup()
-        if sorted_ids.shape[0] == 0:
-            return np.full(ids.shape, -1, np.int64)
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
-        return np.where(sorted_ids[pos] == ids, rows[pos], -1)
+        return _find(sorted_ids, rows, None if self._n_dead == 0 else self._dead, ids)
 
     def _lookup(self):
-        """``(sorted external ids, their rows)`` of the live items (cached per
-        version; the caller holds the lock). Without ids: rows are ids."""
-        key = (self._version, "lookup")
-        if key not in self._cache:
+        """``(sorted external ids, their rows)`` of the items live when it was
+        built (the caller holds the lock). Built once per rows version:
+        removals do not rebuild it (their rows are checked against the
+        tombstones when looked up), so a removal stays O(number removed).
+        Without ids: rows are ids."""
+        if self._lookup_cache is None or self._lookup_cache[0] != self._rows_version:
             live = np.flatnonzero(self._live_mask()) if self._n_dead else np.arange(self._n)
             if self._ids is None:
-                self._cache[key] = (live, live)
+                self._lookup_cache = (self._rows_version, live, live)
             else:
                 ext = self._ids[live]
                 order = np.argsort(ext, kind="stable")
-                self._cache[key] = (ext[order], live[order])
-        return self._cache[key]
+                self._lookup_cache = (self._rows_version, ext[order], live[order])
+        return self._lookup_cache[1:]
 
     def remove(self, ids: ArrayLike) -> int:
         """Remove the items with these ids (external ids, or row numbers for
@@ -712,13 +715,10 @@ class _Snapshot(NamedTuple):
             return None
         offsets, ext = validate.exclusion_lists(lists, B, self.n if self.ids is None else None,
                                                 name)
-        sorted_ids = self.sorted_ids
-        if sorted_ids.shape[0] == 0:
-            return np.zeros(B + 1, np.int64), np.zeros(0, np.int64)
-        pos = np.minimum(np.searchsorted(sorted_ids, ext), sorted_ids.shape[0] - 1)
-        found = sorted_ids[pos] == ext
+        rows = _find(self.sorted_ids, self.sorted_rows, self.dead, ext)
+        found = rows >= 0
         row_of = np.repeat(np.arange(B), np.diff(offsets))[found]
-        rows = self.sorted_rows[pos[found]]
+        rows = rows[found]
         pairs = np.unique(row_of * np.int64(self.n) + rows)
         new_off = np.zeros(B + 1, np.int64)
         np.cumsum(np.bincount(pairs // self.n, minlength=B), out=new_off[1:])
@@ -748,6 +748,18 @@ class _Snapshot(NamedTuple):
         if self.center is None or not self.keys_as_values:
             return out
         return np.where(valid[:, None], out + self.center, out).astype(np.float32)
+
+
+def _find(sorted_ids, rows, dead, ids):
+    """Rows of ``ids`` by a lookup ``(sorted_ids, rows)``, -1 where an id is
+    not there or its row is marked in ``dead`` ((n,) bool, or None)."""
+    if sorted_ids.shape[0] == 0:
+        return np.full(ids.shape, -1, np.int64)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
+    found = np.where(sorted_ids[pos] == ids, rows[pos], -1)
+    if dead is not None:
+        found = np.where((found >= 0) & dead[np.maximum(found, 0)], -1, found)
+    return found
 
 
 def _without(allowed, excluded):

@@ -437,3 +437,30 @@ def test_wide_rows(rng, B):
     np.testing.assert_allclose(out, ref_out, **TOL)
     np.testing.assert_allclose(lse, ref_lse, **TOL)
     np.testing.assert_array_equal(sr.topk(Q, K, 5, device="cuda")[1], topk_ref(Q, K, 5)[1])
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_index_removal_updates_and_allow_lists(rng, copied, monkeypatch, share):
+    """Removed and updated items and allow-lists (masked: share 0; gathered:
+    share 1) on the GPU equal the CPU; a removal moves only the bias."""
+    from softretrieval import config
+
+    monkeypatch.setattr(config, "INCLUDE_GATHER_SHARE", share)
+    K, V, Q = rng.standard_normal((30, 6)), rng.standard_normal((30, 2)), rng.standard_normal((5, 6))
+    index = sr.Index(6, value_dim=2)
+    index.add(K, V, ids=np.arange(30) * 2)
+    index.search(Q, 3, device="cuda")
+    copied.clear()
+    index.remove([0, 2, 8])
+    index.search(Q, 3, device="cuda")
+    assert (30, 6) not in copied and (30, 2) not in copied, copied
+    index.update([10, 12], K[:2] * 3)
+    include = [np.arange(0, 60, 3)] * 4 + [np.array([], np.int64)]
+    for kw in ({}, {"include": include}, {"include": include, "exclude": [[6, 9]] * 5}):
+        for got, want in zip(index.search(Q, 4, device="cuda", **kw), index.search(Q, 4, **kw)):
+            np.testing.assert_allclose(got, want, **TOL)
+        got = index.retrieve(Q, return_lse=True, device="cuda", **kw)
+        for a, b in zip(got, index.retrieve(Q, return_lse=True, **kw)):
+            np.testing.assert_allclose(a, b, **TOL)
+        top = index.retrieve_topk(Q, 3, device="cuda", **kw)
+        np.testing.assert_array_equal(top.ids, index.retrieve_topk(Q, 3, **kw).ids)
