@@ -25,6 +25,12 @@ MIN_QUERIES_PER_THREAD = 64
 #: A key split never gets fewer keys than this (small N runs in one split).
 MIN_KEYS_PER_SPLIT = 2048
 
+#: Range search: hits each query may store per key range in the first pass
+#: over the keys; a query with more is run again with exactly enough room
+#: (:mod:`softretrieval.ranges`). Memory: 12 bytes per slot, per query and
+#: key range.
+RANGE_SLOTS = 128
+
 #: Threads for the CPU kernels; ``None`` means every thread Numba has.
 NUM_THREADS = None
 
