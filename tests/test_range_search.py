@@ -118,6 +118,7 @@ def test_against_reference_small_tiles(small_tiles, monkeypatch, rng, metric, B,
     """Tiles, key splits and query blocks of a few rows, and slots so few that
     most queries overflow the first pass and are run again."""
     monkeypatch.setattr(config, "RANGE_SLOTS", slots)
+    monkeypatch.setattr(config, "RANGE_BUFFER_BYTES", 0)
     Q, K = make(rng, B, N, d)
     atol = tolerance(Q, K, metric)
     S, valid = reference_scores(Q, K, metric)
@@ -136,6 +137,7 @@ def test_results_do_not_depend_on_slots_tiles_or_threads(monkeypatch, rng, metri
     threshold = midway(S, valid, 40, atol, metric)
     first = sr.range_search(Q, K, threshold, metric=metric)
     monkeypatch.setattr(config, "RANGE_SLOTS", 3)
+    monkeypatch.setattr(config, "RANGE_BUFFER_BYTES", 0)
     monkeypatch.setattr(config, "KEY_TILE", 100)
     monkeypatch.setattr(config, "NUM_THREADS", 1)
     again = sr.range_search(Q, K, threshold, metric=metric)
@@ -188,6 +190,7 @@ def test_index_in_every_storage_dtype(small_tiles, monkeypatch, rng, dtype, metr
     """Compact keys are decoded in the tile loop: the results are the brute
     force over the decoded keys; external ids come back."""
     monkeypatch.setattr(config, "RANGE_SLOTS", 2)
+    monkeypatch.setattr(config, "RANGE_BUFFER_BYTES", 0)
     Q, K = make(rng, 11, 150, 8)
     index = sr.Index(8, metric=metric, dtype=dtype)
     ext = rng.permutation(10**6)[:150].astype(np.int64)
@@ -207,6 +210,7 @@ def test_bias_and_exclusions(small_tiles, monkeypatch, rng, metric):
     """A finite bias moves the scores, a -inf bias and the exclusion lists
     remove keys, even at a threshold that admits everything else."""
     monkeypatch.setattr(config, "RANGE_SLOTS", 3)
+    monkeypatch.setattr(config, "RANGE_BUFFER_BYTES", 0)
     B, N = 9, 120
     Q, K = make(rng, B, N, 6)
     bias = rng.standard_normal(N) * 2
@@ -228,6 +232,7 @@ def test_key_windows_and_exclusions_of_a_problem(small_tiles, monkeypatch, rng, 
     them) with exclusion lists, through ``solve_range``; reruns of the
     overflowing queries keep each query's own window and list."""
     monkeypatch.setattr(config, "RANGE_SLOTS", 2)
+    monkeypatch.setattr(config, "RANGE_BUFFER_BYTES", 0)
     B, N, d = 10, 90, 5
     Q, K = make(rng, B, N, d)
     lo = rng.integers(0, 40, B).astype(np.int64)
@@ -251,6 +256,7 @@ def test_every_key_qualifies_equals_topk_of_all(small_tiles, monkeypatch, rng, m
     """``-inf`` ("ip", "cosine") or ``+inf`` ("l2") returns every key, in
     top-k order, with top-k's scores."""
     monkeypatch.setattr(config, "RANGE_SLOTS", 5)
+    monkeypatch.setattr(config, "RANGE_BUFFER_BYTES", 0)
     B, N = 7, 61
     Q, K = make(rng, B, N, 4)
     lims, scores, ids = sr.range_search(Q, K, np.inf if metric == "l2" else -np.inf, metric=metric)

@@ -18,14 +18,16 @@ How it runs, and why (:func:`solve_range`):
 * A query's hit count is not known before the scan, and a parallel loop of
   Numba's can neither grow a shared buffer (no atomics on the CPU target)
   nor hand variable-sized arrays back from its iterations. So each query
-  gets ``config.RANGE_SLOTS`` slots per key range in a first pass; hits
+  gets a fixed number of slots per key range in a first pass (at least
+  ``config.RANGE_SLOTS``, more when ``config.RANGE_BUFFER_BYTES`` allows,
+  never more than the range's keys: a single query never overflows); hits
   beyond its slots are counted, not stored. The queries that overflowed —
   none when results are few, the usual case — are run again, alone, with
   room for the hits they now know they have (a rerun's tiling can differ,
   so a key within rounding of the threshold may change sides: a query that
-  overflows again is simply run again). Memory: the slots of the first pass
-  (12 bytes x ``RANGE_SLOTS`` x B x key ranges) and, for a rerun, about
-  its results times the key ranges; never B x N.
+  overflows again is simply run again). Memory: the first pass's buffer
+  (allocated, written only where hits land) and, for a rerun, about its
+  results times the key ranges; never B x N.
 * The kernel's threshold is a logit: the score threshold moved into the
   kernel's units (``sign * threshold - row_const``, the inverse of
   :func:`rules.topk_scores_row`) and lowered by a relative 2^-20, so that no
@@ -150,8 +152,9 @@ def solve_range(lay, problems, threshold, metric, device="cpu"):
 
 
 def _solve(p, kernels, threshold, metric):
-    """One problem's range search: first pass with ``config.RANGE_SLOTS``
-    slots per query, then reruns of the queries that overflowed."""
+    """One problem's range search: a first pass with the slots of
+    ``config.RANGE_SLOTS`` and ``config.RANGE_BUFFER_BYTES`` per query, then
+    reruns of the queries that overflowed."""
     from . import cpu, runtime
 
     l2 = metric == "l2"
@@ -160,13 +163,14 @@ def _solve(p, kernels, threshold, metric):
     floor = logit_floor(threshold, sign, p.row_const)
     R, N = p.Q.shape[0], p.keys.data.shape[0]
     rows = np.arange(R)
-    room = np.full(R, config.RANGE_SLOTS, np.int64)
+    nsplit = cpu.plan(R, N, runtime.num_threads())[1]
+    room = np.full(R, max(config.RANGE_SLOTS, config.RANGE_BUFFER_BYTES // (12 * R * nsplit)))
     sub = p
     parts = []
     while rows.size:
+        room = np.minimum(room, -(-N // nsplit))      # a key range holds no more hits than keys
         slots = np.zeros(rows.size + 1, np.int64)
         np.cumsum(room, out=slots[1:])
-        nsplit = cpu.plan(rows.size, N, runtime.num_threads())[1]
         validate.fits_in_memory(12 * nsplit * int(slots[-1]),
                                 f"range search (threshold {threshold:g}) with its {int(slots[-1])} "
                                 "results")
@@ -181,6 +185,7 @@ def _solve(p, kernels, threshold, metric):
         parts.append((rows, start, kept, sc, found))
         rows = rows[over]
         room = total[over] + total[over] // 16 + 16
+        nsplit = cpu.plan(rows.size, N, runtime.num_threads())[1]
         sub = rows_of(p, rows)
     return _assemble(R, parts)
 
