@@ -352,3 +352,11 @@ def test_runs_on_the_cpu_only(rng):
         sr.range_search(Q, K, 0.5, device="tpu")
     lims, _, _ = sr.range_search(Q, K, 0.5, device="auto")
     assert lims.shape == (3,)
+    index = sr.Index(4)
+    index.add(K)
+    with pytest.raises(ValueError, match="CPU"):
+        index.range_search(Q, 0.5, device="cuda")
+    for same in (index.range_search(Q, np.array(0.5), device="auto"),
+                 sr.range_search(Q, K, np.float32(0.5))):
+        for a, b in zip(same, sr.range_search(Q, K, 0.5)):
+            np.testing.assert_array_equal(a, b)

@@ -64,7 +64,10 @@ TINY = 1e-37
 def check_threshold(threshold) -> float:
     """``threshold`` as a float: TypeError for what is not a number (bools
     included), ValueError for a complex number or NaN. ``±inf`` is allowed
-    (everything or nothing); integers beyond the float range become ``±inf``."""
+    (everything or nothing); integers beyond the float range become ``±inf``;
+    a 0-d array counts as its element."""
+    if isinstance(threshold, np.ndarray) and threshold.ndim == 0:
+        threshold = threshold.item()
     if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Number):
         raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
     if not isinstance(threshold, numbers.Real):
@@ -172,8 +175,8 @@ def _solve(p, kernels, threshold, metric):
         slots = np.zeros(rows.size + 1, np.int64)
         np.cumsum(room, out=slots[1:])
         validate.fits_in_memory(12 * nsplit * int(slots[-1]),
-                                f"range search (threshold {threshold:g}) with its {int(slots[-1])} "
-                                "results")
+                                f"the hit buffers of a range search at threshold {threshold:g} "
+                                f"({int(slots[-1])} slots per key range)")
         res = api._run(sub, kernels, Mode(False, False, 0, floor[rows], slots))
         count = res["range_count"]
         total = count.sum(axis=0)
