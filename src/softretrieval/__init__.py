@@ -10,10 +10,11 @@ from .grad import (AttentionGrads, MemoryGrads, attention_backward, logsumexp_ba
                    memory_attention_backward, topk_attention_backward)
 from .index import Index
 from .memory import KNNMemory, memory_attention
+from .ranges import range_search
 from .terms import MemoryRead, TopKAttention
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_backward", "AttentionGrads", "logsumexp", "logsumexp_backward",
-           "memory_attention_backward", "MemoryGrads", "merge", "topk", "topk_attention",
+           "memory_attention_backward", "MemoryGrads", "merge", "range_search", "topk", "topk_attention",
            "topk_attention_backward",
            "TopKAttention", "Index", "KNNMemory", "MemoryRead", "memory_attention", "__version__"]

@@ -25,6 +25,15 @@ MIN_QUERIES_PER_THREAD = 64
 #: A key split never gets fewer keys than this (small N runs in one split).
 MIN_KEYS_PER_SPLIT = 2048
 
+#: Range search, first pass over the keys: each query may store
+#: ``max(RANGE_SLOTS, RANGE_BUFFER_BYTES / (12 * queries * key ranges))``
+#: hits per key range (never more than the range's keys); a query with more
+#: is run again with room for all it found (:mod:`softretrieval.ranges`).
+#: The buffer is allocated, not written: only the pages that hits reach
+#: take memory.
+RANGE_SLOTS = 128
+RANGE_BUFFER_BYTES = 64 << 20
+
 #: Threads for the CPU kernels; ``None`` means every thread Numba has.
 NUM_THREADS = None
 

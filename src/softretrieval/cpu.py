@@ -354,18 +354,23 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     (ptr, end (bq,)); with ``allow`` they are allow-lists instead. lo, hi
     (bq,) or (0,): each row's key window. mode:
     :class:`devices.Mode`. states: ``(m, l, acc, tk_s, tk_i, tk_n, tk_ts,
-    tk_ti)``: m, l (bq,), acc (bq, dv) online-softmax states, updated when
-    ``want_soft`` (acc only when ``want_acc``); tk_s, tk_i (bq, cap), tk_n,
-    tk_ts, tk_ti (bq,) top-k buffers and their thresholds, updated when
-    ``k > 0``. stop (1,) int64: the range ends early (its states
-    incomplete) once ``stop[0] != 0``, checked before each tile. Returns
-    the number of rows of score tiles that held a NaN or inf.
+    tk_ti, rg_min, rg_slot, rg_n, rg_s, rg_i)``: m, l (bq,), acc (bq, dv)
+    online-softmax states, updated when ``want_soft`` (acc only when
+    ``want_acc``); tk_s, tk_i (bq, cap), tk_n, tk_ts, tk_ti (bq,) top-k
+    buffers and their thresholds, updated when ``k > 0``; for a range
+    search (rg_min not empty), row i's logit threshold ``rg_min[i]``, its
+    hit count ``rg_n[i]`` and its slots ``rg_slot[i]:rg_slot[i + 1]`` of
+    the range's hit buffers rg_s, rg_i (:func:`rules.range_scan_row`).
+    stop (1,) int64: the range ends early (its states incomplete) once
+    ``stop[0] != 0``, checked before each tile. Returns the number of rows
+    of score tiles that held a NaN or inf.
     """
     K, kscale, kcol = keys.data, keys.scale, keys.col
     V, vscale, vcol = values.data, values.scale, values.col
     bias, key_mode, key_coef = logits
-    want_soft, want_acc, k = mode
-    m, l, acc, tk_s, tk_i, tk_n, tk_ts, tk_ti = states
+    want_soft, want_acc, k, _, _ = mode
+    m, l, acc, tk_s, tk_i, tk_n, tk_ts, tk_ti, rg_min, rg_slot, rg_n, rg_s, rg_i = states
+    ranged = rg_min.shape[0] > 0
     bq, d = Qb.shape
     dv = acc.shape[1]
     has_bias = bias.shape[0] > 0
@@ -407,6 +412,9 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
             if k > 0:
                 tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_scan_row(
                     S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i])
+            if ranged:
+                rg_n[i] = shared.range_scan_row(S[i], t1 - t0, mx, t0, rg_min[i], rg_s, rg_i,
+                                                rg_slot[i], rg_slot[i + 1], rg_n[i])
             if want_soft:
                 m[i], corr[i], total = shared.softmax_row(S[i], t1 - t0, m[i], mx, want_acc)
                 l[i] = l[i] * corr[i] + total
@@ -439,18 +447,22 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     end the call early (the results are then incomplete:
     :func:`runtime.parallel_call` discards them).
 
-    Returns ``(m, l, acc, tk_s, tk_i, tk_n, bad)``, one entry per key range:
-    m, l (nsplit, B) and acc (nsplit, B, dv) float32 online-softmax states
-    (acc only with ``want_acc``); tk_s (nsplit, B, cap) float32 logits and
-    tk_i (nsplit, B, cap) int64 ids of top-k candidates (cap =
-    ``topk_buffer.capacity(k)``), tk_n (nsplit, B) their counts (with
-    ``k > 0``); ``bad`` the number of score-tile rows that held NaN or inf.
+    Returns ``(m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, bad)``, one
+    entry per key range: m, l (nsplit, B) and acc (nsplit, B, dv) float32
+    online-softmax states (acc only with ``want_acc``); tk_s (nsplit, B,
+    cap) float32 logits and tk_i (nsplit, B, cap) int64 ids of top-k
+    candidates (cap = ``topk_buffer.capacity(k)``), tk_n (nsplit, B) their
+    counts (with ``k > 0``); for a range search, rg_s (nsplit, slots)
+    float32 logits and rg_i int64 ids of each range's hits, query b's in
+    slots ``range_slots[b]:range_slots[b + 1]`` in increasing id order, and
+    rg_n (nsplit, B) their counts (hits past the slots included); ``bad``
+    the number of score-tile rows that held NaN or inf.
     """
     K = keys.data
     dv = values.width
     excl_off, excl_ids, row_lo, row_hi, allow = masks
     nqb, nsplit, ktile, ktile_simd, simd_queries = tiling
-    want_soft, want_acc, k = mode
+    want_soft, want_acc, k, range_min, range_slots = mode
     B = Q.shape[0]
     N = K.shape[0]
     qblock = (B + nqb - 1) // nqb
@@ -464,6 +476,10 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     tk_n = np.zeros((nsplit, B), np.int64)
     tk_ts = np.full((nsplit, B), NEG_INIT, np.float32)
     tk_ti = np.full((nsplit, B), -1, np.int64)
+    slots = range_slots[B] if range_min.shape[0] > 0 else 0
+    rg_s = np.empty((nsplit, slots), np.float32)
+    rg_i = np.empty((nsplit, slots), np.int64)
+    rg_n = np.zeros((nsplit, B), np.int64)
     bad = np.zeros(nqb * nsplit, np.int64)
     windowed = row_lo.shape[0] > 0
     for w in prange(nqb * nsplit):
@@ -490,11 +506,12 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
         simd = q1 - q0 <= simd_queries
         tile = ktile_simd if simd else ktile
         states = (m[sp, q0:q1], l[sp, q0:q1], acc[sp, q0:q1], tk_s[sp, q0:q1], tk_i[sp, q0:q1],
-                  tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1])
+                  tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1], range_min[q0:q1],
+                  range_slots[q0:q1 + 1], rg_n[sp, q0:q1], rg_s[sp], rg_i[sp])
         bad[w] = _stream_range(Q[q0:q1], keys, values, logits, excl_ids, ptr, end, allow,
                                row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd, mode, states,
                                stop)
-    return m, l, acc, tk_s, tk_i, tk_n, bad.sum()
+    return m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, bad.sum()
 
 
 @njit(cache=True)
@@ -549,6 +566,36 @@ def finish_topk(logits, ids, count, sign, offsets, clamp, pad, k):
         shared.topk_scores_row(logits[b], ids[b], count[b], sign, offsets[b], clamp, pad, scores[b],
                                ids_out[b])
     return scores, ids_out
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def finish_range(rg_s, rg_i, rg_n, slots, sign, offsets, clamp, threshold):
+    """Range-search results with FAISS's score conventions from
+    :func:`stream`'s per-split hits: rg_s, rg_i (P, slots[-1]), rg_n (P, B)
+    (every count within its query's slots ``slots[b]:slots[b + 1]``;
+    a query to leave out has count 0); offsets (B,) float64 per-query
+    constants. Each query's hits are gathered from the splits and finished
+    by :func:`rules.range_finish_row` (scores, the exact threshold test,
+    best first), in place in one staging buffer. Returns ``(start (B + 1,),
+    kept (B,), scores, ids)``: query b's results are the first ``kept[b]``
+    entries from ``start[b]`` of the float32 scores and int64 ids."""
+    P, B = rg_n.shape
+    start = np.zeros(B + 1, np.int64)
+    for b in range(B):
+        start[b + 1] = start[b] + rg_n[:, b].sum()
+    scores = np.empty(start[B], np.float32)
+    ids = np.empty(start[B], np.int64)
+    kept = np.zeros(B, np.int64)
+    for b in prange(B):
+        o = start[b]
+        for p in range(P):
+            n = rg_n[p, b]
+            scores[o:o + n] = rg_s[p, slots[b]:slots[b] + n]
+            ids[o:o + n] = rg_i[p, slots[b]:slots[b] + n]
+            o += n
+        kept[b] = shared.range_finish_row(scores[start[b]:o], ids[start[b]:o], o - start[b], sign,
+                                          offsets[b], clamp, threshold)
+    return start, kept, scores, ids
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -614,7 +661,9 @@ def run(problem, mode):
     problem: a :class:`devices.Problem` of host arrays; mode: a
     :class:`devices.Mode`. Returns a dict with, as asked: ``out`` (R, dv)
     and ``lse`` (R,) (base-e, of the prepared logits), ``topk_logits``
-    (R, k), ``topk_ids`` (R, k), ``topk_count`` (R,); and ``bad`` (count of
+    (R, k), ``topk_ids`` (R, k), ``topk_count`` (R,); for a range search
+    the unmerged per-split hits ``range_logits``, ``range_ids`` (P, slots)
+    and ``range_count`` (P, R) (see :func:`stream`); and ``bad`` (count of
     score rows with NaN/inf).
     """
     Q = problem.Q
@@ -625,7 +674,7 @@ def run(problem, mode):
     stop = np.zeros(1, np.int64)
     work = Q.shape[0] * problem.keys.data.shape[0] * (
         Q.shape[1] + (problem.values.width if mode.want_acc else 0))
-    m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
+    m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, bad = runtime.parallel_call(
         stream, Q, problem.keys, problem.values, problem.logits, problem.masks, tiling, mode, stop,
         stop=stop, work=work)
     res = {"bad": bad}
@@ -634,4 +683,6 @@ def run(problem, mode):
     if mode.k > 0:
         res["topk_logits"], res["topk_ids"], res["topk_count"] = runtime.parallel_call(
             merge_topk, tk_s, tk_i, tk_n, mode.k, blas=False)
+    if mode.range_min.shape[0] > 0:
+        res["range_logits"], res["range_ids"], res["range_count"] = rg_s, rg_i, rg_n
     return res

@@ -515,10 +515,13 @@ def launch(problem, mode, query=QueryTerms(), lse_dtype=np.float64):
     arrays stacked over the problems' rows (P * R, ...): ``out``, ``lse``
     (``lse_dtype``), ``topk_logits``, ``topk_ids``, ``topk_count`` as
     asked, and ``bad`` (host int: rows of key tiles that held NaN or inf).
+    A range search (``mode.range_min``) runs on the CPU only: ValueError.
     """
     to = device_view
     Q, keys, values = to(problem.Q), problem.keys, problem.values
-    want_soft, want_acc, k = mode
+    want_soft, want_acc, k, range_min, _ = mode
+    if range_min.shape[0] > 0:
+        raise ValueError("range search runs on the CPU: use device='cpu' or 'auto'")
     bias, key_mode, key_coef = problem.logits
     excl_off, excl_ids, row_lo, row_hi, allow = problem.masks
     K4 = to(keys.data)

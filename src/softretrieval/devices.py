@@ -60,11 +60,17 @@ def masks(exclude=None, window=None, allow=False):
 
 class Mode(NamedTuple):
     """What a call computes: the softmax state (``want_soft``), the weighted
-    sum of values (``want_acc``), the top ``k`` (0: none)."""
+    sum of values (``want_acc``), the top ``k`` (0: none), and the hits of a
+    range search (CPU only; :mod:`softretrieval.ranges`): each query i's
+    keys whose logit is at or above ``range_min[i]``, stored in slots
+    ``range_slots[i]:range_slots[i + 1]`` of each key split's buffer (hits
+    beyond them are counted, not stored)."""
 
     want_soft: bool = True
     want_acc: bool = True
     k: int = 0
+    range_min: Any = _NO_SCALE    # (R,) float32 logits, or (0,): no range search
+    range_slots: Any = _NONE      # (R + 1,) int64 slot offsets, or (0,)
 
 
 class Problem(NamedTuple):

@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import api, devices, layout, persist, storage, terms, validate
+from . import api, devices, layout, persist, ranges, storage, terms, validate
 from .api import Exclude
 from .constants import LOG2E
 
@@ -465,6 +465,21 @@ class Index:
                                              exclude=exclude, include=include, device=device)
         scores, rows = api.solve_topk(lay, problems, k, self.metric, device)
         return scores, snap.external(rows)
+
+    def range_search(self, queries: ArrayLike, threshold: float, *, exclude: Exclude = None,
+                     include: Exclude = None, bias: Bias = None,
+                     device: str = "cpu") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every item with a score at or above ``threshold`` ("ip", "cosine")
+        or a squared distance at or below it ("l2"): ``(lims (B + 1,) int64,
+        scores float32, ids int64)`` as :func:`softretrieval.range_search`
+        (best first; ids are external ids when the index has them). Runs on
+        the CPU ("cuda" raises ValueError)."""
+        threshold = ranges.check_threshold(threshold)
+        ranges.cpu_kernels(device)
+        snap, lay, problems = self._problems(queries, softmax=False, scale=None, bias=bias,
+                                             exclude=exclude, include=include, device="cpu")
+        lims, scores, rows = ranges.solve_range(lay, problems, threshold, self.metric)
+        return lims, scores, snap.external(rows)
 
     def retrieve(self, queries: ArrayLike, *, scale: Optional[float] = None,
                  temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,

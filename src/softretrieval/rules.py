@@ -13,13 +13,14 @@ which row and where the data sit; what a row's numbers mean is decided here:
   (per-query allow-lists), :func:`window_row`
   (causal and sliding-window limits) and :func:`row_max_finite` (the row's
   max and the NaN/inf check);
-* the per-tile updates: :func:`softmax_row` (the online-softmax state) and
-  :func:`topk_scan_row` (offering a tile's keys to a top-k buffer);
+* the per-tile updates: :func:`softmax_row` (the online-softmax state),
+  :func:`topk_scan_row` (offering a tile's keys to a top-k buffer) and
+  :func:`range_scan_row` (collecting a range search's hits);
 * the backward of a weight: :func:`weight_grad`;
 * the merge of the online-softmax states of key splits: :func:`merge_row`;
 * the merge of the top-k buffers of key splits: :func:`merge_topk_row`;
 * the top-k finish: :func:`topk_scores_row` (FAISS's score conventions,
-  padding);
+  padding), and the range-search finish built on it: :func:`range_finish_row`;
 * the top-k-attention finish: :func:`topk_attention_row` (softmax over the
   top-k logits, the weighted sum of their values, the coverage).
 
@@ -187,6 +188,34 @@ def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
     return count, ts, ti
 
 
+def range_scan_row(row, n, mx, t0, threshold, rs, ri, lo, hi, count):
+    """Collect one query's range-search hits from its logits ``row[:n]``
+    (keys ``t0, t0 + 1, ...``, max ``mx``): each key whose logit is at or
+    above ``threshold`` goes, with its logit, into the next of the query's
+    slots ``rs``, ``ri`` ``[lo, hi)`` (float32 logits, int64 ids), in
+    increasing id order. ``count`` is the query's hits so far; hits beyond
+    its slots are counted but not stored (the driver then runs the query
+    again with room for them). Chunks without a hit are skipped after a
+    count, as in :func:`topk_scan_row`. Returns the new count."""
+    if mx < threshold:
+        return count
+    for c0 in range(0, n, SCAN_CHUNK):
+        c1 = min(n, c0 + SCAN_CHUNK)
+        hits = 0
+        for j in range(c0, c1):
+            hits += row[j] >= threshold
+        if hits == 0:
+            continue
+        for j in range(c0, c1):
+            if row[j] >= threshold:
+                pos = lo + count
+                if pos < hi:
+                    rs[pos] = row[j]
+                    ri[pos] = t0 + j
+                count += 1
+    return count
+
+
 def weight_grad(t, lse2, dp, c):
     """The backward of one softmax weight: ``t`` a base-2 logit, ``lse2`` its
     row's log-partition in the same units (``-inf``: the row has no valid
@@ -253,6 +282,30 @@ def topk_scores_row(logits, ids, n, sign, offset, clamp, pad, scores, ids_out):
             ids_out[j] = -1
 
 
+def range_finish_row(logits, ids, n, sign, offset, clamp, threshold):
+    """Finish one query's range-search hits in place: the kernel ``logits``
+    and ``ids`` (n,) become FAISS's scores (:func:`topk_scores_row`: the
+    similarity for ``sign = 1``, the squared distance for ``sign = -1``),
+    the hits whose score misses ``threshold`` (below it for similarities,
+    above it for distances) are dropped, and the rest are ordered best
+    first: higher similarity (lower distance), then lower id
+    (:func:`topk_buffer.finish` on ``sign * score``). Returns how many
+    remain, in ``logits[:kept]``, ``ids[:kept]``."""
+    topk_scores_row(logits, ids, n, sign, offset, clamp, np.float32(0.0), logits, ids)
+    limit = sign * threshold
+    kept = 0
+    for j in range(n):
+        key = sign * np.float64(logits[j])
+        if key >= limit:
+            logits[kept] = key
+            ids[kept] = ids[j]
+            kept += 1
+    topk_buffer.finish(logits, ids, kept, kept)
+    for j in range(kept):
+        logits[j] = sign * logits[j]
+    return kept
+
+
 def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_out):
     """Finish top-k attention for one query: the softmax over its ``n``
     top-k base-2 ``logits`` (best first) with key ``ids``, applied to their
@@ -289,8 +342,8 @@ def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_o
 #: The rules, in dependency order (each may call the ones before it and the
 #: functions of :mod:`core` and :mod:`topk_buffer`).
 FUNCTIONS = (key_factor, key_offset, logit, exclude_row, include_row, list_row, window_row,
-             row_max_finite, softmax_row, topk_scan_row, weight_grad, merge_row, merge_topk_row,
-             topk_scores_row, topk_attention_row)
+             row_max_finite, softmax_row, topk_scan_row, range_scan_row, weight_grad, merge_row,
+             merge_topk_row, topk_scores_row, range_finish_row, topk_attention_row)
 
 #: Modules whose functions every target compiles from one source, in order.
 SHARED = (core, topk_buffer)

@@ -464,3 +464,20 @@ def test_index_removal_updates_and_allow_lists(rng, copied, monkeypatch, share):
             np.testing.assert_allclose(a, b, **TOL)
         top = index.retrieve_topk(Q, 3, device="cuda", **kw)
         np.testing.assert_array_equal(top.ids, index.retrieve_topk(Q, 3, **kw).ids)
+
+
+def test_range_search_is_refused_by_the_cuda_target(rng):
+    """Range search runs on the CPU: the CUDA target refuses a range mode,
+    and device="cuda" is refused before any copy."""
+    from softretrieval import api, cuda
+    from softretrieval.devices import Mode
+
+    Q, K = rng.standard_normal((3, 4)), rng.standard_normal((20, 4))
+    _, problems = api._problems(Q, K, None, metric="ip", scale=None, bias=None, exclude=None,
+                                causal=False, window=None, seq_lens=None, softmax=False)
+    (_, p), = problems
+    mode = Mode(False, False, 0, np.zeros(3, np.float32), np.arange(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="CPU"):
+        cuda.run(p, mode)
+    with pytest.raises(ValueError, match="CPU"):
+        sr.range_search(Q, K, 0.5, device="cuda")
