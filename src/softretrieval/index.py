@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import api, devices, layout, persist, storage, terms, validate
+from . import api, devices, interop, layout, persist, storage, terms, validate
 from .api import Exclude
 from .constants import LOG2E
 
@@ -169,6 +169,7 @@ class Index:
             rows = storage.decode_rows(self._data[:n], self.dtype, self._scales[:n])
         return rows if self._center is None else rows + self._center
 
+    @interop.boundary
     def add(self, keys: ArrayLike, values: Optional[ArrayLike] = None,
             ids: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None) -> None:
         """Append items.
@@ -277,6 +278,7 @@ class Index:
 
     # ------------------------------------------------------------------ queries
 
+    @interop.boundary
     def search(self, queries: ArrayLike, k: int, *, exclude: Exclude = None, bias: Bias = None,
                device: str = "cpu") -> Tuple[np.ndarray, np.ndarray]:
         """Exact top-k: ``(scores (B, k) float32, ids (B, k) int64)``, with
@@ -288,6 +290,7 @@ class Index:
         scores, rows = api.solve_topk(lay, problems, k, self.metric, device)
         return scores, snap.external(rows)
 
+    @interop.boundary
     def retrieve(self, queries: ArrayLike, *, scale: Optional[float] = None,
                  temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,
                  return_lse: bool = False,
@@ -305,6 +308,7 @@ class Index:
         out = snap.uncenter(out, np.isfinite(lse))
         return (out, lse) if return_lse else out
 
+    @interop.boundary
     def retrieve_topk(self, queries: ArrayLike, k: int, *, scale: Optional[float] = None,
                       temperature: Optional[float] = None, bias: Bias = None,
                       exclude: Exclude = None, device: str = "cpu") -> terms.TopKAttention:
@@ -317,6 +321,7 @@ class Index:
         res = api.solve_topk_attention(lay, problems, k, device)
         return res._replace(ids=snap.external(res.ids), out=snap.uncenter(res.out, res.ids[:, 0] >= 0))
 
+    @interop.boundary
     def logsumexp(self, queries: ArrayLike, *, scale: Optional[float] = None,
                   temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,
                   device: str = "cpu") -> np.ndarray:
