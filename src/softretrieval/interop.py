@@ -31,6 +31,9 @@ import numpy as np
 
 #: DLPack device types numpy reads (host memory), and names of the others for errors.
 _HOST_DEVICES = {1: "CPU", 3: "CUDA host", 11: "ROCm host", 13: "CUDA managed"}
+_GPU_HINT = ("copy it to the host (e.g. .cpu()); attention, logsumexp, topk and topk_attention read "
+             "arrays with __cuda_array_interface__ (CuPy, numba, torch CUDA) in place with "
+             "device='cuda'")
 _OTHER_DEVICES = {2: "CUDA", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI", 10: "ROCm",
                   12: "ExtDev", 14: "oneAPI", 15: "WebGPU", 16: "Hexagon", 17: "MAIA"}
 
@@ -78,10 +81,10 @@ def host(x, name, where="softretrieval"):
         return x
     if _torch_tensor(x):
         return _torch_host(_detached(x, name, where), name)
+    if on_gpu(x):
+        raise TypeError(f"{name} is on the GPU, but it must be in host memory here: {_GPU_HINT}")
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
         return _dlpack_host(x, name)
-    if on_gpu(x):
-        raise TypeError(f"{name} is on the GPU, but {where} takes host arrays here")
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:
@@ -96,8 +99,8 @@ def _torch_host(t, name):
     import torch
 
     if t.device.type != "cpu":
-        raise TypeError(f"{name} is a torch tensor on {t.device}: pass a CPU tensor, or a CUDA "
-                        "tensor to the functions that take device='cuda'")
+        raise TypeError(f"{name} is a torch tensor on {t.device}, but it must be in host memory "
+                        f"here: {_GPU_HINT}")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}")
     if t.dtype == torch.bfloat16:      # numpy has no bfloat16: converted (a copy)
@@ -110,13 +113,12 @@ def _dlpack_host(x, name):
     if device_type not in _HOST_DEVICES:
         kind = _OTHER_DEVICES.get(device_type, "unknown")
         raise TypeError(f"{name} is a DLPack array on a {kind} device (DLPack device type "
-                        f"{device_type}): only host memory is read here; arrays on a GPU go "
-                        "through __cuda_array_interface__ (CuPy, torch, numba) with device='cuda'")
+                        f"{device_type}), but it must be in host memory here: {_GPU_HINT}")
     try:
         return np.from_dlpack(x)
     except (BufferError, TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} could not be read through DLPack ({exc}); bfloat16 is read from "
-                        "torch tensors only: convert other bfloat16 arrays to float32") from None
+        raise TypeError(f"{name} could not be read through DLPack ({exc}); numpy reads bool, "
+                        "integer and float arrays (convert bfloat16 to float32 first)") from None
 
 
 def _argument(x, name, where):
