@@ -1,4 +1,8 @@
-"""Public functions on numpy arrays: validation, preparation and dispatch.
+"""Public functions on host arrays: validation, preparation and dispatch.
+
+Each public function is wrapped by :func:`softretrieval.interop.boundary`:
+torch CPU tensors and DLPack arrays arrive here as numpy views, and results
+go back as torch tensors when the caller passed one.
 
 Every mode goes through :func:`_prepare`, which validates the inputs and
 turns ``metric``, ``scale`` and ``bias`` into what the kernels take (queries
