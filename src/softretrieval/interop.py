@@ -105,7 +105,10 @@ def _torch_host(t, name):
         raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}")
     if t.dtype == torch.bfloat16:      # numpy has no bfloat16: converted (a copy)
         t = t.to(torch.float32)
-    return t.numpy()
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError) as exc:   # a tensor subclass or a dtype numpy lacks
+        raise TypeError(f"{name} could not be read as a numpy array: {exc}") from None
 
 
 def _dlpack_host(x, name):
