@@ -3,6 +3,9 @@
 Two-tower retrieval as attention, ``out = softmax(Q K^T * scale + bias) V``,
 computed tile by tile with an online softmax so the B x N score matrix never
 exists. Numba kernels are compiled on first use (and cached on disk).
+Arrays may be numpy arrays, torch tensors or DLPack arrays (read without a
+copy; torch in, torch out: :mod:`softretrieval.interop`); torch is imported
+only when the caller passes a tensor.
 """
 
 from .api import attention, logsumexp, merge, topk, topk_attention

@@ -1,4 +1,8 @@
-"""Public functions on numpy arrays: validation, preparation and dispatch.
+"""Public functions on host arrays: validation, preparation and dispatch.
+
+Each public function is wrapped by :func:`softretrieval.interop.boundary`:
+torch CPU tensors and DLPack arrays arrive here as numpy views, and results
+go back as torch tensors when the caller passed one.
 
 Every mode goes through :func:`_prepare`, which validates the inputs and
 turns ``metric``, ``scale`` and ``bias`` into what the kernels take (queries
@@ -12,7 +16,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import devices, gpu_api, layout, validate
+from . import devices, gpu_api, interop, layout, validate
 from .constants import LOG2E, NEG_INIT
 from .devices import Logits, Mode, Problem, Rows
 from .terms import FAR_SAMPLE, TopKAttention, check_metric, far_center, logit_terms, prepare_bias
@@ -172,6 +176,7 @@ def _with_shapes(f):
         f.__doc__ += _SHAPES
 
 
+@interop.boundary
 def attention(queries: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike] = None, *,
               scale: Optional[float] = None, bias: Optional[ArrayLike] = None, metric: str = "ip",
               exclude: Exclude = None, return_lse: bool = False, causal: bool = False,
@@ -244,6 +249,7 @@ def solve_attention(lay, problems, return_lse, device="cpu"):
     return (out, lse) if return_lse else out
 
 
+@interop.boundary
 def logsumexp(queries: ArrayLike, keys: ArrayLike, *, scale: Optional[float] = None,
               bias: Optional[ArrayLike] = None, metric: str = "ip", exclude: Exclude = None,
               causal: bool = False, window: Optional[int] = None, seq_lens: SeqLens = None,
@@ -288,6 +294,7 @@ def _run_topk(p, kernels, k, want_soft):
     return res, res["topk_logits"], res["topk_ids"], res["topk_count"]
 
 
+@interop.boundary
 def topk(queries: ArrayLike, keys: ArrayLike, k: int, *, metric: str = "ip",
          bias: Optional[ArrayLike] = None, exclude: Exclude = None, causal: bool = False,
          window: Optional[int] = None, seq_lens: SeqLens = None,
@@ -351,6 +358,7 @@ def solve_topk(lay, problems, k, metric, device="cpu"):
     return lay.heads_out(scores), lay.heads_out(ids)
 
 
+@interop.boundary
 def topk_attention(queries: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike] = None,
                    k: int = 32, *, scale: Optional[float] = None, bias: Optional[ArrayLike] = None,
                    metric: str = "ip", exclude: Exclude = None, causal: bool = False,
@@ -412,6 +420,7 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
     return TopKAttention(*(lay.heads_out(a) for a in (out, ids, weights, lse, coverage)))
 
 
+@interop.boundary
 def merge(outs: ArrayLike, lses: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
     """Combine results over disjoint key sets into the result over their union.
 

@@ -17,15 +17,14 @@ logits that come out non-finite still raise ``ValueError``.
 
 import numpy as np
 
-from . import layout, validate
+from . import interop, layout, validate
 from .devices import Logits, Masks, Mode, Problem, QueryTerms, Rows
 from .terms import TopKAttention, check_metric, logit_terms, prepare_bias
 
 
 def on_device(*arrays):
     """Whether any of ``arrays`` lives on the GPU."""
-    return any(hasattr(a, "__cuda_array_interface__") or hasattr(a, "copy_to_host")
-               for a in arrays if a is not None)
+    return any(interop.on_gpu(a) for a in arrays if a is not None)
 
 
 def check_device(device):

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import api, layout, validate
+from . import api, interop, layout, validate
 from .constants import LN2, LOG2E
 from .terms import TopKAttention, logit_terms
 
@@ -41,6 +41,7 @@ class AttentionGrads(NamedTuple):
     bias: Optional[np.ndarray]
 
 
+@interop.boundary
 def attention_backward(queries: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike],
                        out: ArrayLike, lse: ArrayLike, grad_out: ArrayLike,
                        grad_lse: Optional[ArrayLike] = None, *, scale: Optional[float] = None,
@@ -90,6 +91,7 @@ def _given(a, name):
                          "gradient), got None")
 
 
+@interop.boundary
 def logsumexp_backward(queries: ArrayLike, keys: ArrayLike, lse: ArrayLike, grad_lse: ArrayLike,
                        *, scale: Optional[float] = None, bias: Optional[ArrayLike] = None,
                        metric: str = "ip", exclude: api.Exclude = None, causal: bool = False,
@@ -106,6 +108,7 @@ def logsumexp_backward(queries: ArrayLike, keys: ArrayLike, lse: ArrayLike, grad
                      seq_lens=seq_lens, device=device)
 
 
+@interop.boundary
 def topk_attention_backward(queries: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike],
                             result, grad_out: ArrayLike, grad_lse: Optional[ArrayLike] = None,
                             grad_weights: Optional[ArrayLike] = None,
@@ -374,6 +377,7 @@ class MemoryGrads(NamedTuple):
     memory_values: Optional[np.ndarray]
 
 
+@interop.boundary
 def memory_attention_backward(q: ArrayLike, k: ArrayLike, v: ArrayLike, memory, grad_out: ArrayLike,
                               *, topk: int = 32, causal: bool = True,
                               gate: Optional[ArrayLike] = None, scale: Optional[float] = None,

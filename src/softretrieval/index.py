@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import api, devices, layout, persist, ranges, storage, terms, validate
+from . import api, devices, interop, layout, persist, ranges, storage, terms, validate
 from .api import Exclude
 from .constants import LOG2E
 
@@ -206,6 +206,7 @@ class Index:
             rows = rows if self._n_dead == 0 else rows[self._live_mask()]
         return rows if self._center is None else rows + self._center
 
+    @interop.boundary
     def add(self, keys: ArrayLike, values: Optional[ArrayLike] = None,
             ids: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None) -> None:
         """Append items.
@@ -380,6 +381,7 @@ class Index:
                 self._lookup_cache = (self._rows_version, ext[order], live[order])
         return self._lookup_cache[1:]
 
+    @interop.boundary
     def remove(self, ids: ArrayLike) -> int:
         """Remove the items with these ids (external ids, or row numbers for
         an index without ids); ids not in the index are ignored, as FAISS's
@@ -410,6 +412,7 @@ class Index:
             self._changed(keep_stored=True)
             return int(rows.size)
 
+    @interop.boundary
     def update(self, ids: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike] = None) -> None:
         """Replace the keys (and values) of existing items, keeping their ids
         and stored bias.
@@ -454,6 +457,7 @@ class Index:
 
     # ------------------------------------------------------------------ queries
 
+    @interop.boundary
     def search(self, queries: ArrayLike, k: int, *, exclude: Exclude = None,
                include: Exclude = None, bias: Bias = None,
                device: str = "cpu") -> Tuple[np.ndarray, np.ndarray]:
@@ -466,6 +470,7 @@ class Index:
         scores, rows = api.solve_topk(lay, problems, k, self.metric, device)
         return scores, snap.external(rows)
 
+    @interop.boundary
     def range_search(self, queries: ArrayLike, threshold: float, *, exclude: Exclude = None,
                      include: Exclude = None, bias: Bias = None,
                      device: str = "cpu") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -481,6 +486,7 @@ class Index:
         lims, scores, rows = ranges.solve_range(lay, problems, threshold, self.metric)
         return lims, scores, snap.external(rows)
 
+    @interop.boundary
     def retrieve(self, queries: ArrayLike, *, scale: Optional[float] = None,
                  temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,
                  include: Exclude = None, return_lse: bool = False,
@@ -498,6 +504,7 @@ class Index:
         out = snap.uncenter(out, np.isfinite(lse))
         return (out, lse) if return_lse else out
 
+    @interop.boundary
     def retrieve_topk(self, queries: ArrayLike, k: int, *, scale: Optional[float] = None,
                       temperature: Optional[float] = None, bias: Bias = None,
                       exclude: Exclude = None, include: Exclude = None,
@@ -512,6 +519,7 @@ class Index:
         res = api.solve_topk_attention(lay, problems, k, device)
         return res._replace(ids=snap.external(res.ids), out=snap.uncenter(res.out, res.ids[:, 0] >= 0))
 
+    @interop.boundary
     def logsumexp(self, queries: ArrayLike, *, scale: Optional[float] = None,
                   temperature: Optional[float] = None, bias: Bias = None, exclude: Exclude = None,
                   include: Exclude = None, device: str = "cpu") -> np.ndarray:

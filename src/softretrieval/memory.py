@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import api, devices, persist, terms, validate
+from . import api, devices, interop, persist, terms, validate
 from .terms import MemoryRead
 
 FORMAT = "softretrieval.KNNMemory"
@@ -105,6 +105,7 @@ class KNNMemory:
         validate.all_finite(arr, name)
         return arr
 
+    @interop.boundary
     def write(self, keys: ArrayLike, values: ArrayLike) -> np.ndarray:
         """Append pairs; when full, the oldest entries are evicted first.
 
@@ -167,6 +168,7 @@ class KNNMemory:
                              f"{self.heads} heads, got {np.shape(queries)}")
         return q, squeeze
 
+    @interop.boundary
     def read(self, queries: ArrayLike, *, k: Optional[int] = None, scale: Optional[float] = None,
              device: str = "cpu") -> MemoryRead:
         """Look up the memory.
@@ -222,6 +224,7 @@ class KNNMemory:
             res = (r.out, r.lse, r.ids, r.coverage)
         return MemoryRead(*(a.copy_to_host() for a in res))
 
+    @interop.boundary
     def read_backward(self, queries: ArrayLike, grad_out: ArrayLike,
                       grad_lse: Optional[ArrayLike] = None, *, k: Optional[int] = None,
                       scale: Optional[float] = None, memory_grad: bool = False,
@@ -323,6 +326,7 @@ class KNNMemory:
         return mem
 
 
+@interop.boundary
 def memory_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, memory: KNNMemory, *,
                      topk: int = 32, causal: bool = True, gate: Optional[ArrayLike] = None,
                      scale: Optional[float] = None,

@@ -49,7 +49,7 @@ from typing import Optional, Tuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import api, config, devices, gpu_api, validate
+from . import api, config, devices, gpu_api, interop, validate
 from .api import Exclude
 from .constants import NEG_INIT
 from .devices import Mode
@@ -90,6 +90,7 @@ def cpu_kernels(device):
     return devices.kernels("cpu" if device == "auto" else device)
 
 
+@interop.boundary
 def range_search(queries: ArrayLike, keys: ArrayLike, threshold: float, *, metric: str = "ip",
                  bias: Optional[ArrayLike] = None, exclude: Exclude = None,
                  device: str = "cpu") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,8 +1,9 @@
 """Input checks shared by every public function.
 
 Each check names the offending argument in its ``TypeError``/``ValueError``.
-Documented conversions (no error): float16/float64 arrays are converted to
-float32, non-contiguous arrays are copied to C order, read-only arrays are
+Documented conversions (no error): torch tensors and DLPack arrays are read
+as numpy arrays (:mod:`softretrieval.interop`), float16/float64 arrays are
+converted to float32, non-contiguous arrays are copied to C order, read-only arrays are
 used as they are (the kernels never write to their inputs).
 """
 
@@ -12,16 +13,15 @@ import os
 
 import numpy as np
 
+from . import interop
+
 
 def as_array(x, name):
-    """``np.asarray(x)``, with a TypeError naming ``name`` for what numpy
-    cannot make an array of (ragged lists, objects that are not numbers)."""
-    if isinstance(x, np.ndarray):
-        return x
-    try:
-        return np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise TypeError(f"{name} must be an array of numbers (not ragged): {exc}") from None
+    """``x`` as a numpy array: torch tensors and DLPack arrays are viewed
+    without a copy (:func:`softretrieval.interop.host`); a TypeError names
+    ``name`` for what cannot be an array of numbers (ragged lists, objects,
+    arrays on another device, a tensor that requires grad)."""
+    return interop.host(x, name)
 
 
 def float_matrix(x, name, ndim=2, packed_rows=False):

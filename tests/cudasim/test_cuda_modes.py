@@ -286,6 +286,11 @@ def test_device_array_errors(rng):
     with pytest.raises(ValueError, match="4 heads, not a multiple"):
         sr.attention(cuda.to_device(np.ones((2, 4, 3), np.float32)),
                      cuda.to_device(np.ones((5, 3, 3), np.float32)), device="cuda")
+    # where host arrays are read (an Index's add, merge), a device array is refused by name
+    with pytest.raises(TypeError, match="keys is on the GPU"):
+        sr.Index(3).add(dQ)
+    with pytest.raises(TypeError, match="outs is on the GPU"):
+        sr.merge(dQ, np.zeros(2, np.float32))
 
 
 @pytest.mark.parametrize("H,Hkv", [(4, 2), (2, 2), (3, 1)])
