@@ -78,11 +78,10 @@ def main():
 
     B = 64
     q = Q[:B]
-    include = [rng.choice(args.n, args.allowed, replace=False) for _ in range(B)]
+    include = [rng.choice(args.n, args.allowed, replace=False).astype(np.int64) for _ in range(B)]
     ref = faiss.IndexIDMap2(faiss.IndexFlatIP(args.d))
     ref.add_with_ids(K, np.arange(args.n, dtype=np.int64))
-    selectors = [faiss.IDSelectorBatch(inc.size, faiss.swig_ptr(inc.astype(np.int64)))
-                 for inc in include]
+    selectors = [faiss.IDSelectorBatch(inc.size, faiss.swig_ptr(inc)) for inc in include]
     params = [faiss.SearchParameters(sel=sel) for sel in selectors]
 
     def masked():

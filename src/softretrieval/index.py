@@ -578,9 +578,9 @@ class Index:
             gathered = _gather_rows(excl, B, n, keys, values, self.value_dim or self.dim)
             if gathered is not None:
                 snap = snap._replace(row_map=gathered)
-                keys = storage.stored(keys.data[gathered], self.dtype,
+                keys = storage.stored(np.take(keys.data, gathered, axis=0), self.dtype,
                                       keys.scale[gathered] if keys.scale.shape[0] else keys.scale)
-                values = None if values is None else values[gathered]
+                values = None if values is None else np.take(values, gathered, axis=0)
                 call_bias = call_bias[gathered] if call_bias.shape[0] else call_bias
                 window = (excl[0][:-1].copy(), excl[0][1:].copy())
                 excl, allow, stored_bias, n = None, False, None, gathered.shape[0]
@@ -738,14 +738,27 @@ class _Snapshot(NamedTuple):
             return None
         offsets, ext = validate.exclusion_lists(lists, B, self.n if self.ids is None else None,
                                                 name)
-        rows = _find(self.sorted_ids, self.sorted_rows, self.dead, ext)
-        found = rows >= 0
-        row_of = np.repeat(np.arange(B), np.diff(offsets))[found]
-        rows = rows[found]
-        pairs = np.unique(row_of * np.int64(self.n) + rows)
+        if self.ids is None:                     # row numbers: already sorted rows
+            rows, found = ext, None
+        else:
+            rows = _find(self.sorted_ids, self.sorted_rows, self.dead, ext)
+            found = rows >= 0
+        counts = np.diff(offsets)
+        if found is not None and not found.all():
+            counts = np.bincount(np.repeat(np.arange(B), counts)[found], minlength=B)
+            rows = rows[found]
         new_off = np.zeros(B + 1, np.int64)
-        np.cumsum(np.bincount(pairs // self.n, minlength=B), out=new_off[1:])
-        return new_off, pairs % self.n
+        np.cumsum(counts, out=new_off[1:])
+        rows = validate.sort_lists(new_off, rows)
+        if rows.size > 1:                        # (duplicates would be counted twice)
+            dup = rows[1:] == rows[:-1]
+            dup[new_off[1:-1][(new_off[1:-1] > 0) & (new_off[1:-1] < rows.size)] - 1] = False
+            if dup.any():
+                keep = np.concatenate([[True], ~dup])
+                counts = np.bincount(np.repeat(np.arange(B), np.diff(new_off))[keep], minlength=B)
+                np.cumsum(counts, out=new_off[1:])
+                rows = rows[keep]
+        return new_off, rows
 
     def spread(self, live_bias):
         """An (N,) bias over the live items as (n,) over the rows, removed

@@ -171,9 +171,24 @@ def exclusion_lists(exclude, n_queries, n_keys, name="exclude"):
     if ids.size and n_keys is not None and ids.max() >= n_keys:
         raise ValueError(f"{name} ids out of range: they must lie in [0, {n_keys}), got {ids.max()}")
     offsets = offsets.astype(np.int64)
-    row = np.repeat(np.arange(n_queries), np.diff(offsets))
-    ids = ids[np.lexsort((ids, row))]
-    return offsets, ids
+    return offsets, sort_lists(offsets, ids)
+
+
+def sort_lists(offsets, ids):
+    """The int64 ids of CSR lists ``(offsets, ids)`` with each list sorted
+    (``ids`` itself when they already are: the common case costs one pass)."""
+    if ids.size < 2:
+        return ids
+    falls = ids[1:] < ids[:-1]
+    inner = offsets[1:-1]
+    falls[inner[(inner > 0) & (inner < ids.size)] - 1] = False    # a new list may start lower
+    if not falls.any():
+        return ids
+    row = np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets))
+    span = int(ids.max()) + 1
+    if span * (offsets.shape[0] - 1) < 2**62:
+        return ids[np.argsort(row * span + ids)]
+    return ids[np.lexsort((ids, row))]
 
 
 def logit_scale(scale, temperature):
