@@ -413,3 +413,89 @@ def test_range_search_after_removal_with_allow_lists_matches_faiss(monkeypatch, 
         np.testing.assert_array_equal(np.sort(mine), np.sort(wi))
         np.testing.assert_allclose(np.sort(scores[lims[b]:lims[b + 1]]), np.sort(ws), rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_an_emptied_index_with_ids_and_adds_without_them(tmp_path, rng):
+    """All items removed: while their rows remain, an add must keep the rule
+    (ids on every add); once dropped (compact, save/load) the index is empty
+    and decides again. Never an item without a proper id."""
+    K = rng.standard_normal((4, 3)).astype(np.float32)
+    index = sr.Index(3)
+    index.add(K[:2], ids=[500, 600])
+    index.remove([500, 600])
+    with pytest.raises(ValueError, match="ids must be given on every add"):
+        index.add(K)
+    index.save(tmp_path / "empty")
+    index.compact()
+    for empty in (index, sr.Index.load(tmp_path / "empty")):
+        empty.add(K)
+        assert empty.ids is None
+        assert sorted(empty.search(K[:1], 4)[1][0]) == [0, 1, 2, 3]
+
+
+def test_a_refused_update_leaves_the_numbering_alone(rng):
+    index = sr.Index(4, dtype="float16")
+    index.add(rng.standard_normal((10, 4)))
+    with pytest.raises(ValueError, match="float16"):
+        index.update([3], np.full((1, 4), 1e6))
+    assert index.ids is None and len(index) == 10
+    index.add(rng.standard_normal((1, 4)))                    # still an index without ids
+    assert index.ids is None
+
+
+def test_updates_and_removals_do_not_rebuild_the_id_lookup(rng):
+    """The sorted id lookup is built once; updates and adds of a few items
+    join a small lookup of recent rows, and removals touch neither."""
+    index = fresh(rng.standard_normal((5000, 3)), np.arange(5000) * 2, "ip", "float32")
+    index.update([0], rng.standard_normal((1, 3)))          # grows the arrays (a rebuild)
+    index.search(np.ones((1, 3)), 1)
+    main = index._lookup()[0]
+    index.update([10, 20], rng.standard_normal((2, 3)))
+    index.remove([30, 10])
+    index.add(rng.standard_normal((3, 3)), ids=[1, 3, 5])
+    index.update([20], rng.standard_normal((1, 3)))
+    assert index._lookup()[0] is main
+    assert index.remove([20, 1, 44]) == 3 and 20 not in index.ids and len(index) == 5000 + 3 - 5
+
+
+def test_interleaved_changes_match_a_model(rng):
+    """A random run of adds, removes, updates (also of one item twice) and
+    compactions: ids, keys and search results equal a plain dict model."""
+    d = 5
+    index = sr.Index(d)
+    model = {}
+    next_id = 0
+    Q = rng.standard_normal((3, d)).astype(np.float32)
+    for step in range(120):
+        op = rng.integers(4) if model else 0
+        if op == 0:
+            n = int(rng.integers(1, 40))
+            K = rng.standard_normal((n, d)).astype(np.float32)
+            ids = np.arange(next_id, next_id + n) * 3
+            next_id += n
+            index.add(K, ids=ids)
+            model.update(zip(ids.tolist(), K))
+        elif op == 1:
+            gone = rng.choice(list(model), min(len(model), int(rng.integers(1, 10))), replace=False)
+            assert index.remove(gone) == len(gone)
+            for i in gone:
+                del model[int(i)]
+        elif op == 2:
+            which = rng.choice(list(model), min(len(model), 3), replace=False)
+            K = rng.standard_normal((len(which), d)).astype(np.float32)
+            index.update(which, K)
+            model.update(zip(which.tolist(), K))
+        elif step % 10 == 0:
+            index.compact()
+        assert len(index) == len(model)
+        live = dict(zip(index.ids.tolist(), index.keys()))
+        assert live.keys() == model.keys()
+        for i, k in model.items():
+            np.testing.assert_array_equal(live[i], k)
+        ids = np.array(list(model))
+        K = np.stack([model[i] for i in ids])
+        scores = Q @ K.T
+        got = index.search(Q, 4)[1]
+        for b in range(3):
+            want = ids[np.argsort(-scores[b], kind="stable")[:4]]
+            np.testing.assert_array_equal(got[b][:len(want)], want)

@@ -307,6 +307,12 @@ def test_l2_distances_are_never_below_zero(rng):
     assert (sr.range_search(Q, K, np.inf, metric="l2")[1] >= 0).all()
 
 
+def test_integer_thresholds_beyond_float_are_infinite(rng):
+    Q, K = make(rng, 2, 10, 4)
+    assert sr.range_search(Q, K, 10**400)[0][-1] == 0
+    assert sr.range_search(Q, K, -10**400)[0][-1] == 20
+
+
 def test_empty_queries(rng):
     _, K = make(rng, 1, 10, 4)
     lims, scores, ids = sr.range_search(np.zeros((0, 4), np.float32), K, 0.5)

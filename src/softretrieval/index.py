@@ -107,8 +107,7 @@ class Index:
         self._center = None       # (dim,) float32 for l2 data far from the origin
         self._version = 0         # bumped by every change; keys the caches
         self._cache = {}          # what is derived from one version (call biases)
-        self._lookup_cache = None  # (rows version, sorted ids, their rows): see _lookup
-        self._rows_version = 0    # bumped when rows are added or moved (not by removals)
+        self._lookup_cache = None  # external id -> row lookups: see _lookup
         self._resident = {}       # GPU copies of the stored arrays (device="cuda")
         self._lock = threading.RLock()
 
@@ -132,7 +131,8 @@ class Index:
     @property
     def ntotal(self) -> int:
         """Number of live items (removed ones are not counted)."""
-        return self._n - self._n_dead
+        with self._lock:
+            return self._n - self._n_dead
 
     def __len__(self):
         return self.ntotal
@@ -232,10 +232,12 @@ class Index:
         if n == 0:
             return
         with self._lock:
+            if self._n == 0 and not self._auto_ids:
+                self._ids = None                 # an empty index decides again
             if self._auto_ids and new_ids is not None:
                 raise ValueError("this index numbers its items itself (it had no ids when items "
                                  "were first removed or updated): add without ids")
-            if (new_ids is None) != (self._ids is None) and self.ntotal > 0 and not self._auto_ids:
+            if (new_ids is None) != (self._ids is None) and self._n > 0 and not self._auto_ids:
                 raise ValueError("ids must be given on every add or on none "
                                  f"(this index has {'ids' if self._ids is not None else 'no ids'})")
             if new_ids is not None and self.ntotal and np.isin(new_ids, self.ids).any():
@@ -272,8 +274,8 @@ class Index:
         if self._dead is not None:
             self._dead[lo:hi] = False
         self._changed()
-        self._rows_version += 1
         self._n = hi
+        self._note_rows(lo, hi)
 
     def _check_values(self, values, n):
         if self.value_dim is None:
@@ -340,7 +342,7 @@ class Index:
         self._n_dead = 0
         self._dead = None
         self._changed()
-        self._rows_version += 1
+        self._lookup_cache = None
 
     def compact(self) -> None:
         """Drop the rows of removed items now (saves and growth do it too),
@@ -362,24 +364,38 @@ class Index:
     def _rows_of(self, ids):
         """Rows of the live items with external ids ``ids`` (int64 (m,)):
         (m,) int64, -1 for ids not in the index (the caller holds the lock)."""
-        sorted_ids, rows = self._lookup()
-        return _find(sorted_ids, rows, None if self._n_dead == 0 else self._dead, ids)
+        return _find(self._lookup(), None if self._n_dead == 0 else self._dead, ids)
 
     def _lookup(self):
-        """``(sorted external ids, their rows)`` of the items live when it was
-        built (the caller holds the lock). Built once per rows version:
-        removals do not rebuild it (their rows are checked against the
-        tombstones when looked up), so a removal stays O(number removed).
-        Without ids: rows are ids."""
-        if self._lookup_cache is None or self._lookup_cache[0] != self._rows_version:
+        """External id -> row lookups ``((ids, rows), (ids, rows))``, each
+        sorted by id (the caller holds the lock): the first built by one
+        sort over the items live then, the second holding the rows appended
+        since (kept sorted as they come, so adds and updates stay
+        O(number added)); rebuilt as one when the second outgrows
+        ``max(4096, n / 8)`` rows. Rows removed since are checked against the
+        tombstones when looked up, so a removal never rebuilds it. Without
+        ids the rows are the ids."""
+        if self._lookup_cache is None:
             live = np.flatnonzero(self._live_mask()) if self._n_dead else np.arange(self._n)
-            if self._ids is None:
-                self._lookup_cache = (self._rows_version, live, live)
-            else:
-                ext = self._ids[live]
-                order = np.argsort(ext, kind="stable")
-                self._lookup_cache = (self._rows_version, ext[order], live[order])
-        return self._lookup_cache[1:]
+            ext = live if self._ids is None else self._ids[live]
+            order = np.argsort(ext, kind="stable")
+            none = np.zeros(0, np.int64)
+            self._lookup_cache = ((ext[order], live[order]), (none, none))
+        return self._lookup_cache
+
+    def _note_rows(self, lo, hi):
+        """Add rows ``lo:hi`` (just appended) to the lookup of recent rows."""
+        if self._lookup_cache is None:
+            return
+        main, (recent_ids, recent_rows) = self._lookup_cache
+        ids = np.concatenate([recent_ids, np.arange(lo, hi) if self._ids is None
+                              else self._ids[lo:hi]])
+        if ids.shape[0] > max(4096, main[0].shape[0] // 8):
+            self._lookup_cache = None
+            return
+        rows = np.concatenate([recent_rows, np.arange(lo, hi)])
+        order = np.argsort(ids, kind="stable")
+        self._lookup_cache = (main, (ids[order], rows[order]))
 
     @interop.boundary
     def remove(self, ids: ArrayLike) -> int:
@@ -441,15 +457,23 @@ class Index:
         if n == 0:
             return
         with self._lock:
-            self._reserve(self._n + n)
-            rows = self._rows_of(new_ids)
-            if (rows < 0).any():
-                raise ValueError(f"ids not in the index: {new_ids[rows < 0][:5].tolist()}")
-            self._number_items()
-            if V is None and self._values is not None:
-                V = self._values[rows]
-            dead = self._dead if self._dead is not None else np.zeros(self._data.shape[0], bool)
-            self._append(K, V, self._ids[rows], None, keep_bias=rows)
+            if (self._rows_of(new_ids) < 0).any():
+                missing = new_ids[self._rows_of(new_ids) < 0]
+                raise ValueError(f"ids not in the index: {missing[:5].tolist()}")
+            numbering = (self._ids, self._auto_ids, self._next_id, self._lookup_cache)
+            try:
+                self._reserve(self._n + n)
+                rows = self._rows_of(new_ids)
+                self._number_items()
+                if V is None and self._values is not None:
+                    V = self._values[rows]
+                dead = (self._dead if self._dead is not None
+                        else np.zeros(self._data.shape[0], bool))
+                self._append(K, V, self._ids[rows], None, keep_bias=rows)
+            except BaseException:
+                if numbering[0] is None:         # (no removed rows: none moved)
+                    self._ids, self._auto_ids, self._next_id, self._lookup_cache = numbering
+                raise
             dead[rows] = True
             self._dead = dead
             self._n_dead += n
@@ -543,11 +567,10 @@ class Index:
             n = self._n
             if self.ntotal == 0:
                 raise ValueError("the index is empty: add items before searching")
-            sorted_ids, rows = self._lookup()
             return _Snapshot(
                 n, storage.stored(self._data[:n], self.dtype, self._scales[:n]),
                 None if self._values is None else self._values[:n],
-                None if self._ids is None else self._ids[:n], sorted_ids, rows, self._center,
+                None if self._ids is None else self._ids[:n], self._lookup(), self._center,
                 self.value_dim is None, self._resident, self._version, None,
                 None if self._bias is None else self._bias[:n],
                 None if self._n_dead == 0 else self._dead[:n].copy())
@@ -719,8 +742,7 @@ class _Snapshot(NamedTuple):
     keys: storage.Stored
     values: Optional[np.ndarray]
     ids: Optional[np.ndarray]        # (n,) int64 external ids, or None
-    sorted_ids: np.ndarray           # external ids of the live items, sorted (rows without ids)
-    sorted_rows: np.ndarray          # their rows
+    lookup: tuple                    # external id -> row lookups (Index._lookup)
     center: Optional[np.ndarray]     # (dim,) float32, or None
     keys_as_values: bool
     resident: dict                   # GPU copies that belong to these contents
@@ -741,7 +763,7 @@ class _Snapshot(NamedTuple):
         if self.ids is None:                     # row numbers: already sorted rows
             rows, found = ext, None
         else:
-            rows = _find(self.sorted_ids, self.sorted_rows, self.dead, ext)
+            rows = _find(self.lookup, self.dead, ext)
             found = rows >= 0
         counts = np.diff(offsets)
         if found is not None and not found.all():
@@ -786,13 +808,20 @@ class _Snapshot(NamedTuple):
         return np.where(valid[:, None], out + self.center, out).astype(np.float32)
 
 
-def _find(sorted_ids, rows, dead, ids):
-    """Rows of ``ids`` by a lookup ``(sorted_ids, rows)``, -1 where an id is
-    not there or its row is marked in ``dead`` ((n,) bool, or None)."""
-    if sorted_ids.shape[0] == 0:
-        return np.full(ids.shape, -1, np.int64)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.shape[0] - 1)
-    found = np.where(sorted_ids[pos] == ids, rows[pos], -1)
+def _find(lookup, dead, ids):
+    """Rows of ``ids`` by the lookups of :meth:`Index._lookup`, -1 where an
+    id is in neither or its row is marked in ``dead`` ((n,) bool, or None).
+    A recent row wins over the older lookup, and among recent rows of one
+    id (an item updated twice) the last: older rows of an id are removed."""
+    (old_ids, old_rows), (new_ids, new_rows) = lookup
+    found = np.full(ids.shape, -1, np.int64)
+    if old_ids.shape[0]:
+        pos = np.minimum(np.searchsorted(old_ids, ids), old_ids.shape[0] - 1)
+        found = np.where(old_ids[pos] == ids, old_rows[pos], -1)
+    if new_ids.shape[0]:
+        pos = np.searchsorted(new_ids, ids, side="right") - 1
+        hit = (pos >= 0) & (new_ids[np.maximum(pos, 0)] == ids)
+        found = np.where(hit, new_rows[np.maximum(pos, 0)], found)
     if dead is not None:
         found = np.where((found >= 0) & dead[np.maximum(found, 0)], -1, found)
     return found

@@ -75,7 +75,7 @@ def check_threshold(threshold) -> float:
     try:
         value = float(threshold)
     except OverflowError:
-        value = math.copysign(math.inf, threshold)
+        value = math.inf if threshold > 0 else -math.inf
     if math.isnan(value):
         raise ValueError("threshold must not be NaN")
     return value
