@@ -172,7 +172,11 @@ class KNNMemory:
         (m, n, heads, dim), scales (m, n, heads) or None)``; ValueError naming
         ``name`` for NaN, inf or values the format cannot hold."""
         if self.dtype == "float32":
-            validate.all_finite(X, name)
+            from . import cpu_ring
+
+            rows = X.reshape(-1, X.shape[3])
+            if cpu_ring.count_non_finite(rows.view(np.uint32)):
+                raise ValueError(f"{name} contains NaN or inf (after conversion to float32)")
             return X, None
         data = np.empty(X.shape, storage.FORMATS[self.dtype][0])
         scales = np.empty(X.shape[:3], np.float32)
@@ -205,26 +209,23 @@ class KNNMemory:
         keep = min(n, self.capacity)
         K, V = K[:, n - keep:], V[:, n - keep:]
         (kd, ks), (vd, vs) = self._encode(K, "keys"), self._encode(V, "values")
+        from . import cpu_ring
+
         slots = np.full((sel.size, n), -1, np.int64)
+        bits = storage.FORMATS[self.dtype][1]      # as the kernels see it (numba has no float16)
+        pairs = [(kd.view(bits), self._keys.view(bits)), (vd.view(bits), self._values.view(bits))]
+        if ks is not None:
+            pairs += [(ks[..., None], self._key_scales[..., None]),
+                      (vs[..., None], self._value_scales[..., None])]
         with self._lock:
             starts = self._next[sel]
-            for start in np.unique(starts):
-                rows = np.flatnonzero(starts == start)          # along the entries' batch axis
-                seqs, rows = _index(sel[rows]), _index(rows)
-                first = min(keep, self.capacity - int(start))   # up to the end of the ring, then from 0
-                parts = ((0, int(start), first), (first, 0, keep - first))
-                for src, dst, width in parts:
-                    if width == 0:
-                        continue
-                    cut = slice(src, src + width)
-                    self._keys[:, seqs, dst:dst + width] = kd[rows, cut].transpose(2, 0, 1, 3)
-                    self._values[:, seqs, dst:dst + width] = vd[rows, cut].transpose(2, 0, 1, 3)
-                    if ks is not None:
-                        self._key_scales[:, seqs, dst:dst + width] = ks[rows, cut].transpose(2, 0, 1)
-                        self._value_scales[:, seqs, dst:dst + width] = vs[rows, cut].transpose(2, 0, 1)
-                slots[rows, n - keep:] = (start + np.arange(keep)) % self.capacity
-                if self._device is not None:
-                    self._write_device(parts, K[0], V[0])
+            for src, ring in pairs:
+                cpu_ring.scatter(src, ring, sel, starts)
+            slots[:, n - keep:] = (starts[:, None] + np.arange(keep)) % self.capacity
+            if self._device is not None:
+                start = int(starts[0])
+                first = min(keep, self.capacity - start)    # up to the end of the ring, then from 0
+                self._write_device(((0, start, first), (first, 0, keep - first)), K[0], V[0])
             self._next[sel] = (starts + keep) % self.capacity
             self._size[sel] = np.minimum(self.capacity, self._size[sel] + keep)
         return slots[0] if one else slots
@@ -499,14 +500,6 @@ class KNNMemory:
         if ((size < 0) | (size > mem.capacity) | (nxt < 0) | (nxt >= mem.capacity)).any():
             raise ValueError(f"{path}: ring position out of range (size {size}, next {nxt})")
         return mem
-
-
-def _index(idx):
-    """An index array as a slice when it is a run of consecutive integers
-    (basic indexing: no copy on read, a plain copy on write)."""
-    if idx.size and (idx.size == 1 or (np.diff(idx) == 1).all()):
-        return slice(int(idx[0]), int(idx[0]) + idx.size)
-    return idx
 
 
 def memory_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, memory: KNNMemory, *,
