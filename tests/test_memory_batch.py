@@ -253,3 +253,22 @@ def test_bad_batch_input(rng):
     with pytest.raises(ValueError, match="batch"):
         sr.memory_attention(np.ones((2, 2, 4)), np.ones((2, 2, 4)), np.ones((2, 2, 2)), mem)
     assert len(mem) == 0
+
+
+def test_a_first_write_starts_the_packages_threading_layer(tmp_path):
+    """The write kernels run through runtime.parallel_call: a process whose
+    first kernel call is a write gets the workqueue layer, not Numba's
+    default OpenMP threads (which spin beside later reads and neighbours)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, numba, softretrieval as sr\n"
+            "m = sr.KNNMemory(4, 2, 8)\n"
+            "m.write(np.ones((3, 4)), np.ones((3, 2)))\n"
+            "print(numba.threading_layer())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True, cwd=tmp_path)
+    assert out.stdout.split()[-1] == "workqueue"

@@ -5,7 +5,10 @@ capacity, dim)`` rings, each sequence from its own ring position, wrapping
 at the end: one parallel pass (numpy's transposed assignment ran one thread,
 about 3x slower with two). The finiteness check before it is a separate
 read-only pass, so a refused write changes nothing. Imported on the first
-write, not at ``import softretrieval``.
+write, not at ``import softretrieval``; called through
+:func:`softretrieval.runtime.parallel_call` like every parallel kernel (its
+lock and threading layer: a first write must not start Numba's default
+OpenMP threads, which then spin beside the reads).
 """
 
 import numpy as np

@@ -172,10 +172,10 @@ class KNNMemory:
         (m, n, heads, dim), scales (m, n, heads) or None)``; ValueError naming
         ``name`` for NaN, inf or values the format cannot hold."""
         if self.dtype == "float32":
-            from . import cpu_ring
+            from . import cpu_ring, runtime
 
             rows = X.reshape(-1, X.shape[3])
-            if cpu_ring.count_non_finite(rows.view(np.uint32)):
+            if runtime.parallel_call(cpu_ring.count_non_finite, rows.view(np.uint32), blas=False):
                 raise ValueError(f"{name} contains NaN or inf (after conversion to float32)")
             return X, None
         data = np.empty(X.shape, storage.FORMATS[self.dtype][0])
@@ -209,7 +209,7 @@ class KNNMemory:
         keep = min(n, self.capacity)
         K, V = K[:, n - keep:], V[:, n - keep:]
         (kd, ks), (vd, vs) = self._encode(K, "keys"), self._encode(V, "values")
-        from . import cpu_ring
+        from . import cpu_ring, runtime
 
         slots = np.full((sel.size, n), -1, np.int64)
         bits = storage.FORMATS[self.dtype][1]      # as the kernels see it (numba has no float16)
@@ -220,7 +220,7 @@ class KNNMemory:
         with self._lock:
             starts = self._next[sel]
             for src, ring in pairs:
-                cpu_ring.scatter(src, ring, sel, starts)
+                runtime.parallel_call(cpu_ring.scatter, src, ring, sel, starts, blas=False)
             slots[:, n - keep:] = (starts[:, None] + np.arange(keep)) % self.capacity
             if self._device is not None:
                 start = int(starts[0])
