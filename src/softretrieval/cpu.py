@@ -598,12 +598,11 @@ def plan(B, N, threads, row_lo=None, row_hi=None):
             nsplit = max(1, min(threads, N // config.MIN_KEYS_PER_SPLIT))
         qblock = -(-B // nqb) if B else 1
         return np.minimum(np.arange(nqb + 1, dtype=np.int64) * qblock, B), nsplit
-    starts = []
-    for r0, r1 in zip(runs[:-1], runs[1:]):
-        pieces = -(-(r1 - r0) // config.QUERY_BLOCK)
-        starts.extend(r0 + ((r1 - r0) * np.arange(pieces)) // pieces)
-    starts.append(B)
-    qstarts = np.asarray(starts, np.int64)
+    lens = np.diff(runs)
+    pieces = -(-lens // config.QUERY_BLOCK)             # blocks per run, of equal size
+    run = np.repeat(np.arange(lens.shape[0]), pieces)
+    piece = np.arange(run.shape[0]) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    qstarts = np.append(runs[:-1][run] + lens[run] * piece // pieces[run], B).astype(np.int64)
     nqb = qstarts.shape[0] - 1
     span = int((row_hi - row_lo).max())
     nsplit = 1 if nqb >= threads else max(1, min(-(-threads // nqb), span // config.MIN_KEYS_PER_SPLIT))
@@ -648,8 +647,9 @@ def run(problem, mode):
                            problem.masks.row_lo, problem.masks.row_hi)
     tiling = (qstarts, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES)
     stop = np.zeros(1, np.int64)
-    work = Q.shape[0] * problem.keys.data.shape[0] * (
-        Q.shape[1] + (problem.values.width if mode.want_acc else 0))
+    lo, hi = problem.masks.row_lo, problem.masks.row_hi
+    pairs = Q.shape[0] * problem.keys.data.shape[0] if lo.shape[0] == 0 else int((hi - lo).sum())
+    work = pairs * (Q.shape[1] + (problem.values.width if mode.want_acc else 0))
     m, l, acc, tk_s, tk_i, tk_n, bad = runtime.parallel_call(
         stream, Q, problem.keys, problem.values, problem.logits, problem.masks, tiling, mode, stop,
         stop=stop, work=work)
