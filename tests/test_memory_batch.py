@@ -252,6 +252,9 @@ def test_bad_batch_input(rng):
         mem.read_backward(np.ones((3, 1, 2, 4)), np.ones((3, 1, 2, 2)))
     with pytest.raises(ValueError, match="batch"):
         sr.memory_attention(np.ones((2, 2, 4)), np.ones((2, 2, 4)), np.ones((2, 2, 2)), mem)
+    with pytest.raises(ValueError, match="backward passes take memories without batch"):
+        sr.memory_attention_backward(np.ones((2, 2, 4)), np.ones((2, 2, 4)), np.ones((2, 2, 2)), mem,
+                                     np.ones((2, 2, 2)), topk=2)
     assert len(mem) == 0
 
 
