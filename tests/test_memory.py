@@ -15,7 +15,7 @@ from reference import attention_ref, sequence_attention_ref, topk_attention_ref
 
 def live(mem):
     """The live entries (slots 0..len-1) as (n, heads, dim), as the reference sees them."""
-    return mem._live(len(mem))
+    return mem.snapshot()
 
 
 def test_soft_and_topk_read_before_and_after_wraparound(small_tiles, rng):
@@ -67,7 +67,7 @@ def test_writing_more_than_capacity_keeps_newest(rng):
     keys = rng.standard_normal((10, 3)).astype(np.float32)
     slots = mem.write(keys, np.arange(10, dtype=np.float32)[:, None])
     assert list(slots) == [-1] * 6 + [0, 1, 2, 3]
-    assert sorted(mem._values[0, :, 0]) == [6, 7, 8, 9]
+    assert sorted(mem.snapshot()[1][:, 0, 0]) == [6, 7, 8, 9]
 
 
 def test_memory_attention_exact_equals_concatenation_reference(small_tiles, rng):
@@ -178,14 +178,17 @@ def test_concurrent_writes_and_reads_stay_consistent(rng):
         t.join()
     assert not errors
     assert len(mem) == 64
-    assert sorted(set(mem._values[0, :, 0])) == [36, 37, 38, 39]
+    assert sorted(set(mem.snapshot()[1][:, 0, 0])) == [36, 37, 38, 39]
 
 
 @pytest.mark.parametrize("args,exc,match", [
     (dict(key_dim=0, value_dim=2, capacity=4), ValueError, "key_dim"),
     (dict(key_dim=2, value_dim=2, capacity=0), ValueError, "capacity"),
     (dict(key_dim=2, value_dim=2, capacity=2.5), TypeError, "capacity"),
-    (dict(key_dim=2, value_dim=2, capacity=4, dtype="int8"), ValueError, "dtype"),
+    (dict(key_dim=2, value_dim=2, capacity=4, dtype="int4"), ValueError, "dtype"),
+    (dict(key_dim=2, value_dim=2, capacity=4, dtype="float64"), ValueError, "dtype"),
+    (dict(key_dim=2, value_dim=2, capacity=4, batch=0), ValueError, "batch"),
+    (dict(key_dim=2, value_dim=2, capacity=4, batch=1.5), TypeError, "batch"),
     (dict(key_dim=2, value_dim=2, capacity=4, metric="dot"), ValueError, "metric"),
 ])
 def test_bad_construction(args, exc, match):

@@ -131,7 +131,14 @@ def test_legacy_folders_still_load(tmp_path):
 
     for obj, version in ((make_index(1), 1), (make_memory(1), 2)):
         folder = tmp_path / type(obj).__name__
-        obj.save(folder)
+        if version == 2:    # the layout of KNNMemory versions 2 and 3: one float32 ring per head
+            fields = {"key_dim": obj.key_dim, "value_dim": obj.value_dim, "capacity": obj.capacity,
+                      "heads": obj.heads, "metric": obj.metric, "size": len(obj),
+                      "next": int(obj._next[0])}
+            persist.save_folder(folder, "softretrieval.KNNMemory", 3,
+                                {"keys": obj._keys[:, 0], "values": obj._values[:, 0]}, fields)
+        else:
+            obj.save(folder)
         meta = json.loads((folder / "meta.json").read_text())
         for name, info in meta["files"].items():
             (folder / info.pop("file")).rename(folder / f"{name}.npy")

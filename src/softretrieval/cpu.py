@@ -437,13 +437,16 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     column offset); logits: :class:`devices.Logits`; masks:
     :class:`devices.Masks` — CSR exclusion lists (or allow-lists) sorted per query, and the
     int64 key window ``[lo, hi)`` of each query (causal and sliding-window
-    modes): key tiles outside every window of a block are skipped, tiles
-    that cross a window edge masked. tiling: ``(nqb, nsplit, ktile,
-    ktile_simd, simd_queries)``: query blocks of at most ``simd_queries`` use
-    SIMD loops over tiles of ``ktile_simd`` keys, larger ones BLAS over
-    tiles of ``ktile``; blocks are visited in zigzag order (first, last,
-    second, ...) so each thread's share mixes cheap and costly causal
-    blocks. mode: :class:`devices.Mode`. stop (1,) int64: set it non-zero to
+    modes, folded problems): key tiles outside every window of a block are
+    skipped, tiles that cross a window edge masked. tiling: ``(qstarts,
+    nsplit, ktile, ktile_simd, simd_queries)``: query block b is rows
+    ``qstarts[b]:qstarts[b + 1]`` (qstarts (nqb + 1,) int64, from
+    :func:`plan`); each block's key range (all N keys, or the span of its
+    rows' windows) is cut into ``nsplit`` equal ranges; blocks of at most
+    ``simd_queries`` rows use SIMD loops over tiles of ``ktile_simd`` keys,
+    larger ones BLAS over tiles of ``ktile``; blocks are visited in zigzag
+    order (first, last, second, ...) so each thread's share mixes cheap and
+    costly causal blocks. mode: :class:`devices.Mode`. stop (1,) int64: set it non-zero to
     end the call early (the results are then incomplete:
     :func:`runtime.parallel_call` discards them).
 
@@ -461,12 +464,11 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     K = keys.data
     dv = values.width
     excl_off, excl_ids, row_lo, row_hi, allow = masks
-    nqb, nsplit, ktile, ktile_simd, simd_queries = tiling
+    qstarts, nsplit, ktile, ktile_simd, simd_queries = tiling
     want_soft, want_acc, k, range_min, range_slots = mode
     B = Q.shape[0]
     N = K.shape[0]
-    qblock = (B + nqb - 1) // nqb
-    split = (N + nsplit - 1) // nsplit
+    nqb = qstarts.shape[0] - 1
     m = np.full((nsplit, B), NEG_INIT, np.float32)
     l = np.zeros((nsplit, B), np.float32)
     acc = np.zeros((nsplit, B, dv if want_acc else 0), np.float32)
@@ -486,13 +488,15 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
         zz = w // nsplit
         sp = w - zz * nsplit
         qb = zz // 2 if zz % 2 == 0 else nqb - 1 - zz // 2
-        q0 = qb * qblock
-        q1 = min(B, q0 + qblock)
-        k0 = sp * split
-        k1 = min(N, k0 + split)
+        q0 = qstarts[qb]
+        q1 = qstarts[qb + 1]
+        lo_b, hi_b = 0, N
         if windowed and q0 < q1:
-            k0 = max(k0, row_lo[q0:q1].min())
-            k1 = min(k1, row_hi[q0:q1].max())
+            lo_b = max(0, row_lo[q0:q1].min())
+            hi_b = min(N, row_hi[q0:q1].max())
+        split = (hi_b - lo_b + nsplit - 1) // nsplit
+        k0 = lo_b + sp * split
+        k1 = min(hi_b, k0 + split)
         if q0 >= q1 or k0 >= k1:
             continue
         ptr = np.zeros(q1 - q0, np.int64)
@@ -616,28 +620,51 @@ def finish_topk_attention(logits, ids, count, lse, V, vscale, vcol, dv, k):
     return out, ids_out, weights, coverage
 
 
-def plan(B, N, threads, span=None):
-    """Split of the work: ``(nqb, nsplit)`` query blocks and key ranges.
-
-    ``span``: the total length of the queries' key windows, when they have
-    windows. Windows that together are no longer than N (each query its own
-    segment of the keys, as for gathered allow-lists) get one query per
-    block, so no query scans the others' segments.
+def plan(B, N, threads, row_lo=None, row_hi=None):
+    """Split of the work: ``(qstarts, nsplit)``, query blocks (block b is
+    rows ``qstarts[b]:qstarts[b + 1]``) and key ranges per block.
 
     Many queries: equal query blocks of at most ``config.QUERY_BLOCK``, their
     count a multiple of ``threads``, and one key range. Few queries (fewer
     than ``config.MIN_QUERIES_PER_THREAD`` per thread): one query block and
     ``threads`` key ranges, merged afterwards, so a single query still uses
     every core; never ranges shorter than ``config.MIN_KEYS_PER_SPLIT``.
+
+    With key windows (row_lo, row_hi (B,) int64), a block never spans two
+    runs of rows whose windows are disjoint (:func:`window_runs`): a
+    problem folded from several (e.g. every head and sequence of a
+    ``KNNMemory`` over one flat key array, each run of rows with its own
+    window) then streams each key once, not once per run. Each run is cut
+    into blocks of at most ``config.QUERY_BLOCK``; with fewer blocks than
+    threads, their key ranges are split too.
     """
-    if span is not None and span <= N and B >= threads:
-        return B, 1
-    if B >= threads * config.MIN_QUERIES_PER_THREAD:
-        rounds = -(-B // (threads * config.QUERY_BLOCK))
-        return threads * rounds, 1
-    nqb = -(-B // config.QUERY_BLOCK)
-    nsplit = max(1, min(threads, N // config.MIN_KEYS_PER_SPLIT))
-    return nqb, nsplit
+    runs = None if row_lo is None or row_lo.shape[0] == 0 else window_runs(row_lo, row_hi)
+    if runs is None or runs.shape[0] <= 2:
+        if B >= threads * config.MIN_QUERIES_PER_THREAD:
+            nqb, nsplit = threads * -(-B // (threads * config.QUERY_BLOCK)), 1
+        else:
+            nqb = -(-B // config.QUERY_BLOCK)
+            nsplit = max(1, min(threads, N // config.MIN_KEYS_PER_SPLIT))
+        qblock = -(-B // nqb) if B else 1
+        return np.minimum(np.arange(nqb + 1, dtype=np.int64) * qblock, B), nsplit
+    lens = np.diff(runs)
+    pieces = -(-lens // config.QUERY_BLOCK)             # blocks per run, of equal size
+    run = np.repeat(np.arange(lens.shape[0]), pieces)
+    piece = np.arange(run.shape[0]) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    qstarts = np.append(runs[:-1][run] + lens[run] * piece // pieces[run], B).astype(np.int64)
+    nqb = qstarts.shape[0] - 1
+    span = int((row_hi - row_lo).max())
+    nsplit = 1 if nqb >= threads else max(1, min(-(-threads // nqb), span // config.MIN_KEYS_PER_SPLIT))
+    return qstarts, nsplit
+
+
+def window_runs(row_lo, row_hi):
+    """Boundaries (runs + 1,) int64 of the runs of consecutive rows whose
+    key windows ``[row_lo, row_hi)`` overlap the previous row's (an empty
+    window overlaps nothing)."""
+    cut = (row_hi[:-1] <= row_lo[1:]) | (row_hi[1:] <= row_lo[:-1])
+    inner = np.flatnonzero(cut) + 1
+    return np.concatenate(([0], inner, [row_lo.shape[0]])).astype(np.int64)
 
 
 #: The target protocol (:class:`softretrieval.devices.Target`).
@@ -667,13 +694,13 @@ def run(problem, mode):
     score rows with NaN/inf).
     """
     Q = problem.Q
-    lo, hi = problem.masks.row_lo, problem.masks.row_hi
-    nqb, nsplit = plan(Q.shape[0], problem.keys.data.shape[0], runtime.num_threads(),
-                       int((hi - lo).sum()) if lo.shape[0] else None)
-    tiling = (nqb, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES)
+    qstarts, nsplit = plan(Q.shape[0], problem.keys.data.shape[0], runtime.num_threads(),
+                           problem.masks.row_lo, problem.masks.row_hi)
+    tiling = (qstarts, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES)
     stop = np.zeros(1, np.int64)
-    work = Q.shape[0] * problem.keys.data.shape[0] * (
-        Q.shape[1] + (problem.values.width if mode.want_acc else 0))
+    lo, hi = problem.masks.row_lo, problem.masks.row_hi
+    pairs = Q.shape[0] * problem.keys.data.shape[0] if lo.shape[0] == 0 else int((hi - lo).sum())
+    work = pairs * (Q.shape[1] + (problem.values.width if mode.want_acc else 0))
     m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, bad = runtime.parallel_call(
         stream, Q, problem.keys, problem.values, problem.logits, problem.masks, tiling, mode, stop,
         stop=stop, work=work)

@@ -50,13 +50,13 @@ META = "meta.json"
 PENDING = "meta.json.pending"
 
 
-def save_folder(path, fmt, version, arrays, fields, legacy=()):
+def save_folder(path, fmt, version, arrays, fields, legacy=(), checked=()):
     """Write ``arrays`` (name -> array) and ``fields`` (JSON-serializable) as
     the saved object ``path`` (see the module docstring).
 
     Raises ValueError, changing nothing, when ``path`` exists and is neither
     an empty folder nor an intact saved ``fmt`` (of ``version`` or one of
-    the ``legacy`` versions). Saves to one path are serialized by a lock on
+    the ``legacy`` or ``checked`` versions). Saves to one path are serialized by a lock on
     the folder (and on a new folder while it is written).
     """
     path = _path(path)
@@ -69,7 +69,7 @@ def save_folder(path, fmt, version, arrays, fields, legacy=()):
         raise ValueError(f"{path} exists and is not a folder: refusing to replace it with a "
                          f"saved {fmt} (nothing was changed)")
     with _locked(path):
-        old = _existing(path, fmt, version, legacy)
+        old = _existing(path, fmt, version, legacy, checked)
         pending = os.path.join(path, PENDING)
         if os.path.lexists(pending):
             # A save that crashed: of the files it made and the files it was
@@ -178,14 +178,14 @@ def _locked(folder, wait=True):
         os.close(fd)
 
 
-def _existing(path, fmt, version, legacy):
+def _existing(path, fmt, version, legacy, checked=()):
     """The files of the intact saved ``fmt`` at the folder ``path`` (a set);
     an empty folder gives an empty set. Anything else raises ValueError."""
     names = os.listdir(path)
     if not names:
         return set()
     try:
-        meta = _read_meta(path, fmt, version, legacy)
+        meta = _read_meta(path, fmt, version, legacy, checked)
     except ValueError as exc:
         raise ValueError(f"{path} exists and is not an intact saved {fmt}: refusing to write into "
                          f"it (nothing was changed; choose a new path or an empty folder): "
@@ -242,7 +242,7 @@ def _write(folder, fmt, version, arrays, fields, gen):
     _sync_dir(folder)
 
 
-def load_folder(path, fmt, version, *, mmap=False, verify=True, legacy=()):
+def load_folder(path, fmt, version, *, mmap=False, verify=True, legacy=(), checked=()):
     """Read a folder written by :func:`save_folder`.
 
     Returns ``(meta, arrays)``. With ``mmap`` the arrays are memory-mapped
@@ -251,17 +251,18 @@ def load_folder(path, fmt, version, *, mmap=False, verify=True, legacy=()):
     ``verify=False`` skips the files' checksums (meta.json's own, shapes and
     dtypes are still checked). ``legacy`` lists older versions that are
     still read: they name their files ``name.npy`` and their meta.json
-    carries no checksum. A load that races a save replacing the folder
+    carries no checksum; ``checked`` lists older versions in today's layout
+    (checksummed files and meta.json), read as the current one. A load that races a save replacing the folder
     reads the new generation (it retries when meta.json changed under it).
     """
     path = _path(path)
     for attempt in range(_RETRIES):
-        meta = _read_meta(path, fmt, version, legacy)
+        meta = _read_meta(path, fmt, version, legacy, checked)
         try:
             return meta, _load_arrays(path, meta, mmap, verify)
         except ValueError:
             try:
-                changed = _read_meta(path, fmt, version, legacy) != meta
+                changed = _read_meta(path, fmt, version, legacy, checked) != meta
             except ValueError:
                 changed = True
             if not changed or attempt == _RETRIES - 1:
@@ -271,7 +272,7 @@ def load_folder(path, fmt, version, *, mmap=False, verify=True, legacy=()):
 _RETRIES = 5
 
 
-def _read_meta(path, fmt, version, legacy):
+def _read_meta(path, fmt, version, legacy, checked=()):
     """meta.json of the folder ``path``, checked: format, version (or a legacy
     one: no checksum, files named ``name.npy``), its checksum, a files table."""
     try:
@@ -284,13 +285,13 @@ def _read_meta(path, fmt, version, legacy):
     except OSError as exc:
         raise ValueError(f"{path}: meta.json cannot be read: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != fmt or (
-            meta.get("version") != version and meta.get("version") not in legacy):
+            meta.get("version") not in (version,) + tuple(checked) + tuple(legacy)):
         got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta)
         raise ValueError(f"{path}: unsupported format {got!r} (expected {fmt!r} version {version})")
     files = meta.get("files")
     if not isinstance(files, dict) or not all(isinstance(i, dict) for i in files.values()):
         raise ValueError(f"{path}: meta.json has no valid 'files' table")
-    if meta["version"] == version:
+    if meta["version"] == version or meta["version"] in checked:
         if meta.get("checksum") != meta_checksum(meta):
             raise ValueError(f"{path}: meta.json is damaged or was edited (its checksum does not "
                              "match)")

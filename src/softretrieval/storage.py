@@ -62,10 +62,11 @@ def check_dtype(dtype):
     return name
 
 
-def encode_rows(x, dtype, data_out, scale_out, center=None):
+def encode_rows(x, dtype, data_out, scale_out, center=None, name="keys"):
     """Encode float rows ``x`` (n, d) into ``data_out`` (n, d) (and, for int8,
     the row scales into ``scale_out`` (n,)), in chunks of :data:`ENCODE_CHUNK`;
-    with ``center`` (d,), the rows ``x - center``.
+    with ``center`` (d,), the rows ``x - center``. ``name`` names ``x`` in
+    the errors.
 
     Raises ValueError for NaN or inf (after conversion to float32) and, naming
     the format, for a value out of its range (float16: |x| > 65504; bfloat16:
@@ -77,25 +78,25 @@ def encode_rows(x, dtype, data_out, scale_out, center=None):
         with np.errstate(over="ignore"):
             chunk = np.asarray(x[lo:hi], dtype=np.float32)
         if not np.isfinite(chunk).all():
-            raise ValueError("keys contains NaN or inf (after conversion to float32)")
+            raise ValueError(f"{name} contains NaN or inf (after conversion to float32)")
         if center is not None:
             chunk = (chunk - center).astype(np.float32)
         if dtype == "float32":
             data_out[lo:hi] = chunk
         elif dtype == "float16":
             if np.abs(chunk).max(initial=0.0) > np.finfo(np.float16).max:
-                raise ValueError("keys exceed the float16 range (|x| <= 65504): "
+                raise ValueError(f"{name} exceed the float16 range (|x| <= 65504): "
                                  "use dtype='bfloat16' or 'float32'")
             data_out[lo:hi] = chunk
-            _check_precision(chunk, decode_rows(data_out[lo:hi], dtype), dtype)
+            _check_precision(chunk, decode_rows(data_out[lo:hi], dtype), dtype, name)
         elif dtype == "bfloat16":
             bits = chunk.view(np.uint32)
             rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
             top = (rounded >> np.uint32(16)).astype(np.uint16)
             if ((top & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():
-                raise ValueError("keys exceed the bfloat16 range")
+                raise ValueError(f"{name} exceed the bfloat16 range")
             data_out[lo:hi] = top
-            _check_precision(chunk, decode_rows(top, dtype), dtype)
+            _check_precision(chunk, decode_rows(top, dtype), dtype, name)
         else:
             amax = np.abs(chunk).max(axis=1)
             scale = (amax / np.float32(127.0)).astype(np.float32)
@@ -105,7 +106,7 @@ def encode_rows(x, dtype, data_out, scale_out, center=None):
             scale_out[lo:hi] = scale
 
 
-def _check_precision(rows, decoded, dtype):
+def _check_precision(rows, decoded, dtype, name):
     """ValueError when a row's relative error exceeds MAX_RELATIVE_ERROR."""
     norm = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
     diff = (decoded - rows).astype(np.float64)
@@ -114,9 +115,9 @@ def _check_precision(rows, decoded, dtype):
     worst = rel.max(initial=0.0)
     if worst > MAX_RELATIVE_ERROR:
         raise ValueError(
-            f"keys lose precision in {dtype}: {int((rel > MAX_RELATIVE_ERROR).sum())} rows have a "
+            f"{name} lose precision in {dtype}: {int((rel > MAX_RELATIVE_ERROR).sum())} rows have a "
             f"relative error above {MAX_RELATIVE_ERROR:g} (worst {worst:.3g}); their values are "
-            "too small for the format (float16's normal range starts at 6.1e-5): scale the keys "
+            "too small for the format (float16's normal range starts at 6.1e-5): scale them "
             "up, or use dtype='float32' or 'int8'")
 
 

@@ -210,7 +210,7 @@ def test_memory_write_after_a_gpu_read_is_all_or_nothing(rng, monkeypatch):
     slots = mem.write(keys, values)
     monkeypatch.undo()
     assert mem._device is None and len(mem) == 10
-    np.testing.assert_array_equal(mem._keys[0, slots], keys.astype(np.float32))
+    np.testing.assert_array_equal(mem.snapshot()[0][slots, 0], keys.astype(np.float32))
     np.testing.assert_allclose(mem.read(q, device="cuda").out, mem.read(q).out, **TOL)
 
 
@@ -236,6 +236,10 @@ def test_memory_and_auto_device(rng):
         a = mem.read(q, k=k, device="cuda")
         b = mem.read(q, k=k)
         np.testing.assert_allclose(a.out, b.out, **TOL)
+    for compact in (sr.KNNMemory(4, 3, capacity=20, heads=2, batch=3),
+                    sr.KNNMemory(4, 3, capacity=20, heads=2, dtype="int8")):
+        with pytest.raises(ValueError, match="device='cuda' reads a float32 memory without batch"):
+            compact.read(q[None].repeat(3, 0) if compact.batch else q, device="cuda")
     np.testing.assert_allclose(sr.attention(q[:, 0], q[:, 1], device="auto"),
                                attention_ref(q[:, 0], q[:, 1])[0], **TOL)
 
