@@ -620,6 +620,26 @@ def finish_topk_attention(logits, ids, count, lse, V, vscale, vcol, dv, k):
     return out, ids_out, weights, coverage
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def gather_rows(src, rows, out):
+    """``out[i] = src[rows[i]]`` for (N, W) rows of any numeric dtype (a
+    storage dtype's bit patterns), in parallel: the rows an allow-list
+    scores, gathered end to end."""
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for c in range(src.shape[1]):
+            out[i, c] = src[r, c]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def sort_lists(offsets, ids):
+    """Sort each CSR list ``ids[offsets[b]:offsets[b + 1]]`` in place, the
+    lists in parallel."""
+    for b in prange(offsets.shape[0] - 1):
+        ids[offsets[b]:offsets[b + 1]] = np.sort(ids[offsets[b]:offsets[b + 1]])
+    return ids
+
+
 def plan(B, N, threads, row_lo=None, row_hi=None):
     """Split of the work: ``(qstarts, nsplit)``, query blocks (block b is
     rows ``qstarts[b]:qstarts[b + 1]``) and key ranges per block.

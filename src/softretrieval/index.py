@@ -601,9 +601,9 @@ class Index:
             gathered = _gather_rows(excl, B, n, keys, values, self.value_dim or self.dim)
             if gathered is not None:
                 snap = snap._replace(row_map=gathered)
-                keys = storage.stored(np.take(keys.data, gathered, axis=0), self.dtype,
+                keys = storage.stored(_gather(keys.data, gathered), self.dtype,
                                       keys.scale[gathered] if keys.scale.shape[0] else keys.scale)
-                values = None if values is None else np.take(values, gathered, axis=0)
+                values = None if values is None else _gather(values, gathered)
                 call_bias = call_bias[gathered] if call_bias.shape[0] else call_bias
                 window = (excl[0][:-1].copy(), excl[0][1:].copy())
                 excl, allow, stored_bias, n = None, False, None, gathered.shape[0]
@@ -635,10 +635,12 @@ class Index:
         key = (snap.version, "bias", kind, unit)
         cached = self._cache.get(key)
         if cached is None:
-            base = np.zeros(snap.n) if kind == "none" else snap.bias
-            if snap.dead is not None:
-                base = np.where(snap.dead, -np.inf, base)
-            cached = terms.prepare_bias(base, snap.n, unit)
+            if kind == "none":                   # removed rows only: no arithmetic to check
+                cached = np.zeros(snap.n, np.float32)
+                cached[snap.dead] = -np.inf
+            else:
+                base = snap.bias if snap.dead is None else np.where(snap.dead, -np.inf, snap.bias)
+                cached = terms.prepare_bias(base, snap.n, unit)
             with self._lock:
                 if self._version == snap.version:
                     self._cache[key] = cached
@@ -825,6 +827,17 @@ def _find(lookup, dead, ids):
     if dead is not None:
         found = np.where((found >= 0) & dead[np.maximum(found, 0)], -1, found)
     return found
+
+
+def _gather(a, rows):
+    """Rows ``rows`` of the (N, W) stored array ``a``, gathered in parallel
+    (float16 through its bit patterns: Numba has no float16)."""
+    from . import cpu, runtime
+
+    src = a.view(np.uint16) if a.dtype == np.float16 else a
+    out = np.empty((rows.shape[0], a.shape[1]), src.dtype)
+    runtime.parallel_call(cpu.gather_rows, src, rows, out, blas=False)
+    return out.view(a.dtype)
 
 
 def _without(allowed, excluded):

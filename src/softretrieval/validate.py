@@ -184,11 +184,9 @@ def sort_lists(offsets, ids):
     falls[inner[(inner > 0) & (inner < ids.size)] - 1] = False    # a new list may start lower
     if not falls.any():
         return ids
-    row = np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets))
-    span = int(ids.max()) + 1
-    if span * (offsets.shape[0] - 1) < 2**62:
-        return ids[np.argsort(row * span + ids)]
-    return ids[np.lexsort((ids, row))]
+    from . import cpu, runtime
+
+    return runtime.parallel_call(cpu.sort_lists, offsets, ids.copy(), blas=False)
 
 
 def logit_scale(scale, temperature):
