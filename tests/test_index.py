@@ -67,6 +67,34 @@ def test_encodings_round_to_nearest(rng):
             assert np.abs(data).max() == 127
 
 
+def test_encodings_equal_numpy_bit_for_bit(rng):
+    """The one-pass encoder gives numpy's float16 conversion exactly (every
+    tie between two halves, subnormals, signed zeros; each value in a row
+    with a 1000, so the row holds float16's precision), the bfloat16 bits of
+    round-to-nearest-even, and int8 with the row scale max|row| / 127."""
+    halves = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    ties = (halves[:-1] + halves[1:]) / 2                   # exactly between two halves
+    values = np.concatenate([ties, -ties, halves, -halves, [0.0, -0.0, 2.0**-25, 3 * 2.0**-26]])
+    x = np.stack([values, np.full(values.shape, 1000.0)], axis=1).astype(np.float32)
+    data = np.empty(x.shape, np.float16)
+    storage.encode_rows(x, "float16", data, None)
+    np.testing.assert_array_equal(data.view(np.uint16), x.astype(np.float16).view(np.uint16))
+    y = (rng.standard_normal((500, 33)) * np.logspace(-30, 30, 33)).astype(np.float32)
+    bits = y.view(np.uint32)
+    want = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    got = np.empty(y.shape, np.uint16)
+    storage.encode_rows(y, "bfloat16", got, None)
+    np.testing.assert_array_equal(got, want.astype(np.uint16))
+    got, scale = np.empty(y.shape, np.int8), np.empty(500, np.float32)
+    center = rng.standard_normal(33).astype(np.float32)
+    storage.encode_rows(y, "int8", got, scale, center)
+    z = (y - center).astype(np.float32)
+    want_scale = (np.abs(z).max(axis=1) / np.float32(127)).astype(np.float32)
+    np.testing.assert_array_equal(scale, want_scale)
+    np.testing.assert_array_equal(
+        got, np.clip(np.rint(z * (np.float32(1) / want_scale)[:, None]), -127, 127).astype(np.int8))
+
+
 def test_encoding_refuses_out_of_range_and_non_finite():
     data = np.empty((1, 2), np.float16)
     with pytest.raises(ValueError, match="float16 range"):

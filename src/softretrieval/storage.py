@@ -76,42 +76,42 @@ def encode_rows(x, dtype, data_out, scale_out, center=None, name="keys"):
     for lo in range(0, x.shape[0], ENCODE_CHUNK):
         hi = min(lo + ENCODE_CHUNK, x.shape[0])
         with np.errstate(over="ignore"):
-            chunk = np.asarray(x[lo:hi], dtype=np.float32)
-        if not np.isfinite(chunk).all():
-            raise ValueError(f"{name} contains NaN or inf (after conversion to float32)")
-        if center is not None:
-            chunk = (chunk - center).astype(np.float32)
+            chunk = np.ascontiguousarray(x[lo:hi], dtype=np.float32)
         if dtype == "float32":
-            data_out[lo:hi] = chunk
-        elif dtype == "float16":
-            if np.abs(chunk).max(initial=0.0) > np.finfo(np.float16).max:
-                raise ValueError(f"{name} exceed the float16 range (|x| <= 65504): "
-                                 "use dtype='bfloat16' or 'float32'")
-            data_out[lo:hi] = chunk
-            _check_precision(chunk, decode_rows(data_out[lo:hi], dtype), dtype, name)
-        elif dtype == "bfloat16":
-            bits = chunk.view(np.uint32)
-            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-            top = (rounded >> np.uint32(16)).astype(np.uint16)
-            if ((top & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():
-                raise ValueError(f"{name} exceed the bfloat16 range")
-            data_out[lo:hi] = top
-            _check_precision(chunk, decode_rows(top, dtype), dtype, name)
-        else:
-            amax = np.abs(chunk).max(axis=1)
-            scale = (amax / np.float32(127.0)).astype(np.float32)
-            inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale > 0)
-            q = np.rint(chunk * inv[:, None])
-            data_out[lo:hi] = np.clip(q, -127, 127).astype(np.int8)
-            scale_out[lo:hi] = scale
+            if not np.isfinite(chunk).all():
+                raise ValueError(f"{name} contains NaN or inf (after conversion to float32)")
+            data_out[lo:hi] = chunk if center is None else (chunk - center).astype(np.float32)
+            continue
+        _encode_compact(chunk, dtype, data_out[lo:hi],
+                        None if scale_out is None else scale_out[lo:hi], center, name)
 
 
-def _check_precision(rows, decoded, dtype, name):
-    """ValueError when a row's relative error exceeds MAX_RELATIVE_ERROR."""
-    norm = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
-    diff = (decoded - rows).astype(np.float64)
-    err = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    rel = np.divide(err, norm, out=np.zeros_like(err), where=norm > 0)
+def _encode_compact(chunk, dtype, data_out, scale_out, center, name):
+    """One chunk into a compact format by :func:`cpu_encode.encode` (one
+    parallel pass), with encode_rows's errors."""
+    from . import cpu_encode, runtime
+
+    fmt = {"float16": cpu_encode.FLOAT16, "bfloat16": cpu_encode.BFLOAT16,
+           "int8": cpu_encode.INT8}[dtype]
+    out = data_out.view(np.uint16) if dtype == "float16" else data_out
+    rel = np.zeros(chunk.shape[0])
+    scales = scale_out if dtype == "int8" else np.zeros(chunk.shape[0], np.float32)
+    center = np.zeros(0, np.float32) if center is None else np.asarray(center, np.float32)
+    bad, over = runtime.parallel_call(cpu_encode.encode, chunk, center, fmt, out, scales, rel,
+                                      blas=False)
+    if bad:
+        raise ValueError(f"{name} contains NaN or inf (after conversion to float32)")
+    if over and dtype == "float16":
+        raise ValueError(f"{name} exceed the float16 range (|x| <= 65504): "
+                         "use dtype='bfloat16' or 'float32'")
+    if over:
+        raise ValueError(f"{name} exceed the bfloat16 range")
+    if dtype != "int8":
+        _check_precision(rel, dtype, name)
+
+
+def _check_precision(rel, dtype, name):
+    """ValueError when a row's relative error ``rel`` (n,) exceeds MAX_RELATIVE_ERROR."""
     worst = rel.max(initial=0.0)
     if worst > MAX_RELATIVE_ERROR:
         raise ValueError(
