@@ -499,3 +499,16 @@ def test_interleaved_changes_match_a_model(rng):
         for b in range(3):
             want = ids[np.argsort(-scores[b], kind="stable")[:4]]
             np.testing.assert_array_equal(got[b][:len(want)], want)
+
+
+def test_a_flat_list_is_not_read_as_one_id_per_query(rng):
+    """include=[1, 2, 3] for B = 3 is refused (it would mean one id per
+    query, not one list for all); so is a 2-D element."""
+    index = fresh(rng.standard_normal((10, 3)), np.arange(10), "ip", "float32")
+    Q = np.ones((3, 3), np.float32)
+    for kw in ("include", "exclude"):
+        with pytest.raises(ValueError, match=rf"{kw}\[0\] has shape \(\)"):
+            index.search(Q, 2, **{kw: [1, 2, 3]})
+        with pytest.raises(ValueError, match=rf"{kw}\[1\] has shape \(1, 2\)"):
+            index.search(Q, 2, **{kw: [[1], [[1, 2]], [3]]})
+    np.testing.assert_array_equal(index.search(Q, 2, include=[[1, 2, 3]] * 3)[1][:, 0] >= 1, True)

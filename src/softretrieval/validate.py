@@ -154,7 +154,11 @@ def exclusion_lists(exclude, n_queries, n_keys, name="exclude"):
     elif isinstance(exclude, list):
         if len(exclude) != n_queries:
             raise ValueError(f"{name} must hold one array per query ({n_queries}), got {len(exclude)}")
-        rows = [as_array(r, name).reshape(-1) for r in exclude]
+        rows = [as_array(r, name) for r in exclude]
+        for i, r in enumerate(rows):
+            if r.ndim != 1:
+                raise ValueError(f"{name} must hold one 1-D array of ids per query: {name}[{i}] has "
+                                 f"shape {r.shape} (the same ids for every query: [ids] * B)")
         for r in rows:
             if r.dtype.kind not in "iu" and r.size:
                 raise TypeError(f"{name} ids must be integers, got dtype {r.dtype}")
