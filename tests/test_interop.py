@@ -338,3 +338,11 @@ def test_torch_is_never_imported_without_a_tensor():
     for block in ("sys.modules['torch'] = None", ""):
         res = _python(code.replace("BLOCK", block))
         assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_a_scalar_tensor_k_counts_as_its_integer():
+    a = data()
+    got = sr.topk(torch.from_numpy(a["Q"]), torch.from_numpy(a["K"]), torch.tensor(3))
+    np.testing.assert_array_equal(got[1].numpy(), sr.topk(a["Q"], a["K"], 3)[1])
+    with pytest.raises(TypeError, match="k must be an integer"):
+        sr.topk(a["Q"], a["K"], torch.tensor(3.0))

@@ -54,7 +54,10 @@ def all_finite(arr, name):
 
 def positive_int(value, name):
     """``value`` as an int >= 1: TypeError for non-integers (bools included),
-    ValueError below 1."""
+    ValueError below 1. A 0-d integer array (e.g. a torch scalar tensor,
+    converted) counts as its integer."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value <= 0:
