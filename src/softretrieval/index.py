@@ -220,11 +220,7 @@ class Index:
         Nothing is added when an argument is refused; an add of 0 rows
         changes nothing (it does not decide whether the index has ids).
         """
-        K = validate.as_array(keys, "keys")
-        if K.dtype.kind != "f":
-            raise TypeError(f"keys must be a floating-point array, got dtype {K.dtype}")
-        if K.ndim != 2 or K.shape[1] != self.dim:
-            raise ValueError(f"keys must have shape (n, {self.dim}), got {K.shape}")
+        K = self._check_keys(keys)
         n = K.shape[0]
         V = self._check_values(values, n)
         new_ids = self._check_ids(ids, n)
@@ -276,6 +272,15 @@ class Index:
         self._changed()
         self._n = hi
         self._note_rows(lo, hi)
+
+    def _check_keys(self, keys):
+        """keys as an (n, dim) float array (any float dtype; not copied)."""
+        K = validate.as_array(keys, "keys")
+        if K.dtype.kind != "f":
+            raise TypeError(f"keys must be a floating-point array, got dtype {K.dtype}")
+        if K.ndim != 2 or K.shape[1] != self.dim:
+            raise ValueError(f"keys must have shape (n, {self.dim}), got {K.shape}")
+        return K
 
     def _check_values(self, values, n):
         if self.value_dim is None:
@@ -443,11 +448,7 @@ class Index:
         the update or every item after it. Ties between equal scores are
         broken by row order, which an update changes for its items.
         """
-        K = validate.as_array(keys, "keys")
-        if K.dtype.kind != "f":
-            raise TypeError(f"keys must be a floating-point array, got dtype {K.dtype}")
-        if K.ndim != 2 or K.shape[1] != self.dim:
-            raise ValueError(f"keys must have shape (n, {self.dim}), got {K.shape}")
+        K = self._check_keys(keys)
         n = K.shape[0]
         new_ids = self._check_ids(ids, n)
         if new_ids is None:

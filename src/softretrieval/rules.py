@@ -166,6 +166,15 @@ def softmax_row(row, n, m_old, mx, store):
 SCAN_CHUNK = 32
 
 
+def chunk_hits(row, c0, c1, threshold):
+    """How many of ``row[c0:c1]`` are at or above ``threshold``: a
+    vectorized count, so the scans skip chunks without a hit cheaply."""
+    hits = 0
+    for j in range(c0, c1):
+        hits += row[j] >= threshold
+    return hits
+
+
 def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
     """Offer one query's logits ``row[:n]`` (keys ``t0, t0 + 1, ...``, max
     ``mx``) to its top-k buffer ``bs``, ``bi`` holding ``count`` candidates
@@ -177,10 +186,7 @@ def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
         return count, ts, ti
     for c0 in range(0, n, SCAN_CHUNK):
         c1 = min(n, c0 + SCAN_CHUNK)
-        hits = 0
-        for j in range(c0, c1):
-            hits += row[j] >= ts
-        if hits == 0:
+        if chunk_hits(row, c0, c1, ts) == 0:
             continue
         for j in range(c0, c1):
             if row[j] >= ts:
@@ -201,10 +207,7 @@ def range_scan_row(row, n, mx, t0, threshold, rs, ri, lo, hi, count):
         return count
     for c0 in range(0, n, SCAN_CHUNK):
         c1 = min(n, c0 + SCAN_CHUNK)
-        hits = 0
-        for j in range(c0, c1):
-            hits += row[j] >= threshold
-        if hits == 0:
+        if chunk_hits(row, c0, c1, threshold) == 0:
             continue
         for j in range(c0, c1):
             if row[j] >= threshold:
@@ -342,7 +345,7 @@ def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_o
 #: The rules, in dependency order (each may call the ones before it and the
 #: functions of :mod:`core` and :mod:`topk_buffer`).
 FUNCTIONS = (key_factor, key_offset, logit, exclude_row, include_row, list_row, window_row,
-             row_max_finite, softmax_row, topk_scan_row, range_scan_row, weight_grad, merge_row,
+             row_max_finite, softmax_row, chunk_hits, topk_scan_row, range_scan_row, weight_grad, merge_row,
              merge_topk_row, topk_scores_row, range_finish_row, topk_attention_row)
 
 #: Modules whose functions every target compiles from one source, in order.
