@@ -15,77 +15,117 @@ import numpy as np
 from numba import njit, prange
 
 from .core import cpu as core
+from .cpu import _FAST
 from .core import float32_bits
 
-#: Formats, as ``encode`` takes them.
-FLOAT16, BFLOAT16, INT8 = 0, 1, 2
+
+
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+_EXPONENT = np.int32(0x7F800000)       # magnitude bits at or above it: inf or NaN
+_HALF_MAX = np.int32(0x477FE000)       # the bits of 65504.0, float16's largest
 
 
 @njit(inline="always")
 def float_to_half(x):
     """The IEEE half bits (int32, 0..65535) nearest to the finite float32
-    ``x`` with ``|x| <= 65504``, ties to even (as numpy's ``astype``)."""
+    ``x`` with ``|x| <= 65504``, ties to even (as numpy's ``astype``).
+    Branch-free (both roundings computed, one selected), so a row's loop
+    vectorizes."""
     b = float32_bits(x)
     sign = (b >> np.int32(16)) & np.int32(0x8000)
     a = b & np.int32(0x7FFFFFFF)
-    if a >= np.int32(0x38800000):                 # a normal half: rebias, round 23 -> 10 bits
-        a = a - np.int32(0x38000000)
-        h = (a + np.int32(0x0FFF) + ((a >> np.int32(13)) & np.int32(1))) >> np.int32(13)
-    else:                                          # subnormal (or zero): m * 2**-24, m <= 1024
-        h = np.int32(np.rint(abs(x) * np.float32(16777216.0)))
-    return sign | h
+    r = a - np.int32(0x38000000)                  # a normal half: rebias, round 23 -> 10 bits
+    normal = (r + np.int32(0x0FFF) + ((r >> np.int32(13)) & np.int32(1))) >> np.int32(13)
+    tiny = min(abs(x), np.float32(6.103515625e-05))   # subnormal (or zero): m * 2**-24, m <= 1024
+    subnormal = np.int32(np.rint(tiny * np.float32(16777216.0)))
+    return sign | (normal if a >= np.int32(0x38800000) else subnormal)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def encode(x, center, fmt, out, scale_out, rel):
-    """Encode float32 rows ``x`` (n, d) (minus ``center`` (d,) when it is not
-    empty) as ``fmt``: FLOAT16 and BFLOAT16 write the bits into ``out``
-    (n, d) uint16; INT8 writes ``out`` (n, d) int8 and the row scales into
-    ``scale_out`` (n,) float32. ``rel`` (n,) float64 gets each row's relative
-    error ``|decoded - row| / |row|`` (float16, bfloat16). Returns ``(rows
-    with NaN or inf, values out of the format's range)``; rows are written
-    regardless (the caller refuses the chunk)."""
+@njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+def encode_half(x, center, out, rel):
+    """float32 rows ``x`` (n, d) minus ``center`` (d,) as IEEE half bits in
+    ``out`` (n, d) uint16, each row's relative error
+    ``|decoded - row| / |row|`` in ``rel`` (n,) float64. Returns ``(values
+    that are NaN or inf, values beyond 65504)``; rows are written regardless
+    (the caller refuses the chunk; a bad value is encoded as 0)."""
     n, d = x.shape
-    centred = center.shape[0] > 0
     bad = np.zeros(n, np.int64)
     over = np.zeros(n, np.int64)
     for i in prange(n):
-        norm = 0.0
-        err = 0.0
-        amax = np.float32(0.0)
+        norm = np.float32(0.0)                   # |x| <= 65504: a float32 sum of squares holds
+        err = np.float32(0.0)
+        nbad = 0
+        nover = 0
         for c in range(d):
-            v = x[i, c] - center[c] if centred else x[i, c]
-            if not np.isfinite(v):
-                bad[i] = 1
-                v = np.float32(0.0)
-            if fmt == INT8:
-                amax = max(amax, abs(v))
-                continue
-            if fmt == FLOAT16:
-                if abs(v) > np.float32(65504.0):
-                    over[i] = 1
-                    v = np.float32(0.0)
-                h = float_to_half(v)
-                dec = core.half_to_float(h)
-            else:
-                bits = float32_bits(v)
-                top = (bits + np.int32(0x7FFF) + ((bits >> np.int32(16)) & np.int32(1))) >> np.int32(16)
-                h = top & np.int32(0xFFFF)
-                if (h & np.int32(0x7F80)) == np.int32(0x7F80):
-                    over[i] = 1
-                dec = core.bfloat16_to_float(h)
-            out[i, c] = h
-            norm += np.float64(v) * np.float64(v)
-            e = np.float64(dec) - np.float64(v)
+            v = x[i, c] - center[c]
+            mag = float32_bits(v) & _MAGNITUDE   # integer tests: fast-math cannot drop them
+            nbad += mag >= _EXPONENT
+            nover += mag > _HALF_MAX                 # (inf too: reported as inf first)
+            v = v if mag <= _HALF_MAX else np.float32(0.0)
+            h = float_to_half(v)
+            out[i, c] = np.uint16(h)
+            e = core.half_to_float(h) - v
+            norm += v * v
             err += e * e
-        if fmt == INT8:
-            scale = np.float32(amax / np.float32(127.0))
-            inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
-            for c in range(d):
-                v = x[i, c] - center[c] if centred else x[i, c]
-                q = np.rint(v * inv)
-                out[i, c] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
-            scale_out[i] = scale
-        else:
-            rel[i] = np.sqrt(err) / np.sqrt(norm) if norm > 0 else 0.0
+        bad[i] = nbad
+        over[i] = nover
+        rel[i] = np.sqrt(np.float64(err) / np.float64(norm)) if norm > 0 else 0.0
     return bad.sum(), over.sum()
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+def encode_bfloat(x, center, out, rel):
+    """As :func:`encode_half`, into bfloat16 bits (round to nearest even);
+    out of range: rounding to inf."""
+    n, d = x.shape
+    bad = np.zeros(n, np.int64)
+    over = np.zeros(n, np.int64)
+    for i in prange(n):
+        norm = 0.0                               # up to 3.4e38: squares in float64
+        err = 0.0
+        nbad = 0
+        nover = 0
+        for c in range(d):
+            v = x[i, c] - center[c]
+            fin = (float32_bits(v) & _MAGNITUDE) < _EXPONENT
+            nbad += not fin
+            v = v if fin else np.float32(0.0)
+            bits = float32_bits(v)
+            h = ((bits + np.int32(0x7FFF) + ((bits >> np.int32(16)) & np.int32(1)))
+                 >> np.int32(16)) & np.int32(0xFFFF)
+            nover += (h & np.int32(0x7F80)) == np.int32(0x7F80)
+            out[i, c] = np.uint16(h)
+            e = np.float64(core.bfloat16_to_float(h)) - np.float64(v)
+            norm += np.float64(v) * np.float64(v)
+            err += e * e
+        bad[i] = nbad
+        over[i] = nover
+        rel[i] = np.sqrt(err) / np.sqrt(norm) if norm > 0 else 0.0
+    return bad.sum(), over.sum()
+
+
+@njit(parallel=True, fastmath={"nsz", "reassoc"}, cache=True, nogil=True)
+def encode_int8(x, center, out, scale_out):
+    """float32 rows ``x`` (n, d) minus ``center`` (d,) as int8 ``out``
+    (n, d) with the symmetric row scales ``max|row| / 127`` in
+    ``scale_out`` (n,) float32. Returns ``(values that are NaN or inf, 0)``.
+    (No ``arcp``: the scale is an exact division, as numpy's.)"""
+    n, d = x.shape
+    bad = np.zeros(n, np.int64)
+    for i in prange(n):
+        amax = np.float32(0.0)
+        nbad = 0
+        for c in range(d):
+            v = x[i, c] - center[c]
+            fin = (float32_bits(v) & _MAGNITUDE) < _EXPONENT
+            nbad += not fin
+            amax = max(amax, abs(v) if fin else np.float32(0.0))
+        scale = np.float32(amax / np.float32(127.0))
+        inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+        for c in range(d):
+            v = x[i, c] - center[c]
+            q = np.rint(v * inv) if (float32_bits(v) & _MAGNITUDE) < _EXPONENT else np.float32(0.0)
+            out[i, c] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
+        scale_out[i] = scale
+        bad[i] = nbad
+    return bad.sum(), 0

@@ -87,18 +87,20 @@ def encode_rows(x, dtype, data_out, scale_out, center=None, name="keys"):
 
 
 def _encode_compact(chunk, dtype, data_out, scale_out, center, name):
-    """One chunk into a compact format by :func:`cpu_encode.encode` (one
-    parallel pass), with encode_rows's errors."""
+    """One chunk into a compact format by the kernels of :mod:`cpu_encode`
+    (one parallel pass), with encode_rows's errors."""
     from . import cpu_encode, runtime
 
-    fmt = {"float16": cpu_encode.FLOAT16, "bfloat16": cpu_encode.BFLOAT16,
-           "int8": cpu_encode.INT8}[dtype]
-    out = data_out.view(np.uint16) if dtype == "float16" else data_out
+    center = (np.zeros(chunk.shape[1], np.float32) if center is None
+              else np.asarray(center, np.float32))
     rel = np.zeros(chunk.shape[0])
-    scales = scale_out if dtype == "int8" else np.zeros(chunk.shape[0], np.float32)
-    center = np.zeros(0, np.float32) if center is None else np.asarray(center, np.float32)
-    bad, over = runtime.parallel_call(cpu_encode.encode, chunk, center, fmt, out, scales, rel,
-                                      blas=False)
+    if dtype == "int8":
+        bad, over = runtime.parallel_call(cpu_encode.encode_int8, chunk, center, data_out,
+                                          scale_out, blas=False)
+    else:
+        kernel = cpu_encode.encode_half if dtype == "float16" else cpu_encode.encode_bfloat
+        out = data_out.view(np.uint16) if dtype == "float16" else data_out
+        bad, over = runtime.parallel_call(kernel, chunk, center, out, rel, blas=False)
     if bad:
         raise ValueError(f"{name} contains NaN or inf (after conversion to float32)")
     if over and dtype == "float16":
