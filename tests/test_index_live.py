@@ -512,3 +512,37 @@ def test_a_flat_list_is_not_read_as_one_id_per_query(rng):
         with pytest.raises(ValueError, match=rf"{kw}\[1\] has shape \(1, 2\)"):
             index.search(Q, 2, **{kw: [[1], [[1, 2]], [3]]})
     np.testing.assert_array_equal(index.search(Q, 2, include=[[1, 2, 3]] * 3)[1][:, 0] >= 1, True)
+
+
+@pytest.mark.parametrize("path", ["gather", "mask"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_include_every_metric_and_dtype(small_tiles, monkeypatch, rng, path, dtype, metric):
+    """Allow-lists after removals, both paths, every metric and storage
+    dtype: top-k equals the float64 reference with every other key
+    excluded (on the keys as stored), and so does retrieve with those keys
+    at -inf."""
+    from reference import attention_ref, topk_ref
+
+    monkeypatch.setattr(config, "INCLUDE_GATHER_SHARE", 1.0 if path == "gather" else 0.0)
+    N, d, B = 97, 6, 4
+    K = rng.standard_normal((N, d)).astype(np.float32) + (3.0 if metric == "l2" else 0.0)
+    ids = np.arange(N) * 2 + 1
+    index = fresh(K, ids, metric, dtype, bias=rng.standard_normal(N))
+    Kd, bias = index.keys(), index.bias
+    index.remove(ids[:9])
+    include = [rng.choice(ids, s, replace=False) for s in (5, 30, 80, 1)]
+    allowed = [np.isin(ids, inc) & (np.arange(N) >= 9) for inc in include]
+    complement = [np.flatnonzero(~a) for a in allowed]
+    Q = rng.standard_normal((B, d)).astype(np.float32)
+    want_s, want_rows = topk_ref(Q, Kd, 7, metric, bias=bias, exclude=complement)
+    got_s, got_ids = index.search(Q, 7, include=include)
+    np.testing.assert_array_equal(got_ids, np.where(want_rows >= 0, ids[np.maximum(want_rows, 0)], -1))
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-4)
+    if metric == "ip":
+        for b in range(B):
+            b_bias = np.where(allowed[b], bias, -np.inf)
+            want_o, want_l = attention_ref(Q[b:b + 1], Kd, scale=1.0, bias=b_bias)
+            got_o, got_l = index.retrieve(Q[b:b + 1], include=include[b:b + 1], return_lse=True)
+            np.testing.assert_allclose(got_o, want_o, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got_l, want_l, rtol=1e-5, atol=1e-5)
