@@ -370,3 +370,17 @@ def test_damaged_index_is_refused(tmp_path, rng, refuses_bad_meta):
     with pytest.raises(ValueError, match="dtype"):
         sr.Index.load(path)
     refuses_bad_meta(sr.Index.load, path)
+
+
+def test_encodings_at_extreme_magnitudes():
+    """int8 rows whose scale's reciprocal overflows float32 still encode by
+    division (not clamped to +-127); float16 rows too small for the format
+    are refused even when their squares underflow float32."""
+    x = np.array([[1e-37, 5e-38, -3e-38, 0.0]], np.float32)
+    data, scale = np.empty((1, 4), np.int8), np.empty(1, np.float32)
+    storage.encode_rows(x, "int8", data, scale)
+    np.testing.assert_array_equal(data[0], np.clip(np.rint(x[0] / scale[0]), -127, 127))
+    for tiny in (1e-23, 1e-30):
+        with pytest.raises(ValueError, match="lose precision in float16"):
+            storage.encode_rows(np.full((1, 4), tiny, np.float32), "float16",
+                                np.empty((1, 4), np.float16), None)

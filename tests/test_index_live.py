@@ -546,3 +546,14 @@ def test_include_every_metric_and_dtype(small_tiles, monkeypatch, rng, path, dty
             got_o, got_l = index.retrieve(Q[b:b + 1], include=include[b:b + 1], return_lse=True)
             np.testing.assert_allclose(got_o, want_o, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(got_l, want_l, rtol=1e-5, atol=1e-5)
+
+
+def test_csr_allow_list_errors_name_their_part(rng):
+    index = fresh(rng.standard_normal((10, 3)), np.arange(10), "ip", "float32")
+    Q = np.ones((3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^include offsets must have shape \(4,\)"):
+        index.search(Q, 2, include=(np.array([0, 1, 1]), np.array([1])))
+    with pytest.raises(ValueError, match=r"^include offsets must start at 0"):
+        index.search(Q, 2, include=(np.array([1, 1, 1, 1]), np.array([1])))
+    with pytest.raises(TypeError, match=r"^include ids must be a 1-D integer array"):
+        index.search(Q, 2, include=(np.array([0, 1, 1, 1]), np.array([1.0])))

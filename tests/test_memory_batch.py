@@ -275,3 +275,15 @@ def test_a_first_write_starts_the_packages_threading_layer(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True, cwd=tmp_path)
     assert out.stdout.split()[-1] == "workqueue"
+
+
+def test_an_empty_batch_index_writes_and_clears_nothing(rng):
+    mem = sr.KNNMemory(4, 2, 8, batch=3)
+    mem.write(rng.standard_normal((3, 2, 1, 4)), rng.standard_normal((3, 2, 1, 2)))
+    before = mem.snapshot(1)
+    slots = mem.write(np.zeros((0, 2, 1, 4)), np.zeros((0, 2, 1, 2)), batch_index=[])
+    assert slots.shape == (0, 2)
+    mem.clear([])
+    np.testing.assert_array_equal(mem.sizes, [2, 2, 2])
+    for a, b in zip(mem.snapshot(1), before):
+        np.testing.assert_array_equal(a, b)

@@ -52,8 +52,8 @@ def encode_half(x, center, out, rel):
     bad = np.zeros(n, np.int64)
     over = np.zeros(n, np.int64)
     for i in prange(n):
-        norm = np.float32(0.0)                   # |x| <= 65504: a float32 sum of squares holds
-        err = np.float32(0.0)
+        norm = 0.0                               # float64: squares of tiny values must not
+        err = 0.0                                # underflow (a row of 1e-23 would pass as 0)
         nbad = 0
         nover = 0
         for c in range(d):
@@ -64,12 +64,12 @@ def encode_half(x, center, out, rel):
             v = v if mag <= _HALF_MAX else np.float32(0.0)
             h = float_to_half(v)
             out[i, c] = np.uint16(h)
-            e = core.half_to_float(h) - v
-            norm += v * v
+            e = np.float64(core.half_to_float(h)) - np.float64(v)
+            norm += np.float64(v) * np.float64(v)
             err += e * e
         bad[i] = nbad
         over[i] = nover
-        rel[i] = np.sqrt(np.float64(err) / np.float64(norm)) if norm > 0 else 0.0
+        rel[i] = np.sqrt(err / norm) if norm > 0 else 0.0
     return bad.sum(), over.sum()
 
 
@@ -122,9 +122,11 @@ def encode_int8(x, center, out, scale_out):
             amax = max(amax, abs(v) if fin else np.float32(0.0))
         scale = np.float32(amax / np.float32(127.0))
         inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+        tiny = (float32_bits(inv) & _MAGNITUDE) >= _EXPONENT   # 1 / scale overflows: divide
         for c in range(d):
             v = x[i, c] - center[c]
-            q = np.rint(v * inv) if (float32_bits(v) & _MAGNITUDE) < _EXPONENT else np.float32(0.0)
+            r = v / scale if tiny else v * inv
+            q = np.rint(r) if (float32_bits(v) & _MAGNITUDE) < _EXPONENT else np.float32(0.0)
             out[i, c] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
         scale_out[i] = scale
         bad[i] = nbad

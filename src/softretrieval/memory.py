@@ -140,6 +140,8 @@ class KNNMemory:
             raise ValueError("batch_index needs a memory made with batch=B, got batch_index="
                              f"{batch_index!r} for a memory without batch")
         idx = validate.as_array(batch_index, "batch_index")
+        if idx.size == 0 and idx.ndim == 1:
+            idx = idx.astype(np.int64)               # ([] is a float array to numpy)
         if idx.dtype.kind not in "iu" or idx.ndim > 1:
             raise TypeError(f"batch_index must be an integer or a 1-D integer array, got "
                             f"{idx.dtype} of shape {idx.shape}")

@@ -147,9 +147,9 @@ def exclusion_lists(exclude, n_queries, n_keys, name="exclude"):
         if len(exclude) != 2:
             raise ValueError(f"{name} as a tuple must be (offsets, ids) in CSR form")
         offsets, ids = (as_array(a, name) for a in exclude)
-        for name, a in ((f"{name} offsets", offsets), (f"{name} ids", ids)):
+        for what, a in ((f"{name} offsets", offsets), (f"{name} ids", ids)):
             if a.dtype.kind not in "iu" or a.ndim != 1:
-                raise TypeError(f"{name} must be a 1-D integer array, got {a.dtype} {a.shape}")
+                raise TypeError(f"{what} must be a 1-D integer array, got {a.dtype} {a.shape}")
         if offsets.shape != (n_queries + 1,):
             raise ValueError(f"{name} offsets must have shape ({n_queries + 1},), got {offsets.shape}")
         if offsets[0] != 0 or offsets[-1] != ids.shape[0] or (np.diff(offsets) < 0).any():
