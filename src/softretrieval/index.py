@@ -426,12 +426,17 @@ class Index:
             if rows.size == 0:
                 return 0
             self._number_items()
-            if self._dead is None:
-                self._dead = np.zeros(self._data.shape[0], bool)
-            self._dead[rows] = True
-            self._n_dead += rows.size
-            self._changed(keep_stored=True)
+            self._kill(rows)
             return int(rows.size)
+
+    def _kill(self, rows):
+        """Mark live ``rows`` removed (under the lock): tombstones, a new
+        version, and only the bias's GPU copies dropped."""
+        if self._dead is None:
+            self._dead = np.zeros(self._data.shape[0], bool)
+        self._dead[rows] = True
+        self._n_dead += rows.size
+        self._changed(keep_stored=True)
 
     @interop.boundary
     def update(self, ids: ArrayLike, keys: ArrayLike, values: Optional[ArrayLike] = None) -> None:
@@ -458,8 +463,8 @@ class Index:
         if n == 0:
             return
         with self._lock:
-            if (self._rows_of(new_ids) < 0).any():
-                missing = new_ids[self._rows_of(new_ids) < 0]
+            missing = new_ids[self._rows_of(new_ids) < 0]
+            if missing.size:
                 raise ValueError(f"ids not in the index: {missing[:5].tolist()}")
             numbering = (self._ids, self._auto_ids, self._next_id, self._lookup_cache)
             try:
@@ -468,17 +473,12 @@ class Index:
                 self._number_items()
                 if V is None and self._values is not None:
                     V = self._values[rows]
-                dead = (self._dead if self._dead is not None
-                        else np.zeros(self._data.shape[0], bool))
                 self._append(K, V, self._ids[rows], None, keep_bias=rows)
             except BaseException:
                 if numbering[0] is None:         # (no removed rows: none moved)
                     self._ids, self._auto_ids, self._next_id, self._lookup_cache = numbering
                 raise
-            dead[rows] = True
-            self._dead = dead
-            self._n_dead += n
-            self._changed(keep_stored=True)
+            self._kill(rows)
 
     # ------------------------------------------------------------------ queries
 
@@ -574,7 +574,7 @@ class Index:
                 None if self._ids is None else self._ids[:n], self._lookup(), self._center,
                 self.value_dim is None, self._resident, self._version, None,
                 None if self._bias is None else self._bias[:n],
-                None if self._n_dead == 0 else self._dead[:n].copy())
+                None if self._n_dead == 0 else self._dead[:n].copy(), self.ntotal)
 
     def _problems(self, queries, *, softmax, scale, bias, exclude, include, device,
                   values_on_host=False):
@@ -599,7 +599,7 @@ class Index:
         allow = include is not None
         if allow:
             excl = _without(snap.rows(include, B, "include"), excl)
-            gathered = _gather_rows(excl, B, n, keys, values, self.value_dim or self.dim)
+            gathered = _rows_to_gather(excl, B, n, keys, values, self.value_dim or self.dim)
             if gathered is not None:
                 snap = snap._replace(row_map=gathered)
                 keys = storage.stored(_gather(keys.data, gathered), self.dtype,
@@ -628,7 +628,7 @@ class Index:
         index alone (cached per version), else None."""
         unit = LOG2E if softmax else 1.0
         if bias is not None and bias is not False:
-            b = validate.bias_vector(bias, self._n_live(snap))
+            b = validate.bias_vector(bias, snap.n_live)
             return terms.prepare_bias(snap.spread(b), snap.n, unit), None
         kind = "none" if bias is False or snap.bias is None else "stored"
         if kind == "none" and snap.dead is None:
@@ -646,10 +646,6 @@ class Index:
                 if self._version == snap.version:
                     self._cache[key] = cached
         return cached, f"bias {kind} {unit} {snap.version}"
-
-    @staticmethod
-    def _n_live(snap):
-        return snap.n if snap.dead is None else snap.n - int(snap.dead.sum())
 
     # ------------------------------------------------------------------ files
 
@@ -753,6 +749,7 @@ class _Snapshot(NamedTuple):
     row_map: Optional[np.ndarray]    # rows of a gathered problem's keys (allow-lists), or None
     bias: Optional[np.ndarray]       # (n,) float64 stored bias, or None
     dead: Optional[np.ndarray]       # (n,) bool removed rows, or None
+    n_live: int                      # rows not removed
 
     def rows(self, lists, B, name):
         """Per-query id lists (external ids, or row numbers without ids) as
@@ -774,16 +771,7 @@ class _Snapshot(NamedTuple):
             rows = rows[found]
         new_off = np.zeros(B + 1, np.int64)
         np.cumsum(counts, out=new_off[1:])
-        rows = validate.sort_lists(new_off, rows)
-        if rows.size > 1:                        # (duplicates would be counted twice)
-            dup = rows[1:] == rows[:-1]
-            dup[new_off[1:-1][(new_off[1:-1] > 0) & (new_off[1:-1] < rows.size)] - 1] = False
-            if dup.any():
-                keep = np.concatenate([[True], ~dup])
-                counts = np.bincount(np.repeat(np.arange(B), np.diff(new_off))[keep], minlength=B)
-                np.cumsum(counts, out=new_off[1:])
-                rows = rows[keep]
-        return new_off, rows
+        return validate.unique_lists(new_off, rows)   # (a duplicate would count twice)
 
     def spread(self, live_bias):
         """An (N,) bias over the live items as (n,) over the rows, removed
@@ -856,7 +844,7 @@ def _without(allowed, excluded):
     return off, a_rows[keep]
 
 
-def _gather_rows(allowed, B, n, keys, values, dv):
+def _rows_to_gather(allowed, B, n, keys, values, dv):
     """The rows to gather for allow-lists ``allowed`` (CSR of rows), or None
     to mask a scan of every key instead.
 

@@ -187,13 +187,38 @@ def sort_lists(offsets, ids):
     if ids.size < 2:
         return ids
     falls = ids[1:] < ids[:-1]
-    inner = offsets[1:-1]
-    falls[inner[(inner > 0) & (inner < ids.size)] - 1] = False    # a new list may start lower
+    falls[_list_starts(offsets, ids.size)] = False          # a new list may start lower
     if not falls.any():
         return ids
     from . import cpu, runtime
 
     return runtime.parallel_call(cpu.sort_lists, offsets, ids.copy(), blas=False)
+
+
+def unique_lists(offsets, ids):
+    """CSR lists ``(offsets, ids)`` with each list sorted and its repeated
+    ids dropped: new ``(offsets, ids)``."""
+    ids = sort_lists(offsets, ids)
+    if ids.size < 2:
+        return offsets, ids
+    repeat = ids[1:] == ids[:-1]
+    repeat[_list_starts(offsets, ids.size)] = False
+    if not repeat.any():
+        return offsets, ids
+    keep = np.concatenate([[True], ~repeat])
+    counts = np.bincount(np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets))[keep],
+                         minlength=offsets.shape[0] - 1)
+    new_off = np.zeros_like(offsets)
+    np.cumsum(counts, out=new_off[1:])
+    return new_off, ids[keep]
+
+
+def _list_starts(offsets, n):
+    """Where CSR lists of ``n`` ids begin, as positions among the n - 1
+    neighbour pairs ``(ids[i], ids[i + 1])``: the pair whose second id
+    starts a list (so comparing neighbours must skip it)."""
+    inner = offsets[1:-1]
+    return inner[(inner > 0) & (inner < n)] - 1
 
 
 def logit_scale(scale, temperature):
