@@ -652,18 +652,7 @@ class Index:
     def save(self, path: "os.PathLike[str] | str") -> None:
         """Write the index to the folder ``path`` atomically (module docstring)."""
         with self._lock:
-            live = self._live
-            arrays = {"keys": live(self._data)}
-            if self.dtype == "int8":
-                arrays["scales"] = live(self._scales)
-            if self._values is not None:
-                arrays["values"] = live(self._values)
-            if self._ids is not None:
-                arrays["ids"] = live(self._ids)
-            if self._bias is not None:
-                arrays["bias"] = live(self._bias)
-            if self._center is not None:
-                arrays["center"] = self._center
+            arrays = self._arrays()
             fields = {"dim": self.dim, "metric": self.metric, "dtype": self.dtype,
                       "value_dim": self.value_dim, "ntotal": self.ntotal}
             if self._auto_ids:
@@ -714,17 +703,7 @@ class Index:
             if arr.shape != shape or arr.dtype != dtype:
                 raise ValueError(f"{path}: {name} holds {arr.dtype} {arr.shape}, "
                                  f"expected {dtype} {shape}")
-        index._data = np.asarray(arrays["keys"])
-        if "scales" in arrays:
-            index._scales = np.asarray(arrays["scales"])
-        if "values" in arrays:
-            index._values = np.asarray(arrays["values"])
-        if "ids" in arrays:
-            index._ids = np.asarray(arrays["ids"])
-        if "bias" in arrays:
-            index._bias = validate.bias_vector(np.asarray(arrays["bias"]), n)
-        if "center" in arrays:
-            index._center = np.array(arrays["center"])
+        index._hold(n, arrays)
         if "next_id" in meta:
             if "ids" not in arrays:
                 raise ValueError(f"{path}: meta.json has next_id but the index has no ids")
@@ -732,6 +711,54 @@ class Index:
             index._next_id = persist.field(meta, path, "next_id", int)
         index._n = n
         return index
+
+    def _hold(self, n, arrays):
+        """Take ``arrays`` (the checked arrays of :meth:`save`'s layout, of
+        ``n`` rows) as the index's contents, without copying them."""
+        self._data = np.asarray(arrays["keys"])
+        if "scales" in arrays:
+            self._scales = np.asarray(arrays["scales"])
+        if "values" in arrays:
+            self._values = np.asarray(arrays["values"])
+        if "ids" in arrays:
+            self._ids = np.asarray(arrays["ids"])
+        if "bias" in arrays:
+            self._bias = validate.bias_vector(np.asarray(arrays["bias"]), n)
+        if "center" in arrays:
+            self._center = np.array(arrays["center"])
+        self._n = n
+
+    def _arrays(self):
+        """The live items' arrays in :meth:`save`'s layout (name -> array;
+        views when nothing was removed). Call under the lock."""
+        live = self._live
+        arrays = {"keys": live(self._data)}
+        if self.dtype == "int8":
+            arrays["scales"] = live(self._scales)
+        if self._values is not None:
+            arrays["values"] = live(self._values)
+        if self._ids is not None:
+            arrays["ids"] = live(self._ids)
+        if self._bias is not None:
+            arrays["bias"] = live(self._bias)
+        if self._center is not None:
+            arrays["center"] = self._center
+        return arrays
+
+    def save_shards(self, path: "os.PathLike[str] | str", n_shards: Optional[int] = None, *,
+                    sizes: Optional[ArrayLike] = None) -> None:
+        """Write the live items as a sharded index folder, atomically like
+        :meth:`save`: ``n_shards`` ordinary index folders of consecutive
+        items (sizes as equal as can be, or the item counts ``sizes``; an
+        empty shard is allowed) and a manifest. Items keep their ids (an
+        index without ids gives each item its row number as id), so each
+        shard is a loadable :class:`Index` on its own, and
+        :class:`softretrieval.distributed.ShardedIndex` serves them all as
+        one catalog. Layout: :mod:`softretrieval.shards`."""
+        from . import shards
+
+        with self._lock:
+            shards.save(self, path, n_shards, sizes)
 
 
 class _Snapshot(NamedTuple):
@@ -782,11 +809,16 @@ class _Snapshot(NamedTuple):
         out[~self.dead] = live_bias
         return out
 
+    def stored_rows(self, rows):
+        """The kernels' row numbers (-1 for none) as rows of the stored
+        arrays (through ``row_map`` when the call gathered its keys)."""
+        if self.row_map is None:
+            return rows
+        return np.where(rows >= 0, self.row_map[np.maximum(rows, 0)], -1)
+
     def external(self, rows):
-        """Row numbers (-1 for none) — of the gathered keys when the call
-        gathered them — as external ids."""
-        if self.row_map is not None:
-            rows = np.where(rows >= 0, self.row_map[np.maximum(rows, 0)], -1)
+        """The kernels' row numbers (-1 for none) as external ids."""
+        rows = self.stored_rows(rows)
         if self.ids is None:
             return rows
         return np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)

@@ -1,12 +1,18 @@
 """Atomic, checksummed folders of ``.npy`` arrays (the on-disk format of
 :class:`softretrieval.Index` and :class:`softretrieval.KNNMemory`).
 
-A saved object is a folder holding one ``.npy`` file per array and
+A saved object is a folder holding one ``.npy`` file per array, optionally
+child saved objects in subfolders (the shards of a sharded index), and
 ``meta.json``::
 
     {"format": ..., "version": ..., ...the object's own fields,
      "files": {name: {"file": "name.<generation>.npy", "sha256", "dtype", "shape"}},
+     "folders": {name: {"folder": "name.<generation>", ...what its writer returned}},
      "checksum": SHA-256 of everything above}
+
+A child folder is written like the arrays (under a fresh generation name,
+before meta.json is replaced) and removed like them; what it records (e.g.
+its own meta.json checksum) is covered by the parent's checksum.
 
 Every byte that decides what a load returns is covered by a checksum: the
 arrays by their SHA-256 (``verify=False`` skips these, the cost is one read of
@@ -50,9 +56,12 @@ META = "meta.json"
 PENDING = "meta.json.pending"
 
 
-def save_folder(path, fmt, version, arrays, fields, legacy=(), checked=()):
+def save_folder(path, fmt, version, arrays, fields, legacy=(), checked=(), folders=None):
     """Write ``arrays`` (name -> array) and ``fields`` (JSON-serializable) as
-    the saved object ``path`` (see the module docstring).
+    the saved object ``path`` (see the module docstring). ``folders`` (name
+    -> writer) adds child folders: ``writer(folder_path)`` writes a saved
+    object at the new path ``folder_path`` and returns a JSON-serializable
+    dict recorded under ``meta["folders"][name]``.
 
     Raises ValueError, changing nothing, when ``path`` exists and is neither
     an empty folder nor an intact saved ``fmt`` (of ``version`` or one of
@@ -62,8 +71,9 @@ def save_folder(path, fmt, version, arrays, fields, legacy=(), checked=()):
     path = _path(path)
     parent = os.path.dirname(os.path.abspath(path))
     _remove_stale_temporaries(parent, os.path.basename(path))
+    folders = folders or {}
     if not os.path.lexists(path):
-        _save_new(path, parent, fmt, version, arrays, fields)
+        _save_new(path, parent, fmt, version, arrays, fields, folders)
         return
     if not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a folder: refusing to replace it with a "
@@ -75,22 +85,21 @@ def save_folder(path, fmt, version, arrays, fields, legacy=(), checked=()):
             # A save that crashed: of the files it made and the files it was
             # to replace, remove those the current meta.json does not list.
             for file in _read_pending(pending) - old:
-                if os.path.isfile(os.path.join(path, file)):
-                    _unlink(os.path.join(path, file))
+                _discard(path, file)
             _unlink(pending)
         gen = uuid.uuid4().hex[:16]
-        new = {f"{name}.{gen}.npy" for name in arrays} | {f"{META}.tmp-{gen}"}
+        new = ({f"{name}.{gen}.npy" for name in arrays} | {f"{name}.{gen}" for name in folders}
+               | {f"{META}.tmp-{gen}"})
         _write_json(pending, sorted(new | old))
         try:
-            _write(path, fmt, version, arrays, fields, gen)
+            _write(path, fmt, version, arrays, fields, gen, folders)
         except BaseException:
             for file in new:
-                _unlink(os.path.join(path, file))
+                _discard(path, file)
             _unlink(pending)
             raise
         for file in old - new:
-            if os.path.isfile(os.path.join(path, file)):
-                _unlink(os.path.join(path, file))
+            _discard(path, file)
         _unlink(pending)
 
 
@@ -104,7 +113,7 @@ def _path(path):
     return path
 
 
-def _save_new(path, parent, fmt, version, arrays, fields):
+def _save_new(path, parent, fmt, version, arrays, fields, folders):
     """A new folder: written as a locked hidden sibling, then renamed into place.
 
     The sibling is made under a name no cleaner looks at, locked, and only
@@ -118,7 +127,7 @@ def _save_new(path, parent, fmt, version, arrays, fields):
     try:
         with _locked(fresh):
             os.rename(fresh, tmp)
-            _write(tmp, fmt, version, arrays, fields, uuid.uuid4().hex[:16])
+            _write(tmp, fmt, version, arrays, fields, uuid.uuid4().hex[:16], folders)
             try:
                 os.rename(tmp, path)
             except OSError:
@@ -131,6 +140,17 @@ def _save_new(path, parent, fmt, version, arrays, fields):
         _remove_tree(tmp)
         raise
     _sync_dir(parent)
+
+
+def _discard(folder, name):
+    """Remove the file or child folder ``name`` of ``folder`` that a save of
+    ours made (a child folder with the hidden siblings of its own save)."""
+    target = os.path.join(folder, name)
+    if os.path.isdir(target) and not os.path.islink(target):
+        _remove_tree(target)
+    elif os.path.isfile(target):
+        _unlink(target)
+    _remove_stale_temporaries(folder, name)
 
 
 def _remove_stale_temporaries(parent, name):
@@ -190,7 +210,8 @@ def _existing(path, fmt, version, legacy, checked=()):
         raise ValueError(f"{path} exists and is not an intact saved {fmt}: refusing to write into "
                          f"it (nothing was changed; choose a new path or an empty folder): "
                          f"{exc}") from None
-    return {_file_of(name, info) for name, info in meta["files"].items()}
+    return ({_file_of(name, info) for name, info in meta["files"].items()}
+            | {folder_of(meta, name) for name in meta.get("folders", {})})
 
 
 def _file_of(name, info):
@@ -199,6 +220,15 @@ def _file_of(name, info):
     if not isinstance(file, str) or os.path.basename(file) != file or not file.endswith(".npy"):
         raise ValueError(f"meta.json has a bad file name for {name}: {file!r}")
     return file
+
+
+def folder_of(meta, name):
+    """The subfolder name of child ``name`` in a checked ``meta``."""
+    folder = meta["folders"][name].get("folder")
+    if (not isinstance(folder, str) or os.path.basename(folder) != folder or folder in ("", ".", "..")
+            or not folder.startswith(f"{name}.")):
+        raise ValueError(f"meta.json has a bad folder name for {name}: {folder!r}")
+    return folder
 
 
 def _read_pending(pending):
@@ -218,9 +248,9 @@ def _write_json(file, obj):
         os.fsync(f.fileno())
 
 
-def _write(folder, fmt, version, arrays, fields, gen):
-    """Write generation ``gen`` of the array files into ``folder``, then its
-    meta.json (atomically replacing any old one)."""
+def _write(folder, fmt, version, arrays, fields, gen, folders):
+    """Write generation ``gen`` of the array files and child folders into
+    ``folder``, then its meta.json (atomically replacing any old one)."""
     files = {}
     for name, arr in arrays.items():
         file = f"{name}.{gen}.npy"
@@ -231,6 +261,11 @@ def _write(folder, fmt, version, arrays, fields, gen):
         files[name] = {"file": file, "sha256": sha256(os.path.join(folder, file)),
                        "dtype": np.dtype(arr.dtype).str, "shape": list(arr.shape)}
     meta = dict(fields, format=fmt, version=version, files=files)
+    if folders:
+        meta["folders"] = {}
+        for name, writer in folders.items():
+            child = f"{name}.{gen}"
+            meta["folders"][name] = dict(writer(os.path.join(folder, child)), folder=child)
     meta["checksum"] = meta_checksum(meta)
     tmp = os.path.join(folder, f"{META}.tmp-{gen}")
     try:
@@ -272,6 +307,12 @@ def load_folder(path, fmt, version, *, mmap=False, verify=True, legacy=(), check
 _RETRIES = 5
 
 
+def read_meta(path, fmt, version, legacy=(), checked=()):
+    """meta.json of the saved ``fmt`` at ``path``, checked as a load checks
+    it (format, version, its checksum); the arrays are not read."""
+    return _read_meta(_path(path), fmt, version, legacy, checked)
+
+
 def _read_meta(path, fmt, version, legacy, checked=()):
     """meta.json of the folder ``path``, checked: format, version (or a legacy
     one: no checksum, files named ``name.npy``), its checksum, a files table."""
@@ -291,6 +332,9 @@ def _read_meta(path, fmt, version, legacy, checked=()):
     files = meta.get("files")
     if not isinstance(files, dict) or not all(isinstance(i, dict) for i in files.values()):
         raise ValueError(f"{path}: meta.json has no valid 'files' table")
+    folders = meta.get("folders", {})
+    if not isinstance(folders, dict) or not all(isinstance(i, dict) for i in folders.values()):
+        raise ValueError(f"{path}: meta.json has no valid 'folders' table")
     if meta["version"] == version or meta["version"] in checked:
         if meta.get("checksum") != meta_checksum(meta):
             raise ValueError(f"{path}: meta.json is damaged or was edited (its checksum does not "
@@ -322,6 +366,9 @@ def _load_arrays(path, meta, mmap, verify):
             raise ValueError(f"{path}: {base} holds {arr.dtype.str} {list(arr.shape)}, "
                              f"meta.json says {info.get('dtype')} {info.get('shape')}")
         arrays[name] = arr
+    for name in meta.get("folders", {}):
+        if not os.path.isdir(os.path.join(path, folder_of(meta, name))):
+            raise ValueError(f"{path}: the folder {folder_of(meta, name)} of {name} is missing")
     return arrays
 
 
@@ -371,9 +418,14 @@ def _unlink(file):
 
 
 def _remove_tree(folder):
-    """Remove a temporary folder this module created (only our files in it)."""
-    if not os.path.isdir(folder):
+    """Remove a folder this module created (a temporary one, or an old
+    child folder): its files, and its subfolders (child folders) likewise."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
         return
-    for file in os.listdir(folder):
-        _unlink(os.path.join(folder, file))
+    for name in os.listdir(folder):
+        entry = os.path.join(folder, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            _remove_tree(entry)
+        else:
+            _unlink(entry)
     os.rmdir(folder)
