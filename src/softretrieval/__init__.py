@@ -13,11 +13,12 @@ from .grad import (AttentionGrads, MemoryGrads, attention_backward, logsumexp_ba
                    memory_attention_backward, topk_attention_backward)
 from .index import Index
 from .memory import KNNMemory, memory_attention
+from .merging import merge_topk
 from .ranges import range_search
 from .terms import MemoryRead, TopKAttention
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_backward", "AttentionGrads", "logsumexp", "logsumexp_backward",
-           "memory_attention_backward", "MemoryGrads", "merge", "range_search", "topk", "topk_attention",
-           "topk_attention_backward",
+           "memory_attention_backward", "MemoryGrads", "merge", "merge_topk", "range_search", "topk",
+           "topk_attention", "topk_attention_backward",
            "TopKAttention", "Index", "KNNMemory", "MemoryRead", "memory_attention", "__version__"]

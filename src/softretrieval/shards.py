@@ -75,35 +75,49 @@ def split_sizes(ntotal, n_shards, sizes):
     return [int(c) for c in counts]
 
 
-def save(index, path, n_shards=None, sizes=None):
-    """Write ``index``'s live items as a sharded folder (module docstring);
-    called by :meth:`Index.save_shards` under the index's lock."""
-    from .index import FORMAT as INDEX_FORMAT, FORMAT_VERSION as INDEX_VERSION, Index
+def split(index, n_shards=None, sizes=None):
+    """``index``'s live items as consecutive in-memory shards: a list of
+    ``(row_offset, Index)`` sharing the index's arrays (views when nothing
+    was removed), and whether the index has ids of its own (if not, the
+    shards get the items' row numbers as ids). Call under the index's lock."""
+    from .index import Index
 
     arrays = index._arrays()
     n = index.ntotal
     given = "ids" in arrays
-    ids = arrays["ids"] if given else np.arange(n, dtype=np.int64)
-    counts = split_sizes(n, n_shards, sizes)
-    folders = {}
+    arrays["ids"] = arrays["ids"] if given else np.arange(n, dtype=np.int64)
+    parts = []
     lo = 0
-    for i, count in enumerate(counts):
-        def writer(folder, lo=lo, hi=lo + count):
-            part = Index(index.dim, metric=index.metric, value_dim=index.value_dim,
-                         dtype=index.dtype)
-            part._hold(hi - lo, {name: a if name == "center" else a[lo:hi]
-                                 for name, a in dict(arrays, ids=ids).items()})
+    for count in split_sizes(n, n_shards, sizes):
+        part = Index(index.dim, metric=index.metric, value_dim=index.value_dim, dtype=index.dtype)
+        part._hold(count, {name: a if name == "center" else a[lo:lo + count]
+                           for name, a in arrays.items()})
+        parts.append((lo, part))
+        lo += count
+    return parts, given
+
+
+def save(index, path, n_shards=None, sizes=None):
+    """Write ``index``'s live items as a sharded folder (module docstring);
+    called by :meth:`Index.save_shards` under the index's lock."""
+    from .index import FORMAT as INDEX_FORMAT, FORMAT_VERSION as INDEX_VERSION
+
+    parts, given = split(index, n_shards, sizes)
+
+    def writer(lo, part):
+        def write(folder):
             part.save(folder)
             meta = persist.read_meta(folder, INDEX_FORMAT, INDEX_VERSION)
-            span = ids[lo:hi]
-            return {"ntotal": hi - lo, "row_offset": lo, "checksum": meta["checksum"],
-                    "id_min": int(span.min()) if hi > lo else None,
-                    "id_max": int(span.max()) if hi > lo else None}
-        folders[f"shard-{i:05d}"] = writer
-        lo += count
+            ids = part.ids
+            return {"ntotal": len(part), "row_offset": lo, "checksum": meta["checksum"],
+                    "id_min": int(ids.min()) if len(ids) else None,
+                    "id_max": int(ids.max()) if len(ids) else None}
+        return write
+
+    folders = {f"shard-{i:05d}": writer(lo, part) for i, (lo, part) in enumerate(parts)}
     fields = {"dim": index.dim, "metric": index.metric, "dtype": index.dtype,
-              "value_dim": index.value_dim, "ntotal": n, "ids": "given" if given else "rows",
-              "shards": list(folders)}
+              "value_dim": index.value_dim, "ntotal": index.ntotal,
+              "ids": "given" if given else "rows", "shards": list(folders)}
     persist.save_folder(path, FORMAT, FORMAT_VERSION, {}, fields, folders=folders)
 
 
