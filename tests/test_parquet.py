@@ -188,7 +188,9 @@ def test_malformed_query_tables_are_one_line_errors(capsys, small):
     pq.write_table(pa.table({"emb": fixed(Q[:, :5])}), tmp / "split-1.parquet")
     pq.write_table(pa.table({"emb": fixed(Q)}), tmp / "split-0.parquet")
     np.save(tmp / "q.npy", Q)
+    (tmp / "garbage.parquet").write_bytes(b"not a Parquet file at all")
     other = {
+        ("--queries", tmp / "garbage.parquet", "--column", "emb"): "garbage.parquet: not a readable Parquet",
         ("--queries", tmp / "null_id.parquet"): "--column NAME",
         ("--queries", tmp / "nothing-*.parquet", "--column", "emb"): "nothing-*.parquet: no Parquet files",
         ("--queries", tmp / "split-*.parquet", "--column", "emb"): "has dimension 5 where",

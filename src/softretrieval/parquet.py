@@ -5,16 +5,9 @@ A query table holds one embedding per row in a list or fixed-size-list
 column of float16, float32 or float64 values, every row the same length and
 none null, and optionally an id column of any type. A query set is one
 ``.parquet`` file, a folder (its ``*.parquet`` files, sorted) or a glob
-pattern (its matches, sorted); the functions read one file at a time, so a
-distributed driver can give each worker its own files.
-
-Result files (:func:`write_results`), by mode: ``topk`` in long format, one
-row per (query, rank): ``query_id``, ``rank`` int32 (0-based), ``item_id``
-int64, ``score`` float32, slots without an item (id -1) left out; ``soft``
-one row per query: ``query_id``, ``out`` fixed_size_list<float32>, ``lse``
-float32; ``topk-attention`` one row per query: ``query_id``, ``item_ids``
-list<int64> and ``weights`` list<float32> (slots without an item left out),
-``out``, ``lse``, ``coverage`` float32.
+pattern (its matches, sorted). :func:`read_queries` reads one file (a
+distributed driver gives each worker its own), :func:`read_all` them all;
+:func:`write_results` writes the results as a table.
 """
 
 import glob
@@ -24,7 +17,7 @@ import numpy as np
 
 from . import io
 
-# rows per written batch: the list offsets stay within int32, the temporaries small
+# values (rows x width) per written batch: list offsets stay within int32, temporaries small
 _CHUNK_VALUES = 1 << 24
 
 
@@ -90,7 +83,8 @@ def read_queries(path, column, id_column=None, id_start=0):
     """One Parquet file's queries: ``(ids, Q)``.
 
     ``Q`` (n, d) float32, C-contiguous, from the list or fixed-size-list
-    float column ``column``. ``ids`` a pyarrow Array of n: the values of
+    float column ``column`` (read-only where it is Arrow's own float32
+    buffer, as a memory-mapped ``.npy`` is). ``ids`` a pyarrow Array of n: the values of
     ``id_column`` as they are (any type, no nulls), or without it the int64
     row numbers ``id_start + arange(n)``. ValueError naming the file and
     the column for a missing column, a non-float column, a null row or
@@ -188,8 +182,19 @@ def write_results(path, mode, result, query_ids):
     """Write :func:`softretrieval.cli.score_batches`'s ``result`` (a dict of
     (B, ...) arrays) for ``mode`` to the Parquet file ``path``, atomically
     (a hidden temporary sibling, fsynced and renamed: a failure leaves
-    ``path`` as it was). ``query_ids``: B ids, a pyarrow Array or anything
-    ``pyarrow.array`` takes. The layouts are in this module's docstring."""
+    ``path`` as it was). ``query_ids``: B ids, a pyarrow Array (any type)
+    or anything ``pyarrow.array`` takes. Returns the path written.
+
+    Layouts, by mode (slots without an item, id -1, are left out):
+
+    * ``topk``: one row per (query, rank): ``query_id``, ``rank`` int32
+      (0-based), ``item_id`` int64, ``score`` float32.
+    * ``soft``: one row per query: ``query_id``, ``out``
+      fixed_size_list<float32>, ``lse`` float32.
+    * ``topk-attention``: one row per query: ``query_id``, ``item_ids``
+      list<int64> and ``weights`` list<float32> (best first, the same
+      length), ``out``, ``lse``, ``coverage`` float32.
+    """
     pa, pq = require_pyarrow()
     path = os.fspath(path)
     if mode not in ("soft", "topk", "topk-attention"):
