@@ -247,7 +247,14 @@ def test_query_files_and_read_all(tmp_path, rng):
         parquet.query_files(tmp_path / "none")
 
 
-def test_import_does_not_load_pyarrow():
+def test_pyarrow_is_imported_only_when_needed(capsys, small, monkeypatch):
     code = ("import sys, softretrieval, softretrieval.cli, softretrieval.parquet; "
             "assert 'pyarrow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+    tmp, Q = small
+    np.save(tmp / "q.npy", Q)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)       # as if not installed
+    code, _, err = run(capsys, "score", "--keys", tmp / "keys.npy", "--queries", tmp / "q.npy",
+                       "--mode", "soft", "--out", tmp / "o.parquet")
+    assert code == 2 and err == 'softretrieval: error: Parquet needs pyarrow: pip install "softretrieval[parquet]"\n'
+    assert not (tmp / "o.parquet").exists()
