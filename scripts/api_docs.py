@@ -13,7 +13,7 @@ import os
 import sys
 
 import softretrieval as sr
-from softretrieval import datasets, io
+from softretrieval import datasets, io, parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(ROOT, "docs", "reference.md")
@@ -67,7 +67,8 @@ def render():
         parts.append(f"### `softretrieval.{cls.__name__}`\n\n```text\n{inspect.getdoc(cls)}\n```\n")
     parts.append("## Data and files\n")
     for module, names in ((datasets, ("load_minilm", "minilm_paths", "clustered", "catalog")),
-                          (io, ("read_vectors", "write_output"))):
+                          (io, ("read_vectors", "write_output")),
+                          (parquet, ("query_files", "read_queries", "read_all", "write_results"))):
         for name in names:
             parts.append(_entry(f"softretrieval.{module.__name__.rsplit('.', 1)[1]}.{name}",
                                 getattr(module, name), "###"))

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import devices, io, validate
+from . import devices, io, parquet, validate
 
 MODES = ("soft", "topk", "topk-attention")
 
@@ -47,6 +47,27 @@ def _column(path, what, dataset=None):
     if arr.ndim != 1:
         raise _Fail(f"{path}: {what} must be one value per row, got shape {arr.shape}")
     return arr
+
+
+def _is_parquet(spec):
+    """Whether ``--queries`` names Parquet: a ``.parquet`` file, a folder or a glob pattern."""
+    return spec.lower().endswith(".parquet") or os.path.isdir(spec) or any(c in spec for c in "*?[")
+
+
+def _queries(args):
+    """``(query_ids, queries)`` from ``--queries``: for Parquet, a pyarrow
+    Array of ids (``--id-column``'s, or row numbers) and the ``--column``
+    embeddings; for vector files, ``None`` and the (B, d) array."""
+    if not _is_parquet(args.queries):
+        if args.column is not None or args.id_column is not None:
+            raise _Fail(f"--queries {args.queries}: --column and --id-column are for Parquet queries")
+        return None, _vectors(args.queries, "queries", "test")
+    if args.column is None:
+        raise _Fail(f"--queries {args.queries}: Parquet queries need --column NAME (the embedding column)")
+    ids, queries = parquet.read_all(args.queries, args.column, args.id_column)
+    if queries.shape[0] == 0:
+        raise _Fail(f"{args.queries}: no queries in the Parquet files")
+    return ids, queries
 
 
 def _index_from_files(args, ids=None, bias=None):
@@ -123,7 +144,7 @@ def _recall(ids, gt, k):
 
 def _score(args):
     index = _open_index(args)
-    queries = _vectors(args.queries, "queries", "test")
+    query_ids, queries = _queries(args)
     if queries.shape[1] != index.dim:
         raise _Fail(f"queries have dimension {queries.shape[1]} but the index has {index.dim}")
     if args.k < 1 or args.batch_size < 1:
@@ -139,15 +160,18 @@ def _score(args):
     if not os.path.isdir(folder):
         raise _Fail(f"--out {args.out}: the folder {folder} does not exist")
     ext = os.path.splitext(args.out)[1].lower()
-    primary = {"soft": {".npy": "out", ".fvecs": "out", ".npz": None},
-               "topk": {".npy": "ids", ".ivecs": "ids", ".fvecs": "scores", ".npz": None},
-               "topk-attention": {".npy": "out", ".fvecs": "out", ".ivecs": "ids", ".npz": None}}
+    primary = {"soft": {".npy": "out", ".fvecs": "out", ".npz": None, ".parquet": None},
+               "topk": {".npy": "ids", ".ivecs": "ids", ".fvecs": "scores", ".npz": None, ".parquet": None},
+               "topk-attention": {".npy": "out", ".fvecs": "out", ".ivecs": "ids", ".npz": None,
+                                  ".parquet": None}}
     if ext not in primary[args.mode]:
         raise _Fail(f"--out {args.out}: mode {args.mode} writes {sorted(primary[args.mode])}")
     name = primary[args.mode][ext]
     if name == "ids" and ext == ".ivecs" and index.ids is not None and index.ids.max() > io.INT32_MAX:
         raise _Fail(f"--out {args.out}: the index has ids up to {index.ids.max()}, beyond the "
                     "32-bit .ivecs format: write .npy or .npz")
+    if ext == ".parquet":
+        parquet.require_pyarrow()
     gt = None
     if args.groundtruth is not None and args.mode != "soft":
         gt = _vectors(args.groundtruth, "ground truth", "neighbors", floats=False)
@@ -158,7 +182,15 @@ def _score(args):
                            temperature=args.temperature, batch_size=args.batch_size,
                            progress=not args.quiet, device=args.device)
     took = time.perf_counter() - start
-    io.write_output(args.out, result if name is None else {name: result[name]})
+    if ext == ".parquet":
+        parquet.write_results(args.out, args.mode, result,
+                              np.arange(queries.shape[0]) if query_ids is None else query_ids)
+    else:
+        if ext == ".npz" and args.id_column is not None:
+            ids = query_ids.to_numpy(zero_copy_only=False)
+            if ids.dtype.kind in "iuf":     # other ids (strings) have no place in an .npz
+                result["query_ids"] = ids
+        io.write_output(args.out, result if name is None else {name: result[name]})
     print(f"scored {queries.shape[0]} queries x {len(index)} items ({args.mode}) in {took:.2f} s "
           f"({queries.shape[0] / took:,.0f} rows/s) -> {args.out}")
     if gt is not None:
@@ -240,7 +272,12 @@ def parser():
                    help="storage for --keys")
     s.add_argument("--metric", default="ip", choices=["ip", "cosine", "l2"], help="for --keys")
     s.add_argument("--mmap", action="store_true", help="memory-map the index")
-    s.add_argument("--queries", required=True, help=".npy, .fvecs, .bvecs or FILE.hdf5[:test]")
+    s.add_argument("--queries", required=True,
+                   help=".npy, .fvecs, .bvecs or FILE.hdf5[:test]; or Parquet: a .parquet file, a folder "
+                        "of them or a glob pattern (with --column)")
+    s.add_argument("--column", help="Parquet queries: the embedding column (a list of floats per row)")
+    s.add_argument("--id-column", help="Parquet queries: a column of query ids, written to the results "
+                                       "(default: row numbers)")
     s.add_argument("--mode", required=True, choices=MODES)
     s.add_argument("-k", type=int, default=10)
     g = s.add_mutually_exclusive_group()
@@ -253,7 +290,8 @@ def parser():
                    help="ground-truth ids (.ivecs, .npy, FILE.hdf5[:neighbors]): print recall")
     s.add_argument("--out", required=True,
                    help=".npz (every array) or .npy/.fvecs/.ivecs (soft: out; topk: ids, "
-                        ".fvecs scores; topk-attention: out, .ivecs ids)")
+                        ".fvecs scores; topk-attention: out, .ivecs ids), or .parquet (a table "
+                        "with query ids: see the guide)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=_score)
 

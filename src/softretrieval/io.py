@@ -121,6 +121,25 @@ def read_vectors(spec, dataset=None):
     return arr
 
 
+def write_aside(path, fill):
+    """Write ``path`` atomically: ``fill(f)`` writes into a hidden temporary
+    sibling opened ``"wb"``, which is flushed, fsynced and renamed over
+    ``path``. On any failure (an interrupt included) the temporary file is
+    removed and ``path`` is left as it was."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_output(path, arrays):
     """Write named arrays to ``path`` by its extension, atomically.
 
@@ -144,27 +163,19 @@ def write_output(path, arrays):
             first.astype(np.float32)).all()
     if ext == ".fvecs" and overflows:
         raise ValueError(f"{path}: values beyond the float32 range of .fvecs: write .npy or .npz")
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            if ext == ".npz":
-                np.savez(f, **arrays)
-            elif ext == ".npy":
-                np.save(f, first)
-            else:
-                dtype = _VECS[ext]
-                rows = np.asarray(first).reshape(len(first), -1)
-                rec = np.empty((rows.shape[0], rows.shape[1] + 1), dtype)
-                width = np.array(rows.shape[1], np.int32)
-                rec[:, 0] = width.view(dtype) if ext == ".fvecs" else width
-                rec[:, 1:] = rows
-                rec.tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    def fill(f):
+        if ext == ".npz":
+            np.savez(f, **arrays)
+        elif ext == ".npy":
+            np.save(f, first)
+        else:
+            dtype = _VECS[ext]
+            rows = np.asarray(first).reshape(len(first), -1)
+            rec = np.empty((rows.shape[0], rows.shape[1] + 1), dtype)
+            width = np.array(rows.shape[1], np.int32)
+            rec[:, 0] = width.view(dtype) if ext == ".fvecs" else width
+            rec[:, 1:] = rows
+            rec.tofile(f)
+
+    write_aside(path, fill)
     return path
