@@ -191,8 +191,10 @@ def _empty_partial(method, B, dv):
     if method == "logsumexp":
         return np.full(B, -np.inf, np.float32)
     none = np.zeros((B, 0), np.int64)
+    soft = method == "retrieve_topk"
     return TopkPartial(np.zeros((B, 0), np.float32), none, none, np.zeros(B, np.int64), None,
-                       np.full(B, -np.inf, np.float32), np.zeros((B, 0, dv), np.float32), None)
+                       np.full(B, -np.inf, np.float32) if soft else None,
+                       np.zeros((B, 0, dv), np.float32) if soft else None, None)
 
 
 def combine(method, parts, k=None, metric="ip"):

@@ -1,0 +1,168 @@
+"""ShardedIndex on a Dask LocalCluster (2 worker processes, 1 thread each,
+loopback only): every method against one Index over the same items, the
+shipped real data against FAISS, refusals, and a worker killed mid-call."""
+
+import os
+import signal
+import threading
+import time
+
+import faiss
+import numpy as np
+import pytest
+
+import softretrieval as sr
+from softretrieval import datasets, shards
+from softretrieval.distributed import ShardedIndex
+
+from conftest import saved_file
+from test_shards import CALLS, DTYPES, assert_same, catalog, single_call
+
+distributed = pytest.importorskip("distributed")
+
+
+def local_cluster():
+    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                    host="127.0.0.1", dashboard_address=":0")
+
+
+@pytest.fixture(scope="module")
+def client():
+    with local_cluster() as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+def sharded(sharded_index, method, Q, k=None, **options):
+    if method == "retrieve":
+        return sharded_index.retrieve(Q, return_lse=True, **options)
+    return getattr(sharded_index, method)(Q, k, **options) if k else getattr(sharded_index, method)(
+        Q, **options)
+
+
+@pytest.mark.parametrize("dtype, metric", zip(DTYPES, ["ip", "l2", "cosine", "ip"]))
+def test_every_method_equals_one_index(client, tmp_path, rng, dtype, metric):
+    index = catalog(rng, dtype=dtype, metric=metric)
+    index.save_shards(tmp_path / "cat", sizes=[400, 0, 3, 600])
+    Q = rng.standard_normal((37, 17)).astype(np.float32)
+    ids = index.ids
+    exclude = [list(ids[i:i + 30]) for i in range(37)]
+    exclude[5] = list(ids[:400])                       # every item of shard 0
+    include = [list(ids[i::7]) for i in range(37)]
+    with ShardedIndex(tmp_path / "cat", client) as sh:
+        assert (sh.ntotal, sh.n_shards, sh.dim, sh.dtype) == (1003, 4, 17, dtype)
+        for method, k, kw in CALLS:
+            for options in ({}, {"exclude": exclude, "include": include},
+                            {"bias": rng.standard_normal(1003)}):
+                assert_same(method, sharded(sh, method, Q, k, **kw, **options),
+                            single_call(index, method, Q, k, **kw, **options))
+        assert_same("search", sh.search(Q, 700), index.search(Q, 700))     # k beyond shards
+
+
+def test_shipped_minilm_equals_faiss_and_one_index(client, tmp_path):
+    paths = datasets.minilm_paths()
+    base = sr.io.read_vectors(paths["base"])
+    queries = np.ascontiguousarray(sr.io.read_vectors(paths["query"]))
+    index = sr.Index(base.shape[1])
+    index.add(base)
+    index.save_shards(tmp_path / "cat", sizes=[1000, 2942, 4000])
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(np.ascontiguousarray(base, np.float32))
+    fs, fi = flat.search(queries, 10)
+    with ShardedIndex(tmp_path / "cat", client) as sh:
+        scores, ids = sh.search(queries, 10)
+        np.testing.assert_array_equal(ids, fi)
+        np.testing.assert_allclose(scores, fs, atol=1e-5)
+        for method, k, kw in CALLS[1:]:
+            assert_same(method, sharded(sh, method, queries, k, **kw),
+                        single_call(index, method, queries, k, **kw))
+
+
+def test_in_memory_index_and_row_number_ids(client, rng):
+    index = catalog(rng, n=500, ids=False, values=False, bias=False)
+    Q = rng.standard_normal((5, 17)).astype(np.float32)
+    with ShardedIndex(index, client) as sh:                 # one shard per worker
+        assert sh.n_shards == 2 and sh.value_dim is None
+        for method, k, kw in CALLS:
+            assert_same(method, sharded(sh, method, Q, k, exclude=[[0, 499]] * 5, **kw),
+                        single_call(index, method, Q, k, exclude=[[0, 499]] * 5, **kw))
+        with pytest.raises(ValueError, match="exclude"):      # row numbers are checked, as by the index
+            sh.search(Q, 3, exclude=[[500]] * 5)
+    with ShardedIndex(index, client, sizes=[0, 100, 400]) as sh:
+        assert_same("search", sh.search(Q, 9), index.search(Q, 9))
+
+
+def test_torch_tensors_in_and_out(client, rng):
+    torch = pytest.importorskip("torch")
+    index = catalog(rng, n=200)
+    with ShardedIndex(index, client, n_shards=3) as sh:
+        scores, ids = sh.search(torch.from_numpy(rng.standard_normal((4, 17)).astype(np.float32)), 5)
+        assert isinstance(ids, torch.Tensor) and ids.shape == (4, 5)
+
+
+def test_bad_calls_are_refused_here(client, tmp_path, rng):
+    index = catalog(rng, n=50)
+    index.save_shards(tmp_path / "cat", 2)
+    Q = rng.standard_normal((3, 17)).astype(np.float32)
+    sh = ShardedIndex(tmp_path / "cat", client)
+    for call, error, match in [
+            (lambda: sh.search(Q[:, :5], 3), ValueError, "dimension 5"),
+            (lambda: sh.search(np.full((1, 17), np.nan, np.float32), 3), ValueError, "queries"),
+            (lambda: sh.search(Q, 0), ValueError, "k"),
+            (lambda: sh.retrieve(Q, bias=np.zeros(49)), ValueError, r"bias must have shape \(50,\)"),
+            (lambda: sh.retrieve(Q, scale=float("nan")), ValueError, "scale"),
+            (lambda: sh.logsumexp(Q, exclude=[[1]]), ValueError, "exclude")]:
+        with pytest.raises(error, match=match):
+            call()
+    sh.close()
+    with pytest.raises(ValueError, match="closed"):
+        sh.search(Q, 3)
+    with pytest.raises(ValueError, match="n_shards and sizes are for an in-memory Index"):
+        ShardedIndex(tmp_path / "cat", client, n_shards=2)
+    empty = sr.Index(17)
+    empty.save_shards(tmp_path / "empty", 2)
+    with ShardedIndex(tmp_path / "empty", client) as sh, pytest.raises(ValueError, match="empty"):
+        sh.search(Q, 3)
+
+
+def test_damaged_or_mismatched_shards_are_refused_on_open(client, tmp_path, rng):
+    index = catalog(rng, n=100)
+    index.save_shards(tmp_path / "cat", 3)
+    manifest = shards.read_manifest(tmp_path / "cat")
+    keys = saved_file(tmp_path / "cat" / os.path.basename(manifest.shards[2].path), "keys")
+    raw = bytearray(keys.read_bytes())
+    raw[-3] ^= 4
+    keys.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="shard shard-00002 .*checksum mismatch"):
+        ShardedIndex(tmp_path / "cat", client)
+    with ShardedIndex(tmp_path / "cat", client, verify=False) as sh:   # (files' checksums skipped)
+        assert sh.search(rng.standard_normal((1, 17)), 1)[1].shape == (1, 1)
+    with pytest.raises(ValueError, match="not a saved softretrieval.ShardedIndex"):
+        ShardedIndex(tmp_path / "nothing", client)
+
+
+def test_worker_killed_during_a_call_reloads_its_shard_elsewhere(tmp_path, rng):
+    """A worker process is killed while a call runs: its shard is loaded again
+    from the folder on a live worker and the call returns the same answer."""
+    index = sr.Index(64, dtype="float16")
+    index.add(rng.standard_normal((200_000, 64)).astype(np.float32))
+    index.save_shards(tmp_path / "cat", sizes=[80_000, 120_000])
+    Q = rng.standard_normal((4096, 64)).astype(np.float32)
+    want_s, want_i = index.search(Q, 10)
+    with local_cluster() as cluster, distributed.Client(cluster) as client:
+        with ShardedIndex(tmp_path / "cat", client) as sh:
+            sh.search(Q[:1], 1)                                     # both shards loaded, warm
+            holder = next(iter(client.who_has(sh._futures[1]).values()))[0]
+            pid = client.run(os.getpid, workers=[holder])[holder]
+            killer = threading.Timer(0.1, os.kill, (pid, signal.SIGKILL))
+            start = time.perf_counter()
+            killer.start()
+            scores, ids = sh.search(Q, 10)
+            took = time.perf_counter() - start
+            killer.join()
+            print(f"the call took {took:.2f} s")
+            assert took > 0.1                                       # the kill came mid-call
+            np.testing.assert_array_equal(ids, want_i)
+            np.testing.assert_allclose(scores, want_s, rtol=1e-6, atol=1e-5)
+            assert holder not in {w for ws in client.who_has(sh._futures).values() for w in ws}
+            scores, ids = sh.search(Q[:7], 10)                       # and later calls too
+            np.testing.assert_array_equal(ids, want_i[:7])
