@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import softretrieval as sr
-from softretrieval import datasets, shards
+from softretrieval import datasets, io, shards
 from softretrieval.distributed import ShardedIndex
 
 from conftest import saved_file
@@ -60,8 +60,8 @@ def test_every_method_equals_one_index(client, tmp_path, rng, dtype, metric):
 
 def test_shipped_minilm_equals_faiss_and_one_index(client, tmp_path):
     paths = datasets.minilm_paths()
-    base = sr.io.read_vectors(paths["base"])
-    queries = np.ascontiguousarray(sr.io.read_vectors(paths["query"]))
+    base = io.read_vectors(paths["base"])
+    queries = np.ascontiguousarray(io.read_vectors(paths["query"]))
     index = sr.Index(base.shape[1])
     index.add(base)
     index.save_shards(tmp_path / "cat", sizes=[1000, 2942, 4000])

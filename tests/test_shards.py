@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import softretrieval as sr
-from softretrieval import datasets, merging, shards
+from softretrieval import datasets, io, merging, shards
 
 from conftest import saved_file
 from reference import topk_ref
@@ -122,8 +122,8 @@ def test_ties_go_to_the_earlier_item_however_sharded(tmp_path, rng):
 
 def test_shipped_minilm_shards_equal_faiss(tmp_path):
     paths = datasets.minilm_paths()
-    base = sr.io.read_vectors(paths["base"])
-    queries = np.ascontiguousarray(sr.io.read_vectors(paths["query"])[:200])
+    base = io.read_vectors(paths["base"])
+    queries = np.ascontiguousarray(io.read_vectors(paths["query"])[:200])
     index = sr.Index(base.shape[1])
     index.add(base)
     index.save_shards(tmp_path / "cat", 3)

@@ -6,6 +6,9 @@ an interrupted run exits with 130 and writes nothing.
 """
 
 import argparse
+import contextlib
+import json
+import operator
 import os
 import sys
 import time
@@ -85,18 +88,76 @@ def _index_from_files(args, ids=None, bias=None):
 def _build(args):
     index = _index_from_files(args, ids=None if args.ids is None else _column(args.ids, "ids"),
                               bias=None if args.bias is None else _column(args.bias, "bias"))
-    index.save(args.out)
-    print(f"built {index!r} -> {args.out}")
+    if args.shards is None:
+        index.save(args.out)
+    else:
+        if args.shards < 1:
+            raise _Fail("--shards must be >= 1")
+        index.save_shards(args.out, args.shards)
+    print(f"built {index!r}{'' if args.shards is None else f' in {args.shards} shards'} -> {args.out}")
 
 
-def _open_index(args):
+def _is_sharded(path):
+    """Whether ``path`` is a sharded index folder (its meta.json's format;
+    opening it checks the rest)."""
+    from . import shards
+
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f).get("format") == shards.FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _open_index(args, stack):
+    """The index to score against: an Index (``--index`` folder, or ``--keys``
+    indexed in memory) or, for a sharded folder, a ShardedIndex on the
+    cluster of ``--scheduler`` / ``--workers`` (closed by ``stack``)."""
     from .index import Index
 
     if (args.index is None) == (args.keys is None):
         raise _Fail("give --index DIR or --keys FILE (not both)")
-    if args.index is not None:
-        return Index.load(args.index, mmap=args.mmap)
-    return _index_from_files(args)
+    cluster = args.scheduler is not None or args.workers is not None
+    if args.index is None or not _is_sharded(args.index):
+        if cluster:
+            raise _Fail("--scheduler and --workers serve a sharded index folder (softretrieval "
+                        "build --shards N)")
+        return Index.load(args.index, mmap=args.mmap) if args.index is not None else _index_from_files(args)
+    if not cluster:
+        raise _Fail(f"--index {args.index} is a sharded index: give --workers N (a local Dask "
+                    "cluster) or --scheduler ADDRESS")
+    try:
+        import distributed
+
+        from .distributed import ShardedIndex
+    except ImportError:
+        raise _Fail('a sharded index needs Dask: pip install "softretrieval[distributed]"') from None
+    if args.workers is not None:
+        if args.workers < 1:
+            raise _Fail("--workers must be >= 1")
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        cluster = stack.enter_context(distributed.LocalCluster(
+            n_workers=args.workers, threads_per_worker=threads, processes=True,
+            dashboard_address=None))
+        client = stack.enter_context(distributed.Client(cluster))
+    else:
+        client = stack.enter_context(distributed.Client(args.scheduler, timeout="30s"))
+    return stack.enter_context(ShardedIndex(args.index, client))
+
+
+#: The index method behind each mode of ``score``.
+METHODS = {"topk": "search", "soft": "retrieve", "topk-attention": "retrieve_topk"}
+
+
+def result_dict(mode, res):
+    """A mode's result as ``score_batches`` returns it: a dict of (B, ...)
+    arrays (topk: ``ids``, ``scores``; soft: ``out``, ``lse``;
+    topk-attention: the :class:`TopKAttention` fields)."""
+    if mode == "topk":
+        return {"ids": res[1], "scores": res[0]}
+    if mode == "soft":
+        return {"out": res[0], "lse": res[1]}
+    return res._asdict()
 
 
 def score_batches(index, queries, mode, k, *, scale=None, temperature=None, batch_size=4096,
@@ -116,16 +177,14 @@ def score_batches(index, queries, mode, k, *, scale=None, temperature=None, batc
     try:
         for lo in range(0, B, batch_size):
             q = queries[lo:lo + batch_size]
-            if mode == "topk":
-                scores, ids = index.search(q, k, device=device)
-                part = {"ids": ids, "scores": scores}
-            elif mode == "soft":
-                out, lse = index.retrieve(q, scale=scale, temperature=temperature, return_lse=True,
-                                          device=device)
-                part = {"out": out, "lse": lse}
+            if mode == "soft":
+                res = index.retrieve(q, scale=scale, temperature=temperature, return_lse=True,
+                                     device=device)
+            elif mode == "topk":
+                res = index.search(q, k, device=device)
             else:
                 res = index.retrieve_topk(q, k, scale=scale, temperature=temperature, device=device)
-                part = res._asdict()
+            part = result_dict(mode, res)
             for name, arr in part.items():
                 if name not in result:
                     result[name] = np.empty((B,) + arr.shape[1:], arr.dtype)
@@ -143,7 +202,19 @@ def _recall(ids, gt, k):
 
 
 def _score(args):
-    index = _open_index(args)
+    with contextlib.ExitStack() as stack:
+        index = _open_index(args, stack)
+        if args.scheduler is not None or args.workers is not None:
+            if _is_parquet(args.queries) and not args.out.lower().endswith(".parquet"):
+                return _score_partitions(args, index)
+        _score_with(args, index)
+
+
+def _score_with(args, index):
+    """``score`` in this process (an Index, or a ShardedIndex called batch
+    by batch): the queries read here, one output file."""
+    from .index import Index
+
     query_ids, queries = _queries(args)
     if queries.shape[1] != index.dim:
         raise _Fail(f"queries have dimension {queries.shape[1]} but the index has {index.dim}")
@@ -167,7 +238,8 @@ def _score(args):
     if ext not in primary[args.mode]:
         raise _Fail(f"--out {args.out}: mode {args.mode} writes {sorted(primary[args.mode])}")
     name = primary[args.mode][ext]
-    if name == "ids" and ext == ".ivecs" and index.ids is not None and index.ids.max() > io.INT32_MAX:
+    if (name == "ids" and ext == ".ivecs" and isinstance(index, Index) and index.ids is not None
+            and index.ids.max() > io.INT32_MAX):
         raise _Fail(f"--out {args.out}: the index has ids up to {index.ids.max()}, beyond the "
                     "32-bit .ivecs format: write .npy or .npz")
     if ext == ".parquet":
@@ -195,6 +267,81 @@ def _score(args):
           f"({queries.shape[0] / took:,.0f} rows/s) -> {args.out}")
     if gt is not None:
         print(f"recall@{args.k} against {args.groundtruth}: {_recall(result['ids'], gt, args.k):.4f}")
+
+
+def _score_partitions(args, sharded):
+    """Parquet queries over a cluster: each query file is a partition, read,
+    scored against every shard and merged by tasks on the workers, and
+    written as ``--out``/part-NNNNN-<file name>.parquet (atomically); a
+    partition whose file exists (a rerun after a crash) is skipped."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    if args.column is None:
+        raise _Fail(f"--queries {args.queries}: Parquet queries need --column NAME (the embedding column)")
+    if args.groundtruth is not None:
+        raise _Fail("--groundtruth needs one output file: give --out FILE.parquet (or .npz)")
+    if args.k < 1:
+        raise _Fail("-k must be >= 1")
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise _Fail(f"--out {args.out}: partitioned results go to a folder, and this is a file")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise _Fail(f"--out {args.out}: the folder {parent} does not exist")
+    options = {}
+    if args.mode != "topk":
+        validate.scale_value(validate.logit_scale(args.scale, args.temperature), sharded.dim)
+        options = {"scale": args.scale, "temperature": args.temperature}
+    files = parquet.query_files(args.queries)
+    counts = [parquet.num_rows(f) for f in files]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+    os.makedirs(args.out, exist_ok=True)
+    method, k = METHODS[args.mode], None if args.mode == "soft" else args.k
+    client = sharded._client
+    jobs = {}
+    for i, (path, count, start) in enumerate(zip(files, counts, starts)):
+        name = os.path.splitext(os.path.basename(path))[0]
+        target = os.path.join(args.out, f"part-{i:05d}-{name}.parquet")
+        if count == 0 or os.path.exists(target):
+            continue
+        part = client.submit(_read_partition, path, args.column, args.id_column, int(start),
+                             sharded.dim, pure=False)
+        queries = client.submit(operator.itemgetter(1), part, pure=False)
+        partials = sharded.submit(method, queries, k, lambda i: options)
+        jobs[client.submit(_write_partition, part, target, args.mode, k, sharded.metric, *partials,
+                           pure=False)] = count
+    rows = sum(jobs.values())
+    start = time.perf_counter()
+    bar = tqdm(total=rows, unit="rows", unit_scale=True, disable=args.quiet, file=sys.stderr,
+               desc=f"score {args.mode}", leave=False)
+    try:
+        for job in as_completed(jobs):
+            job.result()
+            bar.update(jobs[job])
+    finally:
+        bar.close()
+    took = time.perf_counter() - start
+    skipped = sum(c > 0 for c in counts) - len(jobs)
+    print(f"scored {rows} queries in {len(jobs)} partitions x {len(sharded)} items on "
+          f"{sharded.n_shards} shards ({args.mode}) in {took:.2f} s"
+          f"{f' ({skipped} partitions already written)' if skipped else ''} -> {args.out}")
+
+
+def _read_partition(path, column, id_column, id_start, dim):
+    """Task: one query file's ``(ids, Q)``, checked."""
+    ids, Q = parquet.read_queries(path, column, id_column, id_start)
+    if Q.shape[1] != dim:
+        raise ValueError(f"{path}: column {column!r} has dimension {Q.shape[1]} but the index has {dim}")
+    validate.all_finite(Q, f"queries ({path}, column {column!r})")
+    return ids, Q
+
+
+def _write_partition(part, path, mode, k, metric, *partials):
+    """Task: merge one partition's shard partials and write its results."""
+    from . import merging
+
+    res = merging.combine(METHODS[mode], list(partials), k, metric)
+    parquet.write_results(path, mode, result_dict(mode, res), part[0])
 
 
 def _validate(args):
@@ -261,11 +408,15 @@ def parser():
     b.add_argument("--bias", help="(n,) .npy or (n, 1) .fvecs per-item bias")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"])
     b.add_argument("--metric", default="ip", choices=["ip", "cosine", "l2"])
+    b.add_argument("--shards", type=int,
+                   help="write a sharded index of this many shards (for softretrieval score "
+                        "--workers / --scheduler)")
     b.add_argument("--out", required=True, help="index folder to write")
     b.set_defaults(run=_build)
 
     s = sub.add_parser("score", help="score queries against an index or a key file")
-    s.add_argument("--index", help="index folder (from build)")
+    s.add_argument("--index", help="index folder (from build; a sharded one with --workers or "
+                                   "--scheduler)")
     s.add_argument("--keys", help="or a key file, indexed in memory")
     s.add_argument("--values", help="values for --keys")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
@@ -291,7 +442,13 @@ def parser():
     s.add_argument("--out", required=True,
                    help=".npz (every array) or .npy/.fvecs/.ivecs (soft: out; topk: ids, "
                         ".fvecs scores; topk-attention: out, .ivecs ids), or .parquet (a table "
-                        "with query ids: see the guide)")
+                        "with query ids: see the guide); with Parquet queries on a cluster, a "
+                        "folder of one .parquet file per query file")
+    c = s.add_mutually_exclusive_group()
+    c.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a sharded --index served by the Dask cluster at ADDRESS")
+    c.add_argument("--workers", type=int, metavar="N",
+                   help="a sharded --index served by a local Dask cluster of N worker processes")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=_score)
 

@@ -212,39 +212,42 @@ class ShardedIndex:
 
     @interop.boundary
     def search(self, queries: ArrayLike, k: int, *, exclude: Exclude = None,
-               include: Exclude = None, bias=None) -> Tuple[np.ndarray, np.ndarray]:
+               include: Exclude = None, bias=None, device: str = "cpu") -> Tuple[np.ndarray, np.ndarray]:
         """Exact top-k over every shard, as :meth:`Index.search`."""
         k = validate.positive_int(k, "k")
-        return self._call("search", queries, k, bias, exclude=exclude, include=include)
+        return self._call("search", queries, k, bias, device, exclude=exclude, include=include)
 
     @interop.boundary
     def retrieve(self, queries: ArrayLike, *, scale: Optional[float] = None,
                  temperature: Optional[float] = None, bias=None, exclude: Exclude = None,
-                 include: Exclude = None, return_lse: bool = False):
+                 include: Exclude = None, return_lse: bool = False, device: str = "cpu"):
         """Soft retrieval over every shard, as :meth:`Index.retrieve`."""
-        out, lse = self._call("retrieve", queries, None, bias, exclude=exclude, include=include,
-                              scale=scale, temperature=temperature)
+        out, lse = self._call("retrieve", queries, None, bias, device, exclude=exclude,
+                              include=include, scale=scale, temperature=temperature)
         return (out, lse) if return_lse else out
 
     @interop.boundary
     def retrieve_topk(self, queries: ArrayLike, k: int, *, scale: Optional[float] = None,
                       temperature: Optional[float] = None, bias=None, exclude: Exclude = None,
-                      include: Exclude = None) -> terms.TopKAttention:
+                      include: Exclude = None, device: str = "cpu") -> terms.TopKAttention:
         """Top-k attention over every shard, as :meth:`Index.retrieve_topk`."""
         k = validate.positive_int(k, "k")
-        return self._call("retrieve_topk", queries, k, bias, exclude=exclude, include=include,
-                          scale=scale, temperature=temperature)
+        return self._call("retrieve_topk", queries, k, bias, device, exclude=exclude,
+                          include=include, scale=scale, temperature=temperature)
 
     @interop.boundary
     def logsumexp(self, queries: ArrayLike, *, scale: Optional[float] = None,
                   temperature: Optional[float] = None, bias=None, exclude: Exclude = None,
-                  include: Exclude = None) -> np.ndarray:
+                  include: Exclude = None, device: str = "cpu") -> np.ndarray:
         """The full-catalog log-partition over every shard, as :meth:`Index.logsumexp`."""
-        return self._call("logsumexp", queries, None, bias, exclude=exclude, include=include,
-                          scale=scale, temperature=temperature)
+        return self._call("logsumexp", queries, None, bias, device, exclude=exclude,
+                          include=include, scale=scale, temperature=temperature)
 
-    def _call(self, method, queries, k, bias, *, exclude, include, **options):
+    def _call(self, method, queries, k, bias, device, *, exclude, include, **options):
         """Validate here, send the batch to every shard, merge the partials."""
+        if device != "cpu":
+            raise ValueError(f"device must be 'cpu' for a ShardedIndex (its workers' CPUs), "
+                             f"got {device!r}")
         if not self._futures:
             raise ValueError("the ShardedIndex is closed")
         if self._ntotal == 0:
@@ -263,13 +266,23 @@ class ShardedIndex:
         lists = {name: None if lst is None else validate.exclusion_lists(lst, B, limit, name)
                  for name, lst in (("exclude", exclude), ("include", include))}
         cut = self._bias_cuts(bias)
-        futures = [self._client.submit(_partial, shard, method, Q, k,
-                                       dict(options, bias=cut(i), **lists), pure=False)
-                   for i, shard in enumerate(self._futures)]
-        parts = self._client.gather(futures)
+        parts = self._client.gather(self.submit(method, Q, k, lambda i: dict(options, bias=cut(i),
+                                                                              **lists)))
         if len(parts) != self.n_shards:        # (gather returns every result or raises)
             raise RuntimeError(f"{len(parts)} of {self.n_shards} shards answered")
         return merging.combine(method, parts, k, self.metric)
+
+    def submit(self, method, queries, k=None, options=lambda i: {}):
+        """Futures of every shard's partial (:func:`merging.shard_partial`)
+        for ``method`` on ``queries``: a checked float32 (B, dim) array or
+        a Dask future of one (e.g. read by a task on a worker); shard i
+        gets the keyword arguments ``options(i)``. For pipelines that merge
+        on the workers (:func:`merging.combine`); the query methods do this
+        and merge here."""
+        if not self._futures:
+            raise ValueError("the ShardedIndex is closed")
+        return [self._client.submit(_partial, shard, method, queries, k, options(i), pure=False)
+                for i, shard in enumerate(self._futures)]
 
     def _bias_cuts(self, bias):
         """``i -> shard i's bias argument``: an (N,) bias cut at the shard

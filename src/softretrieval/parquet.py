@@ -47,6 +47,16 @@ def query_files(spec):
     return files
 
 
+def num_rows(path):
+    """The number of rows of a Parquet file, from its footer (no data is
+    read). ValueError naming the file when it is not readable Parquet."""
+    pa, pq = require_pyarrow()
+    try:
+        return pq.ParquetFile(os.fspath(path)).metadata.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file: {exc}") from None
+
+
 def _first(mask):
     return int(np.flatnonzero(mask)[0])
 
