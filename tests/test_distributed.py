@@ -16,6 +16,7 @@ from softretrieval import datasets, io, shards
 from softretrieval.distributed import ShardedIndex
 
 from conftest import saved_file
+from test_cli import run
 from test_shards import CALLS, DTYPES, assert_same, catalog, single_call
 
 distributed = pytest.importorskip("distributed")
@@ -166,3 +167,114 @@ def test_worker_killed_during_a_call_reloads_its_shard_elsewhere(tmp_path, rng):
             assert holder not in {w for ws in client.who_has(sh._futures).values() for w in ws}
             scores, ids = sh.search(Q[:7], 10)                       # and later calls too
             np.testing.assert_array_equal(ids, want_i[:7])
+
+
+def test_command_on_a_cluster(capsys, client, tmp_path):
+    """build --shards, then score with --workers (a local cluster of its own)
+    and --scheduler (this module's cluster): the results of the unsharded
+    index, recall on the shipped ground truth."""
+    paths = datasets.minilm_paths()
+    code, out, _ = run(capsys, "build", "--keys", paths["base"], "--shards", 3, "--out", tmp_path / "cat")
+    assert code == 0 and "in 3 shards" in out
+    run(capsys, "build", "--keys", paths["base"], "--out", tmp_path / "plain")
+    common = ["--queries", paths["query"], "--mode", "topk-attention", "-k", 10, "--temperature",
+              0.05, "--quiet", "--batch-size", 400]
+    code, out, _ = run(capsys, "score", "--index", tmp_path / "plain", *common, "--out",
+                       tmp_path / "want.npz")
+    assert code == 0
+    want = np.load(tmp_path / "want.npz")
+    for cluster in (["--workers", 2], ["--scheduler", client.scheduler.address]):
+        code, out, err = run(capsys, "score", "--index", tmp_path / "cat", *cluster, *common,
+                             "--groundtruth", paths["groundtruth"], "--out", tmp_path / "got.npz")
+        assert code == 0, err
+        assert "recall@10 against" in out and out.rstrip().endswith("1.0000")
+        got = np.load(tmp_path / "got.npz")
+        np.testing.assert_array_equal(got["ids"], want["ids"])
+        np.testing.assert_allclose(got["out"], want["out"], rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(got["lse"], want["lse"], rtol=1e-6, atol=1e-5)
+
+
+def test_parquet_partitions_on_a_cluster_and_a_rerun(capsys, client, tmp_path):
+    """Parquet query files scored as partitions on the workers: one output per
+    file, equal to the single-process Parquet output; a rerun writes only the
+    partitions missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from test_parquet import fixed
+
+    paths = datasets.minilm_paths()
+    Q = io.read_vectors(paths["query"])
+    (tmp_path / "qs").mkdir()
+    for i, (lo, hi) in enumerate(((0, 300), (300, 300), (300, 301), (301, 1000))):
+        pq.write_table(pa.table({"emb": fixed(Q[lo:hi]), "qid": pa.array([f"q{j}" for j in range(lo, hi)])}),
+                       tmp_path / "qs" / f"day-{i}.parquet")
+    run(capsys, "build", "--keys", paths["base"], "--dtype", "float16", "--shards", 2, "--out",
+        tmp_path / "cat")
+    run(capsys, "build", "--keys", paths["base"], "--dtype", "float16", "--out", tmp_path / "plain")
+    address = ["--scheduler", client.scheduler.address]
+    for mode in ("topk", "soft"):
+        common = ["--queries", tmp_path / "qs", "--column", "emb", "--id-column", "qid", "--mode", mode,
+                  "-k", 7, "--quiet"]
+        code, _, err = run(capsys, "score", "--index", tmp_path / "plain", *common, "--out",
+                           tmp_path / f"{mode}.parquet")
+        assert code == 0, err
+        code, out, err = run(capsys, "score", "--index", tmp_path / "cat", *address, *common,
+                             "--out", tmp_path / mode)
+        assert code == 0, err
+        assert "scored 1000 queries in 3 partitions" in out
+        parts = sorted(os.listdir(tmp_path / mode))
+        assert parts == ["part-00000-day-0.parquet", "part-00002-day-2.parquet",
+                         "part-00003-day-3.parquet"]          # (an empty file has no partition)
+        got = pa.concat_tables([pq.read_table(tmp_path / mode / p) for p in parts])
+        want = pq.read_table(tmp_path / f"{mode}.parquet")
+        assert got.column_names == want.column_names and got.num_rows == want.num_rows
+        for name in got.column_names:
+            a, b = got[name].combine_chunks(), want[name].combine_chunks()
+            if pa.types.is_floating(a.type) or pa.types.is_list(a.type) or pa.types.is_fixed_size_list(a.type):
+                np.testing.assert_allclose(np.asarray(a.flatten() if a.type.num_fields else a),
+                                           np.asarray(b.flatten() if b.type.num_fields else b),
+                                           rtol=1e-6, atol=1e-5)
+            else:
+                assert a.equals(b), name
+    kept = (tmp_path / "topk" / parts[0]).stat().st_mtime_ns
+    os.remove(tmp_path / "topk" / parts[2])                        # a crash before the last one
+    code, out, _ = run(capsys, "score", "--index", tmp_path / "cat", *address, "--queries",
+                       tmp_path / "qs", "--column", "emb", "--mode", "topk", "--quiet", "--out",
+                       tmp_path / "topk")
+    assert code == 0 and "scored 699 queries in 1 partitions" in out
+    assert "(2 partitions already written)" in out
+    assert sorted(os.listdir(tmp_path / "topk")) == parts
+    assert (tmp_path / "topk" / parts[0]).stat().st_mtime_ns == kept
+
+
+def test_command_refusals_on_a_cluster(capsys, client, tmp_path, rng):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from test_parquet import fixed
+
+    index = catalog(rng, n=50, values=False)
+    index.save_shards(tmp_path / "cat", 2)
+    index.save(tmp_path / "plain")
+    (tmp_path / "qs").mkdir()
+    pq.write_table(pa.table({"emb": fixed(rng.standard_normal((4, 17)))}), tmp_path / "qs" / "a.parquet")
+    pq.write_table(pa.table({"emb": pa.array([[1.0, 2.0]] * 3)}), tmp_path / "qs" / "b.parquet")
+    address = ["--scheduler", client.scheduler.address]
+    queries = ["--queries", tmp_path / "qs", "--column", "emb", "--mode", "topk", "--quiet"]
+    for argv, message in [
+            (["--index", tmp_path / "cat", *queries, "--out", tmp_path / "o"],
+             "is a sharded index: give --workers N"),
+            (["--index", tmp_path / "plain", *address, *queries, "--out", tmp_path / "o"],
+             "serve a sharded index folder"),
+            (["--index", tmp_path / "cat", *address, *queries, "--out", tmp_path / "o"],
+             "b.parquet: column 'emb' has dimension 2 but the index has 17"),
+            (["--index", tmp_path / "cat", "--workers", 0, *queries, "--out", tmp_path / "o"],
+             "--workers must be >= 1"),
+            (["--index", tmp_path / "cat", *address, "--device", "cuda", "--queries",
+              tmp_path / "qs" / "a.parquet", "--column", "emb", "--mode", "topk", "--out",
+              tmp_path / "o.npz"], "a sharded index runs on its workers' CPUs"),
+            (["--index", tmp_path / "cat", *address, "--device", "cuda", *queries, "--out",
+              tmp_path / "o"], "a sharded index runs on its workers' CPUs")]:
+        code, _, err = run(capsys, "score", *argv)
+        assert code == 2 and err.count("\n") == 1 and message in err, err

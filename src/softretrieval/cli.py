@@ -204,10 +204,15 @@ def _recall(ids, gt, k):
 def _score(args):
     with contextlib.ExitStack() as stack:
         index = _open_index(args, stack)
-        if args.scheduler is not None or args.workers is not None:
-            if _is_parquet(args.queries) and not args.out.lower().endswith(".parquet"):
-                return _score_partitions(args, index)
+        if (args.scheduler is not None or args.workers is not None) and _is_parquet(args.queries) \
+                and os.path.splitext(args.out)[1].lower() not in _OUTPUTS:
+            return _score_partitions(args, index)
         _score_with(args, index)
+
+
+#: The file types ``score --out`` writes (anything else, with Parquet
+#: queries on a cluster, is a folder of partitions).
+_OUTPUTS = (".npz", ".npy", ".fvecs", ".ivecs", ".parquet")
 
 
 def _score_with(args, index):
@@ -226,6 +231,8 @@ def _score_with(args, index):
                         f"queries ({args.queries})")
     if args.mode != "topk":
         validate.scale_value(validate.logit_scale(args.scale, args.temperature), index.dim)
+    if not isinstance(index, Index) and args.device != "cpu":
+        raise _Fail(f"--device {args.device}: a sharded index runs on its workers' CPUs")
     devices.kernels(args.device)
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
@@ -283,6 +290,8 @@ def _score_partitions(args, sharded):
         raise _Fail("--groundtruth needs one output file: give --out FILE.parquet (or .npz)")
     if args.k < 1:
         raise _Fail("-k must be >= 1")
+    if args.device != "cpu":
+        raise _Fail(f"--device {args.device}: a sharded index runs on its workers' CPUs")
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise _Fail(f"--out {args.out}: partitioned results go to a folder, and this is a file")
     parent = os.path.dirname(os.path.abspath(args.out))
