@@ -41,12 +41,16 @@ def _entry(name, obj, level="##"):
 def render():
     parts = [HEADER]
     parts.append("## Functions\n")
-    for name in ("attention", "logsumexp", "topk", "topk_attention", "merge", "memory_attention",
+    for name in ("attention", "logsumexp", "topk", "topk_attention", "merge", "merge_topk",
+                 "memory_attention",
                  "attention_backward", "logsumexp_backward", "topk_attention_backward",
                  "memory_attention_backward", "AttentionGrads", "MemoryGrads"):
         parts.append(_entry(f"softretrieval.{name}", getattr(sr, name), "###"))
-    for cls in (sr.Index, sr.KNNMemory):
-        parts.append(f"## `softretrieval.{cls.__name__}`\n")
+    from softretrieval.distributed import ShardedIndex
+
+    for cls in (sr.Index, sr.KNNMemory, ShardedIndex):
+        module = "distributed." if cls is ShardedIndex else ""
+        parts.append(f"## `softretrieval.{module}{cls.__name__}`\n")
         parts.append(_entry(cls.__name__, cls, "###"))
         for name, member in inspect.getmembers(cls):
             if name.startswith("_"):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import softretrieval as sr
-from softretrieval import cli
+from softretrieval import cli, shards
 
 
 def make_index(seed, n=40, dim=6):
@@ -44,9 +44,24 @@ def listing(folder):
 
 
 def only_ours(folder):
-    """The folder holds meta.json and exactly the files it lists."""
+    """The folder holds meta.json and exactly the files (and child folders,
+    each only its own) it lists."""
     meta = json.loads((folder / "meta.json").read_text())
-    return listing(folder) == sorted(["meta.json"] + [f["file"] for f in meta["files"].values()])
+    children = [f["folder"] for f in meta.get("folders", {}).values()]
+    return (listing(folder) == sorted(["meta.json"] + [f["file"] for f in meta["files"].values()]
+                                      + children)
+            and all(only_ours(folder / child) for child in children))
+
+
+def load_shards(path):
+    """A sharded folder's shards, loaded and checked, as one Index."""
+    manifest = shards.read_manifest(path)
+    parts = [shards.load_shard(manifest, i, mmap=False) for i in range(len(manifest.shards))]
+    whole = sr.Index(parts[0].dim, value_dim=parts[0].value_dim, dtype=parts[0].dtype)
+    for part in parts:
+        if len(part):
+            whole.add(part.keys(), part._values, ids=part.ids, bias=part.bias)
+    return whole
 
 
 SAVERS = {
@@ -170,26 +185,33 @@ CHILD = textwrap.dedent("""
 
     for name in ("makedirs", "fsync", "rename", "replace", "unlink", "rmdir"):
         setattr(os, name, deadly(getattr(os, name)))
-    (test_saves.make_index(2) if kind == "index" else test_saves.make_memory(2)).save(path)
+    if kind == "shards":
+        test_saves.make_index(2).save_shards(path, sizes=[25, 15])
+    else:
+        (test_saves.make_index(2) if kind == "index" else test_saves.make_memory(2)).save(path)
     print(calls[0])
 """)
 
 
-@pytest.mark.parametrize("kind", ["index", "memory"])
+@pytest.mark.parametrize("kind", ["index", "memory", "shards"])
 @pytest.mark.parametrize("existing", [True, False])
 def test_a_save_killed_at_any_point_leaves_old_or_new(tmp_path, kind, existing):
     """SIGKILL the saving process at each of its file-system steps in turn
     (folder creation, every fsync, rename and unlink): the path then loads
-    as the old or the new object, never neither; the next save cleans up."""
-    make, load = (make_index, sr.Index.load) if kind == "index" else (make_memory, sr.KNNMemory.load)
+    as the old or the new object, never neither; the next save cleans up.
+    ("shards": Index.save_shards, two shards, loaded and checked whole.)"""
+    make, load = {"index": (make_index, sr.Index.load), "memory": (make_memory, sr.KNNMemory.load),
+                  "shards": (make_index, load_shards)}[kind]
     old, new = make(1), make(2)
-    same = same_index if kind == "index" else (
+    same = same_index if kind != "memory" else (
         lambda a, b: repr(a) == repr(b) and np.array_equal(a._keys, b._keys))
+    save = (lambda obj: obj.save_shards(path, sizes=[25, 15])) if kind == "shards" else (
+        lambda obj: obj.save(path))
     path = tmp_path / "obj"
     outcomes = set()
-    for kill_at in range(1, 40):
+    for kill_at in range(1, 80):
         if existing:
-            old.save(path)
+            save(old)
         proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(kill_at), kind,
                                os.path.dirname(__file__)], capture_output=True, text=True)
         if proc.returncode == 0:
@@ -203,7 +225,7 @@ def test_a_save_killed_at_any_point_leaves_old_or_new(tmp_path, kind, existing):
             got = load(path)
             assert same(got, new) or (existing and same(got, old))
             outcomes.add("new" if same(got, new) else "old")
-        new.save(path)     # a later save succeeds and removes what the killed one left
+        save(new)          # a later save succeeds and removes what the killed one left
         assert only_ours(path) and same(load(path), new)
         for entry in listing(tmp_path):
             if entry != "obj":    # killed between making its folder and locking it: empty,

@@ -150,14 +150,15 @@ def _discard(folder, name):
         _remove_tree(target)
     elif os.path.isfile(target):
         _unlink(target)
-    _remove_stale_temporaries(folder, name)
+    _remove_stale_temporaries(folder, name, dead=True)
 
 
-def _remove_stale_temporaries(parent, name):
+def _remove_stale_temporaries(parent, name, dead=False):
     """Remove the hidden folders of saves to ``parent/name`` that died before
     their rename: ``.tmp-`` folders whose lock is free (a save in progress
     holds its lock), and empty ``.new-`` folders older than a minute (a live
-    one is renamed microseconds after it is made)."""
+    one is renamed microseconds after it is made). ``dead``: every such
+    folder (a child of a save that ended, removed under its parent's lock)."""
     try:
         entries = os.listdir(parent)
     except OSError:
@@ -170,6 +171,9 @@ def _remove_stale_temporaries(parent, name):
                 and not os.path.islink(folder)):
             continue
         try:
+            if dead:
+                _remove_tree(folder)
+                continue
             if kind == "new-":
                 if time.time() - os.stat(folder).st_mtime > 60 and not os.listdir(folder):
                     os.rmdir(folder)
