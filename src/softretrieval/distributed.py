@@ -190,6 +190,7 @@ class ShardedIndex:
 
     @property
     def n_shards(self) -> int:
+        """Number of shards (the manifest's, empty ones included)."""
         return len(self._offsets) - 1
 
     def __repr__(self):
