@@ -273,16 +273,17 @@ class ShardedIndex:
             raise RuntimeError(f"{len(parts)} of {self.n_shards} shards answered")
         return merging.combine(method, parts, k, self.metric)
 
-    def submit(self, method, queries, k=None, options=lambda i: {}):
+    def submit(self, method, queries, k=None, options=None):
         """Futures of every shard's partial (:func:`merging.shard_partial`)
         for ``method`` on ``queries``: a checked float32 (B, dim) array or
         a Dask future of one (e.g. read by a task on a worker); shard i
-        gets the keyword arguments ``options(i)``. For pipelines that merge
+        gets the keyword arguments ``options(i)`` (None: none). For pipelines that merge
         on the workers (:func:`merging.combine`); the query methods do this
         and merge here."""
         if not self._futures:
             raise ValueError("the ShardedIndex is closed")
-        return [self._client.submit(_partial, shard, method, queries, k, options(i), pure=False)
+        return [self._client.submit(_partial, shard, method, queries, k,
+                                    {} if options is None else options(i), pure=False)
                 for i, shard in enumerate(self._futures)]
 
     def _bias_cuts(self, bias):
