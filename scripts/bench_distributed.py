@@ -66,7 +66,7 @@ def main():
     folder = os.path.join(tempfile.mkdtemp(), "catalog")
     index.save_shards(folder, 2)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client, ShardedIndex(folder, client) as sh:
         floor = interleaved({
             "one no-op task": lambda: client.submit(_noop, pure=False).result(),

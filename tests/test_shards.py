@@ -340,3 +340,27 @@ def test_merge_topk_bad_input():
         sr.merge_topk([s], [i], 2, metric="dot")
     with pytest.raises(ValueError, match="at least one part"):
         sr.merge_topk([], [], 2)
+
+
+def test_build_shards_and_info_from_the_command(capsys, tmp_path, rng):
+    from test_cli import run
+
+    np.save(tmp_path / "keys.npy", rng.standard_normal((50, 8)).astype(np.float32))
+    code, out, _ = run(capsys, "build", "--keys", tmp_path / "keys.npy", "--dtype", "int8", "--shards", 3,
+                       "--out", tmp_path / "cat")
+    assert code == 0 and "ntotal=50" in out and "in 3 shards" in out
+    code, out, _ = run(capsys, "info", tmp_path / "cat")
+    described = json.loads(out)
+    assert code == 0 and described["ntotal"] == 50 and described["dtype"] == "int8"
+    assert [s["ntotal"] for s in described["shards"]] == [17, 17, 16]
+    assert described["checksums"] == "ok"
+    manifest = shards.read_manifest(tmp_path / "cat")
+    keys = saved_file(tmp_path / "cat" / os.path.basename(manifest.shards[2].path), "keys")
+    keys.write_bytes(keys.read_bytes()[:-1] + b"\x01")
+    code, _, err = run(capsys, "info", tmp_path / "cat")
+    assert code == 2 and err.count("\n") == 1 and "shard shard-00002" in err and "checksum" in err
+    code, out, _ = run(capsys, "info", tmp_path / "cat", "--fast")
+    assert code == 0 and json.loads(out)["checksums"] == "skipped"
+    code, _, err = run(capsys, "build", "--keys", tmp_path / "keys.npy", "--shards", 0, "--out",
+                       tmp_path / "other")
+    assert code == 2 and "--shards must be >= 1" in err

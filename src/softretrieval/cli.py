@@ -8,6 +8,7 @@ an interrupted run exits with 130 and writes nothing.
 import argparse
 import contextlib
 import json
+import logging
 import operator
 import os
 import sys
@@ -138,7 +139,7 @@ def _open_index(args, stack):
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         cluster = stack.enter_context(distributed.LocalCluster(
             n_workers=args.workers, threads_per_worker=threads, processes=True,
-            dashboard_address=None))
+            dashboard_address=":0", host="127.0.0.1", silence_logs=logging.CRITICAL))
         client = stack.enter_context(distributed.Client(cluster))
     else:
         client = stack.enter_context(distributed.Client(args.scheduler, timeout="30s"))
@@ -377,8 +378,8 @@ def _validate(args):
 
 
 def _info(args):
-    import json
-
+    if _is_sharded(args.index):
+        return _info_shards(args)
     from .index import FORMAT, FORMAT_VERSION, LEGACY_VERSIONS
     from .persist import load_folder
 
@@ -390,6 +391,24 @@ def _info(args):
     fields["files"] = {n: f"{a.dtype} {list(a.shape)}" for n, a in arrays.items()}
     fields["bytes"] = size
     fields["checksums"] = "skipped" if args.fast else "ok"
+    print(json.dumps(fields, indent=2))
+
+
+def _info_shards(args):
+    """``info`` of a sharded folder: the manifest, each shard checked
+    against it (and its files' checksums unless ``--fast``)."""
+    from . import shards
+
+    manifest = shards.read_manifest(args.index)
+    rows = []
+    for i, shard in enumerate(manifest.shards):
+        shards.load_shard(manifest, i, verify=not args.fast)
+        rows.append({"name": shard.name, "folder": os.path.basename(shard.path), "ntotal": shard.ntotal,
+                     "row_offset": shard.row_offset, "id_min": shard.id_min, "id_max": shard.id_max,
+                     "bytes": sum(os.path.getsize(os.path.join(shard.path, f))
+                                  for f in os.listdir(shard.path))})
+    fields = {k: v for k, v in manifest._asdict().items() if k not in ("path", "shards")}
+    fields.update(format=shards.FORMAT, shards=rows, checksums="skipped" if args.fast else "ok")
     print(json.dumps(fields, indent=2))
 
 
