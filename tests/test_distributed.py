@@ -4,6 +4,8 @@ shipped real data against FAISS, refusals, and a worker killed mid-call."""
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -92,6 +94,16 @@ def test_in_memory_index_and_row_number_ids(client, rng):
         assert_same("search", sh.search(Q, 9), index.search(Q, 9))
 
 
+def test_relative_folder_from_another_directory(client, tmp_path, rng, monkeypatch):
+    """The workers started elsewhere: a relative folder is the client's."""
+    index = catalog(rng, n=60)
+    index.save_shards(tmp_path / "cat", 2)
+    monkeypatch.chdir(tmp_path)
+    Q = rng.standard_normal((2, 17)).astype(np.float32)
+    with ShardedIndex("cat", client) as sh:
+        assert_same("search", sh.search(Q, 4), index.search(Q, 4))
+
+
 def test_torch_tensors_in_and_out(client, rng):
     torch = pytest.importorskip("torch")
     index = catalog(rng, n=200)
@@ -119,6 +131,8 @@ def test_bad_calls_are_refused_here(client, tmp_path, rng):
         sh.search(Q, 3)
     with pytest.raises(ValueError, match="n_shards and sizes are for an in-memory Index"):
         ShardedIndex(tmp_path / "cat", client, n_shards=2)
+    with pytest.raises(ValueError, match="n_shards"):
+        ShardedIndex(index, client, n_shards=0)
     empty = sr.Index(17)
     empty.save_shards(tmp_path / "empty", 2)
     with ShardedIndex(tmp_path / "empty", client) as sh, pytest.raises(ValueError, match="empty"):
@@ -224,8 +238,9 @@ def test_parquet_partitions_on_a_cluster_and_a_rerun(capsys, client, tmp_path):
         assert code == 0, err
         assert "scored 1000 queries in 3 partitions" in out
         parts = sorted(os.listdir(tmp_path / mode))
-        assert parts == ["part-00000-day-0.parquet", "part-00002-day-2.parquet",
-                         "part-00003-day-3.parquet"]          # (an empty file has no partition)
+        assert parts == ["day-0.parquet", "day-2.parquet", "day-3.parquet",
+                         "run.json"]                           # (an empty file has no partition)
+        parts = parts[:-1]
         got = pa.concat_tables([pq.read_table(tmp_path / mode / p) for p in parts])
         want = pq.read_table(tmp_path / f"{mode}.parquet")
         assert got.column_names == want.column_names and got.num_rows == want.num_rows
@@ -239,13 +254,17 @@ def test_parquet_partitions_on_a_cluster_and_a_rerun(capsys, client, tmp_path):
                 assert a.equals(b), name
     kept = (tmp_path / "topk" / parts[0]).stat().st_mtime_ns
     os.remove(tmp_path / "topk" / parts[2])                        # a crash before the last one
-    code, out, _ = run(capsys, "score", "--index", tmp_path / "cat", *address, "--queries",
-                       tmp_path / "qs", "--column", "emb", "--mode", "topk", "--quiet", "--out",
-                       tmp_path / "topk")
+    rerun = ["score", "--index", tmp_path / "cat", *address, "--queries", tmp_path / "qs", "--column",
+             "emb", "--id-column", "qid", "--mode", "topk", "--quiet", "--out", tmp_path / "topk"]
+    code, out, _ = run(capsys, *rerun, "-k", 7, "--batch-size", 100)    # (batches: same results)
     assert code == 0 and "scored 699 queries in 1 partitions" in out
     assert "(2 partitions already written)" in out
-    assert sorted(os.listdir(tmp_path / "topk")) == parts
+    assert sorted(os.listdir(tmp_path / "topk")) == parts + ["run.json"]
     assert (tmp_path / "topk" / parts[0]).stat().st_mtime_ns == kept
+    again = pa.concat_tables([pq.read_table(tmp_path / "topk" / p) for p in parts])
+    assert again["item_id"].equals(pq.read_table(tmp_path / "topk.parquet")["item_id"])
+    code, _, err = run(capsys, *rerun, "-k", 8)                         # another run's folder
+    assert code == 2 and "holds partitions of another run (its k differ" in err
 
 
 def test_command_refusals_on_a_cluster(capsys, client, tmp_path, rng):
@@ -275,6 +294,47 @@ def test_command_refusals_on_a_cluster(capsys, client, tmp_path, rng):
               tmp_path / "qs" / "a.parquet", "--column", "emb", "--mode", "topk", "--out",
               tmp_path / "o.npz"], "a sharded index runs on its workers' CPUs"),
             (["--index", tmp_path / "cat", *address, "--device", "cuda", *queries, "--out",
-              tmp_path / "o"], "a sharded index runs on its workers' CPUs")]:
+              tmp_path / "o"], "a sharded index runs on its workers' CPUs"),
+            (["--index", tmp_path / "cat", *address, "--queries", tmp_path / "qs" / "a.parquet",
+              "--column", "emb", "--mode", "topk", "--out", tmp_path / "o.csv"], "mode topk writes")]:
         code, _, err = run(capsys, "score", *argv)
         assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_every_worker_killed_during_a_call(tmp_path, rng):
+    """All workers die at once (or the only one): the nannies start new ones,
+    the shards are loaded again there, and the call still returns."""
+    index = sr.Index(32)
+    index.add(rng.standard_normal((100_000, 32)).astype(np.float32))
+    index.save_shards(tmp_path / "cat", 2)
+    Q = rng.standard_normal((4096, 32)).astype(np.float32)
+    want = index.search(Q, 5)[1]
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+        with ShardedIndex(tmp_path / "cat", client) as sh:
+            sh.search(Q[:1], 1)
+            pids = client.run(os.getpid)
+            killer = threading.Timer(0.1, lambda: [os.kill(p, signal.SIGKILL) for p in pids.values()])
+            killer.start()
+            got = sh.search(Q, 5)[1]
+            killer.join()
+            np.testing.assert_array_equal(got, want)
+            assert set(client.run(os.getpid).values()).isdisjoint(pids.values())
+
+
+def test_command_errors_stay_one_line_with_a_local_cluster(tmp_path, rng):
+    """The installed command with --workers: a bad partition fails on a worker,
+    and the terminal shows one line, no worker log."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    index = catalog(rng, n=30, values=False)
+    index.save_shards(tmp_path / "cat", 2)
+    (tmp_path / "qs").mkdir()
+    pq.write_table(pa.table({"emb": pa.array([[1.0, 2.0]] * 3)}), tmp_path / "qs" / "b.parquet")
+    proc = subprocess.run([sys.executable, "-m", "softretrieval", "score", "--index", str(tmp_path / "cat"),
+                           "--workers", "1", "--queries", str(tmp_path / "qs"), "--column", "emb",
+                           "--mode", "topk", "--quiet", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "has dimension 2 but the index has 17" in proc.stderr, proc.stderr

@@ -176,11 +176,14 @@ def test_malformed_query_tables_are_one_line_errors(capsys, small):
         "strings": ({"emb": [str(r) for r in Q]}, "emb", ["'emb'", "list of float"]),
         "missing": ({"emb": fixed(Q), "qid": np.arange(9)}, "vec", ["no column 'vec'", "['emb', 'qid']"]),
         "null_id": ({"emb": fixed(Q), "qid": [1, 2, None, 4, 5, 6, 7, 8, 9]}, "emb", ["id column 'qid'", "row 2 is null"]),
+        "huge": ({"emb": pa.array((Q.astype(np.float64) * np.where(np.arange(9) == 6, 1e300, 1)[:, None]).tolist(),
+                                  pa.list_(pa.float64(), 12))}, "emb", ["'emb'", "row 6 holds values beyond the float32"]),
+        "same_id": ({"emb": fixed(Q)}, "emb", ["the id column 'emb' is the embedding column"]),
     }
     base = ("score", "--keys", tmp / "keys.npy", "--mode", "topk", "--quiet", "--out", tmp / "o.parquet")
     for name, (columns, column, words) in tables.items():
         pq.write_table(pa.table(columns), tmp / f"{name}.parquet")
-        extra = ("--id-column", "qid") if name == "null_id" else ()
+        extra = {"null_id": ("--id-column", "qid"), "same_id": ("--id-column", "emb")}.get(name, ())
         code, _, err = run(capsys, *base, "--queries", tmp / f"{name}.parquet", "--column", column, *extra)
         assert code == 2, name
         assert err.count("\n") == 1 and err.startswith("softretrieval: error: "), (name, err)
@@ -195,7 +198,9 @@ def test_malformed_query_tables_are_one_line_errors(capsys, small):
         ("--queries", tmp / "nothing-*.parquet", "--column", "emb"): "nothing-*.parquet: no Parquet files",
         ("--queries", tmp / "split-*.parquet", "--column", "emb"): "has dimension 5 where",
         ("--queries", tmp / "q.npy", "--column", "emb"): "--column and --id-column are for Parquet",
+        ("--queries", tmp / "run[2].npy", "--column", "emb"): "--column and --id-column are for Parquet",
     }
+    np.save(tmp / "run[2].npy", Q)            # an existing file is what it is, brackets or not
     for argv, words in other.items():
         code, _, err = run(capsys, *base, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)

@@ -102,6 +102,21 @@ def test_k_beyond_the_catalog_and_all_excluded(tmp_path, rng):
     assert (ids == -1).all() and np.isneginf(scores).all()
 
 
+def test_coverage_and_lse_at_large_scales(tmp_path, rng):
+    """Top-k attention's coverage measures the top-k's share against the
+    merged partition in float64, so it stays exact where the logits are
+    large (a float32 partition would lose it: 0.86 instead of 1 at 1e6)."""
+    index = catalog(rng, n=500, d=8, values=False, bias=False)
+    index.save_shards(tmp_path / "cat", 3)
+    Q = rng.standard_normal((50, 8)).astype(np.float32)
+    for scale in (1e2, 1e4, 1e6):
+        got = sharded_call(index, tmp_path / "cat", "retrieve_topk", Q, 5, scale=scale)
+        want = index.retrieve_topk(Q, 5, scale=scale)
+        np.testing.assert_allclose(got.coverage, want.coverage, atol=1e-5)
+        np.testing.assert_allclose(got.lse, want.lse, rtol=1e-6)
+        np.testing.assert_array_equal(got.ids, want.ids)
+
+
 def test_ties_go_to_the_earlier_item_however_sharded(tmp_path, rng):
     """Integer keys (exact dot products) with many equal scores spread over
     shards: the same ids as one index and as a float64 reference, for every
@@ -234,6 +249,12 @@ def test_manifest_that_disagrees_with_its_shards_is_refused(tmp_path, rng):
     resign(lambda m: m["folders"]["shard-00001"].update(id_max=1))
     with pytest.raises(ValueError, match="shard shard-00001 .* the manifest says"):
         shards.load_shard(shards.read_manifest(tmp_path / "cat"), 1)
+    resign(lambda m: m.update(ids="some"))
+    with pytest.raises(ValueError, match="ids field is 'some'"):
+        shards.read_manifest(tmp_path / "cat")
+    resign(lambda m: m["folders"]["shard-00001"].update(ntotal=-1))
+    with pytest.raises(ValueError, match="lists -1 items"):
+        shards.read_manifest(tmp_path / "cat")
     resign(lambda m: m.update(shards=["shard-00000"]))
     with pytest.raises(ValueError, match="shard list does not match"):
         shards.read_manifest(tmp_path / "cat")
@@ -276,6 +297,13 @@ def test_save_shards_replaces_atomically_and_never_touches_what_is_not_ours(tmp_
     assert sorted(os.listdir(tmp_path / "cat")) == sorted(
         ["meta.json", "notes.txt"] + [os.path.basename(s.path) for s in again.shards])
 
+    mine = tmp_path / "cat" / os.path.basename(again.shards[0].path)
+    (mine / "my-notes.txt").write_text("mine too")
+    (mine / "mydir").mkdir()
+    second.save_shards(tmp_path / "cat", 2)         # the old shard folder keeps what is yours
+    assert sorted(os.listdir(mine)) == ["my-notes.txt", "mydir"]
+    assert shards.read_manifest(tmp_path / "cat").ntotal == 90
+
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "data.csv").write_text("1,2")
     with pytest.raises(ValueError, match="not an intact saved"):
@@ -313,6 +341,10 @@ def test_merge_topk_equals_one_search_over_the_union(rng):
     assert np.isneginf(s[1]).all() and s.shape == (3, 4)
     s, i = sr.merge_topk([np.array([[3.0, 1.0]])], [np.array([[9, 2]])], 1, metric="l2")
     assert s.tolist() == [[1.0]] and i.tolist() == [[2]]
+    s, i = sr.merge_topk([np.array([[1.0 + 1e-12]]), np.array([[1.0]])], [[[9]], [[1]]], 1)
+    assert i.tolist() == [[9]]                                        # ranked in float64
+    s, i = sr.merge_topk([np.zeros((0, 3), np.float32)], [np.zeros((0, 3), np.int64)], 4)
+    assert s.shape == i.shape == (0, 4)
     heads = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)     # (parts, B, H, k)
     hid = np.arange(2 * 4 * 3 * 5).reshape(2, 4, 3, 5)
     s, i = sr.merge_topk(heads, hid, 5)
@@ -322,8 +354,14 @@ def test_merge_topk_equals_one_search_over_the_union(rng):
 def test_merge_topk_bad_input():
     s = np.zeros((2, 3), np.float32)
     i = np.arange(6).reshape(2, 3)
-    with pytest.raises(ValueError, match="id 1 appears in more than one part for query 0"):
+    with pytest.raises(ValueError, match="id 1 appears more than once for query 0"):
         sr.merge_topk([s, s], [i, np.array([[1, 7, 8], [9, 10, 11]])], 2)
+    with pytest.raises(ValueError, match="ids >= 0"):
+        sr.merge_topk([s], [i - 2], 2)
+    with pytest.raises(ValueError, match="within int64"):
+        sr.merge_topk([s[:, :2]], [np.array([[2**63 + 5, 3]] * 2, np.uint64)], 2)
+    with pytest.raises(ValueError, match="k = "):
+        sr.merge_topk([s], [i], 10**15)
     with pytest.raises(ValueError, match="NaN"):
         sr.merge_topk([np.full((2, 3), np.nan, np.float32)], [i], 2)
     with pytest.raises(ValueError, match="do not match"):
@@ -364,3 +402,36 @@ def test_build_shards_and_info_from_the_command(capsys, tmp_path, rng):
     code, _, err = run(capsys, "build", "--keys", tmp_path / "keys.npy", "--shards", 0, "--out",
                        tmp_path / "other")
     assert code == 2 and "--shards must be >= 1" in err
+
+
+def test_row_number_shards_swapped_in_a_resigned_manifest_are_refused(tmp_path, rng):
+    """Without ids of its own, a shard's ids are its catalog rows: a manifest
+    re-signed with two shards' order and offsets swapped (which would cut a
+    whole-catalog bias onto the wrong items) is refused."""
+    from softretrieval import persist
+
+    index = catalog(rng, n=100, ids=False)
+    index.save_shards(tmp_path / "cat", 2)
+    path = tmp_path / "cat" / "meta.json"
+    meta = json.loads(path.read_text())
+    meta["shards"] = ["shard-00001", "shard-00000"]
+    meta["folders"]["shard-00001"]["row_offset"] = 0
+    meta["folders"]["shard-00000"]["row_offset"] = 50
+    meta["checksum"] = persist.meta_checksum(meta)
+    path.write_text(json.dumps(meta))
+    manifest = shards.read_manifest(tmp_path / "cat")
+    with pytest.raises(ValueError, match="shard shard-00001 .* its ids are not its rows 0 to 49"):
+        shards.load_shard(manifest, 0)
+
+
+def test_a_legacy_meta_listing_folders_is_not_trusted(tmp_path):
+    """A meta.json without a checksum (an older version) that lists child
+    folders is refused, so a save never deletes folders on its word."""
+    from softretrieval import persist
+
+    (tmp_path / "obj").mkdir()
+    (tmp_path / "obj" / "meta.json").write_text(json.dumps(
+        {"format": "softretrieval.Index", "version": 1, "files": {}, "folders": {"x": {"folder": "x.1"}}}))
+    (tmp_path / "obj" / "x.1").mkdir()
+    with pytest.raises(ValueError, match="edited"):
+        persist.read_meta(tmp_path / "obj", "softretrieval.Index", 2, legacy=(1,))

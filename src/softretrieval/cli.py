@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import json
 import logging
-import operator
 import os
 import sys
 import time
@@ -54,7 +53,11 @@ def _column(path, what, dataset=None):
 
 
 def _is_parquet(spec):
-    """Whether ``--queries`` names Parquet: a ``.parquet`` file, a folder or a glob pattern."""
+    """Whether ``--queries`` names Parquet: a ``.parquet`` file, a folder or
+    a glob pattern (an existing file of another kind is not one, whatever
+    its name holds)."""
+    if os.path.isfile(spec):
+        return spec.lower().endswith(".parquet")
     return spec.lower().endswith(".parquet") or os.path.isdir(spec) or any(c in spec for c in "*?[")
 
 
@@ -206,14 +209,9 @@ def _score(args):
     with contextlib.ExitStack() as stack:
         index = _open_index(args, stack)
         if (args.scheduler is not None or args.workers is not None) and _is_parquet(args.queries) \
-                and os.path.splitext(args.out)[1].lower() not in _OUTPUTS:
+                and not os.path.splitext(args.out)[1]:
             return _score_partitions(args, index)
         _score_with(args, index)
-
-
-#: The file types ``score --out`` writes (anything else, with Parquet
-#: queries on a cluster, is a folder of partitions).
-_OUTPUTS = (".npz", ".npy", ".fvecs", ".ivecs", ".parquet")
 
 
 def _score_with(args, index):
@@ -279,9 +277,11 @@ def _score_with(args, index):
 
 def _score_partitions(args, sharded):
     """Parquet queries over a cluster: each query file is a partition, read,
-    scored against every shard and merged by tasks on the workers, and
-    written as ``--out``/part-NNNNN-<file name>.parquet (atomically); a
-    partition whose file exists (a rerun after a crash) is skipped."""
+    scored against every shard (in batches of ``--batch-size``) and merged
+    by tasks on the workers, and written as ``--out/<file>.parquet``
+    (atomically). ``--out/run.json`` records the run; a rerun with the same
+    settings skips the partitions already written, one with others is
+    refused."""
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -289,39 +289,43 @@ def _score_partitions(args, sharded):
         raise _Fail(f"--queries {args.queries}: Parquet queries need --column NAME (the embedding column)")
     if args.groundtruth is not None:
         raise _Fail("--groundtruth needs one output file: give --out FILE.parquet (or .npz)")
-    if args.k < 1:
-        raise _Fail("-k must be >= 1")
+    if args.k < 1 or args.batch_size < 1:
+        raise _Fail("-k and --batch-size must be >= 1")
     if args.device != "cpu":
         raise _Fail(f"--device {args.device}: a sharded index runs on its workers' CPUs")
-    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+    out = os.path.abspath(args.out)
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise _Fail(f"--out {args.out}: partitioned results go to a folder, and this is a file")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent):
-        raise _Fail(f"--out {args.out}: the folder {parent} does not exist")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise _Fail(f"--out {args.out}: the folder {os.path.dirname(out)} does not exist")
     options = {}
     if args.mode != "topk":
         validate.scale_value(validate.logit_scale(args.scale, args.temperature), sharded.dim)
         options = {"scale": args.scale, "temperature": args.temperature}
-    files = parquet.query_files(args.queries)
+    files = [os.path.abspath(f) for f in parquet.query_files(args.queries)]
     counts = [parquet.num_rows(f) for f in files]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-    os.makedirs(args.out, exist_ok=True)
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    names = [os.path.splitext(os.path.relpath(f, root))[0].replace(os.sep, "__") + ".parquet"
+             for f in files]
+    _record_run(args, out, sharded, names, counts)
     method, k = METHODS[args.mode], None if args.mode == "soft" else args.k
     client = sharded._client
     jobs = {}
-    for i, (path, count, start) in enumerate(zip(files, counts, starts)):
-        name = os.path.splitext(os.path.basename(path))[0]
-        target = os.path.join(args.out, f"part-{i:05d}-{name}.parquet")
-        if count == 0 or os.path.exists(target):
-            continue
-        part = client.submit(_read_partition, path, args.column, args.id_column, int(start),
-                             sharded.dim, pure=False)
-        queries = client.submit(operator.itemgetter(1), part, pure=False)
-        partials = sharded.submit(method, queries, k, lambda i: options)
-        jobs[client.submit(_write_partition, part, target, args.mode, k, sharded.metric, *partials,
-                           pure=False)] = count
+    start = 0
+    for path, name, count in zip(files, names, counts):
+        target = os.path.join(out, name)
+        if count and not os.path.exists(target):
+            part = client.submit(_read_partition, path, args.column, args.id_column, start,
+                                 sharded.dim, pure=False)
+            partials = []
+            for lo in range(0, count, args.batch_size):
+                queries = client.submit(_rows, part, lo, lo + args.batch_size, pure=False)
+                partials.append(sharded.submit(method, queries, k, lambda i: options))
+            jobs[client.submit(_write_partition, part, target, args.mode, k, sharded.metric, partials,
+                               pure=False)] = count
+        start += count
     rows = sum(jobs.values())
-    start = time.perf_counter()
+    began = time.perf_counter()
     bar = tqdm(total=rows, unit="rows", unit_scale=True, disable=args.quiet, file=sys.stderr,
                desc=f"score {args.mode}", leave=False)
     try:
@@ -330,11 +334,35 @@ def _score_partitions(args, sharded):
             bar.update(jobs[job])
     finally:
         bar.close()
-    took = time.perf_counter() - start
+    took = time.perf_counter() - began
     skipped = sum(c > 0 for c in counts) - len(jobs)
     print(f"scored {rows} queries in {len(jobs)} partitions x {len(sharded)} items on "
           f"{sharded.n_shards} shards ({args.mode}) in {took:.2f} s"
           f"{f' ({skipped} partitions already written)' if skipped else ''} -> {args.out}")
+
+
+def _record_run(args, out, sharded, names, counts):
+    """Create ``out`` and its ``run.json`` (what the partitions in it were
+    scored with), or check that an earlier run's matches: a rerun may only
+    add partitions (new query files, when ids come from ``--id-column``)."""
+    run = {"index": sharded.checksum, "mode": args.mode, "k": None if args.mode == "soft" else args.k,
+           "scale": args.scale, "temperature": args.temperature, "column": args.column,
+           "id_column": args.id_column,
+           "files": None if args.id_column is not None else dict(zip(names, counts))}
+    file = os.path.join(out, "run.json")
+    if os.path.exists(file):
+        try:
+            with open(file) as f:
+                before = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise _Fail(f"--out {args.out}: run.json cannot be read ({exc})") from None
+        if before != run:
+            differ = sorted(key for key in run if before.get(key) != run[key])
+            raise _Fail(f"--out {args.out} holds partitions of another run (its {', '.join(differ)} "
+                        "differ; row-number ids need the same query files): give a new folder")
+        return
+    os.makedirs(out, exist_ok=True)
+    io.write_aside(file, lambda f: f.write(json.dumps(run, indent=2).encode()))
 
 
 def _read_partition(path, column, id_column, id_start, dim):
@@ -346,12 +374,19 @@ def _read_partition(path, column, id_column, id_start, dim):
     return ids, Q
 
 
-def _write_partition(part, path, mode, k, metric, *partials):
-    """Task: merge one partition's shard partials and write its results."""
+def _rows(part, lo, hi):
+    """Task: rows ``lo:hi`` of a partition's queries (one batch)."""
+    return part[1][lo:hi]
+
+
+def _write_partition(part, path, mode, k, metric, batches):
+    """Task: merge each batch's shard partials and write the partition's results."""
     from . import merging
 
-    res = merging.combine(METHODS[mode], list(partials), k, metric)
-    parquet.write_results(path, mode, result_dict(mode, res), part[0])
+    results = [result_dict(mode, merging.combine(METHODS[mode], partials, k, metric))
+               for partials in batches]
+    parquet.write_results(path, mode, {name: np.concatenate([r[name] for r in results])
+                                       for name in results[0]}, part[0])
 
 
 def _validate(args):

@@ -6,7 +6,9 @@ imported only with this module.
 How it runs. Each shard (an index folder of a sharded folder written by
 :meth:`softretrieval.Index.save_shards`) is loaded by one task on a worker,
 memory-mapped, and stays there as a persisted future that this object
-holds: a call sends the query batch to every shard's worker, each worker
+holds (the scheduler spreads the loads over the workers as it does any
+independent tasks; they carry no worker restriction, which could outlive
+the workers it names): a call sends the query batch to every shard's worker, each worker
 runs the ordinary kernels over its shard
 (:func:`softretrieval.merging.shard_partial`), and only the partials come
 back — ``B x k`` candidates, or ``B x dv`` outputs and ``B`` log-partitions
@@ -21,8 +23,8 @@ the same answer, with no recovery code of ours. (An actor dies with its
 worker.) A loaded shard pickles as its folder's name, so if the scheduler
 ever moves one, the receiving worker maps the folder again instead of
 receiving the arrays; it reports its size to Dask so the scheduler keeps
-the tasks beside the data. Shards start spread over the workers (shard i on
-worker i mod W, a loose restriction).
+the tasks beside the data. A query batch of more than
+:data:`SCATTER_BYTES` is sent to the workers once, not once per shard.
 
 A call fails rather than return a result merged from fewer shards than the
 manifest lists.
@@ -46,21 +48,27 @@ except ImportError:             # pragma: no cover (the message is tested by han
                       'pip install "softretrieval[distributed]"') from None
 
 
+#: Query batches larger than this are scattered to the workers once per call
+#: (smaller ones travel inside each shard's task).
+SCATTER_BYTES = 1 << 20
+
+
 class _Shard:
     """A shard loaded on a worker: its :class:`softretrieval.Index`, its
     first row in the catalog, and how to load it again (a folder's
     manifest, or None for a shard that came in memory)."""
 
-    def __init__(self, index, row_offset, manifest=None, position=None):
+    def __init__(self, index, row_offset, manifest=None, position=None, verify=True):
         self.index = index
         self.row_offset = row_offset
         self.manifest = manifest
         self.position = position
+        self.verify = verify
 
     def __reduce__(self):
         if self.manifest is None:
             return _Shard, (self.index, self.row_offset)
-        return _load, (self.manifest, self.position, False)
+        return _load, (self.manifest, self.position, self.verify)
 
     def nbytes(self):
         return sum(a.nbytes for a in self.index._arrays().values())
@@ -75,7 +83,7 @@ def _load(manifest, i, verify=True):
     """Task: load shard ``i`` of ``manifest`` on this worker (memory-mapped)."""
     _worker_threads()
     return _Shard(shards.load_shard(manifest, i, verify=verify), manifest.shards[i].row_offset,
-                  manifest, i)
+                  manifest, i, verify)
 
 
 def _hold(index, row_offset):
@@ -140,26 +148,25 @@ class ShardedIndex:
         self._client = client
         self._futures = []
         tag = uuid.uuid4().hex[:12]
-        workers = sorted(client.scheduler_info()["workers"])
+        workers = client.scheduler_info()["workers"]
         if not workers:
             raise ValueError("the Dask cluster has no workers")
         if isinstance(source, Index):
+            if n_shards is None and sizes is None:
+                n_shards = len(workers)
             with source._lock:
-                parts, given = shards.split(source, n_shards or (len(workers) if sizes is None
-                                                                 else None), sizes)
-                self._describe(source, given, [lo for lo, _ in parts], [len(p) for _, p in parts])
+                parts, given = shards.split(source, n_shards, sizes)
+                self._describe(source, given, [lo for lo, _ in parts], [len(p) for _, p in parts], None)
             tasks = [(_hold, part, lo) for lo, part in parts]
         else:
             if n_shards is not None or sizes is not None:
                 raise ValueError("n_shards and sizes are for an in-memory Index; a folder's "
                                  "shards are fixed by its manifest")
             manifest = shards.read_manifest(source)
-            self._describe(manifest, manifest.ids == "given",
-                           [s.row_offset for s in manifest.shards], [s.ntotal for s in manifest.shards])
+            self._describe(manifest, manifest.ids == "given", [s.row_offset for s in manifest.shards],
+                           [s.ntotal for s in manifest.shards], manifest.checksum)
             tasks = [(_load, manifest, i, verify) for i in range(len(manifest.shards))]
-        self._futures = [client.submit(*task, key=f"softretrieval-shard-{i}-{tag}",
-                                       workers=[workers[i % len(workers)]],
-                                       allow_other_workers=True, pure=False)
+        self._futures = [client.submit(*task, key=f"softretrieval-shard-{i}-{tag}", pure=False)
                          for i, task in enumerate(tasks)]
         try:
             distributed.wait(self._futures)
@@ -169,8 +176,10 @@ class ShardedIndex:
             self.close()
             raise
 
-    def _describe(self, source, given, offsets, counts):
+    def _describe(self, source, given, offsets, counts, checksum):
         self.dim = source.dim
+        #: The manifest's checksum (None for shards of an in-memory Index).
+        self.checksum = checksum
         self.metric = source.metric
         self.dtype = source.dtype
         self.value_dim = source.value_dim
@@ -267,10 +276,11 @@ class ShardedIndex:
         lists = {name: None if lst is None else validate.exclusion_lists(lst, B, limit, name)
                  for name, lst in (("exclude", exclude), ("include", include))}
         cut = self._bias_cuts(bias)
-        parts = self._client.gather(self.submit(method, Q, k, lambda i: dict(options, bias=cut(i),
-                                                                              **lists)))
-        if len(parts) != self.n_shards:        # (gather returns every result or raises)
-            raise RuntimeError(f"{len(parts)} of {self.n_shards} shards answered")
+        batch = (self._client.scatter(Q, broadcast=True, hash=False) if Q.nbytes > SCATTER_BYTES
+                 else Q)
+        # gather returns every shard's partial or raises: never a merge of fewer
+        parts = self._client.gather(self.submit(method, batch, k,
+                                                lambda i: dict(options, bias=cut(i), **lists)))
         return merging.combine(method, parts, k, self.metric)
 
     def submit(self, method, queries, k=None, options=None):

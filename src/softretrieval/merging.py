@@ -46,13 +46,16 @@ def merge_topk(scores_list: Sequence[ArrayLike], ids_list: Sequence[ArrayLike], 
 
     Returns
     -------
-    scores (..., k) float32 and ids (..., k) int64, best first, ties broken
-    by the lower id, padded with id -1 and score -inf ("l2": +inf): the
-    result one search over all the items would give (given each part
-    returned at least its own best k).
+    scores (..., k) float32 and ids (..., k) int64, best first (ranked in
+    the inputs' precision), ties broken by the lower id, padded with id -1
+    and score -inf ("l2": +inf): the result one search over all the items
+    would give, given each part returned at least its own best k (and,
+    for ties, when ids ascend with the items' order, as row numbers do:
+    :meth:`Index.search` breaks ties by the earlier row).
 
-    Raises ValueError when a query's parts share an id (the parts must be
-    disjoint), a kept score is NaN, or the shapes disagree.
+    Raises ValueError when an id appears twice for a query (the parts must
+    be disjoint), an id is below -1 or beyond int64, a kept score is NaN,
+    or the shapes disagree.
     """
     k = validate.positive_int(k, "k")
     metric = terms.check_metric(metric)
@@ -66,8 +69,11 @@ def merge_topk(scores_list: Sequence[ArrayLike], ids_list: Sequence[ArrayLike], 
             raise ValueError(f"part {p}: scores {s.shape} and ids {i.shape} do not match the "
                              f"leading shape {lead} of part 0")
     rows = int(np.prod(lead))
-    S = np.concatenate([s.reshape(rows, -1) for s in scores], axis=1).astype(np.float32)
-    ids = np.concatenate([i.reshape(rows, -1) for i in ids], axis=1).astype(np.int64)
+    validate.results_fit(rows, k, 12, sum(s.shape[-1] for s in scores))
+    if rows == 0:
+        return (np.zeros(lead + (k,), np.float32), np.zeros(lead + (k,), np.int64))
+    S = np.concatenate([s.reshape(rows, -1) for s in scores], axis=1)
+    ids = np.concatenate([_int64_ids(i).reshape(rows, -1) for i in ids], axis=1)
     valid = ids >= 0
     if np.isnan(S[valid]).any():
         raise ValueError("scores_list has NaN scores")
@@ -76,7 +82,7 @@ def merge_topk(scores_list: Sequence[ArrayLike], ids_list: Sequence[ArrayLike], 
     kept = pos >= 0
     at = np.maximum(pos, 0)
     out_s = np.where(kept, np.take_along_axis(S, at, axis=1),
-                     np.float32(np.inf if metric == "l2" else -np.inf))
+                     np.inf if metric == "l2" else -np.inf).astype(np.float32)
     out_i = np.where(kept, np.take_along_axis(ids, at, axis=1), -1)
     return out_s.reshape(lead + (k,)), out_i.reshape(lead + (k,))
 
@@ -98,14 +104,21 @@ def _parts(parts, name, kinds):
     return arrays
 
 
+def _int64_ids(ids):
+    """Ids as int64: ValueError for ids below -1 (the padding) or beyond int64."""
+    if ids.size and (ids.min() < -1 or (ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max)):
+        raise ValueError("ids_list must hold ids >= 0 (and -1 for an empty slot) within int64")
+    return ids.astype(np.int64)
+
+
 def _refuse_shared_ids(ids, valid):
     """ValueError when a row's valid ids repeat (parts that overlap)."""
     s = np.sort(np.where(valid, ids, -1), axis=1)
     dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
     if dup.any():
         r, c = np.argwhere(dup)[0]
-        raise ValueError(f"id {s[r, c + 1]} appears in more than one part for query {r}: "
-                         "merged parts must hold disjoint items")
+        raise ValueError(f"id {s[r, c + 1]} appears more than once for query {r}: merged parts "
+                         "must hold disjoint items")
 
 
 def _best(keys, ids, k):
@@ -128,7 +141,7 @@ class TopkPartial(NamedTuple):
     ids (B, c) int64: their external ids; count (B,): slots that hold an
     item (the rest are padding); row_const (B,) float64: the per-query
     constant the kernel left out; lse (B,) float32: the kernel's natural-log
-    partition over the shard (top-k attention), else None; values (B, c, dv)
+    partition over the shard (top-k attention, float64), else None; values (B, c, dv)
     float32: the candidates' values (top-k attention), else None; clamp: the
     shard floors "l2" distances at 0 (no bias).
     """
@@ -193,7 +206,7 @@ def _empty_partial(method, B, dv):
     none = np.zeros((B, 0), np.int64)
     soft = method == "retrieve_topk"
     return TopkPartial(np.zeros((B, 0), np.float32), none, none, np.zeros(B, np.int64), None,
-                       np.full(B, -np.inf, np.float32) if soft else None,
+                       np.full(B, -np.inf) if soft else None,
                        np.zeros((B, 0, dv), np.float32) if soft else None, None)
 
 
@@ -202,7 +215,7 @@ def combine(method, parts, k=None, metric="ip"):
     into the result of one index over all their items, as the index's
     ``method`` returns it."""
     if method == "logsumexp":
-        return _merge_lse(parts)
+        return _merge_lse(parts).astype(np.float32)
     if method == "retrieve":
         out, lse = api.merge([o for o, _ in parts], [s for _, s in parts])
         return out, lse
@@ -221,10 +234,12 @@ def combine(method, parts, k=None, metric="ip"):
 
 
 def _merge_lse(lses):
-    """log sum exp over the parts' (B,) log-partitions, in float64."""
+    """log sum exp over the parts' (B,) log-partitions, float64 (a top-k
+    attention finish measures the top-k's share against it: rounding it to
+    float32 first would cost that share its precision at large logits)."""
     L = np.stack([np.asarray(s, np.float64) for s in lses])
     with np.errstate(divide="ignore"):
-        return np.logaddexp.reduce(L, axis=0).astype(np.float32)
+        return np.logaddexp.reduce(L, axis=0)
 
 
 def _merge_candidates(parts, k):

@@ -86,7 +86,14 @@ def _embeddings(path, col, column):
     if flat.null_count:
         raise ValueError(f"{what}: row {_first(flat.is_null().to_numpy(zero_copy_only=False)) // d} "
                          "holds a null value")
-    return np.ascontiguousarray(flat.to_numpy(zero_copy_only=False).reshape(n, d), dtype=np.float32)
+    values = flat.to_numpy(zero_copy_only=False).reshape(n, d)
+    with np.errstate(over="ignore"):
+        Q = np.ascontiguousarray(values, dtype=np.float32)
+    overflow = np.isinf(Q) & np.isfinite(values)
+    if overflow.any():
+        raise ValueError(f"{what}: row {_first(overflow.any(axis=1))} holds values beyond the float32 "
+                         "range")
+    return Q
 
 
 def read_queries(path, column, id_column=None, id_start=0):
@@ -104,6 +111,8 @@ def read_queries(path, column, id_column=None, id_start=0):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
+    if id_column is not None and id_column == column:
+        raise ValueError(f"{path}: the id column {id_column!r} is the embedding column")
     try:
         names = pq.read_schema(path).names
         for name in (column, id_column):

@@ -144,13 +144,42 @@ def _save_new(path, parent, fmt, version, arrays, fields, folders):
 
 def _discard(folder, name):
     """Remove the file or child folder ``name`` of ``folder`` that a save of
-    ours made (a child folder with the hidden siblings of its own save)."""
+    ours made (a child folder as :func:`_remove_saved` does, with the hidden
+    siblings of its own save)."""
     target = os.path.join(folder, name)
     if os.path.isdir(target) and not os.path.islink(target):
-        _remove_tree(target)
+        _remove_saved(target)
     elif os.path.isfile(target):
         _unlink(target)
     _remove_stale_temporaries(folder, name, dead=True)
+
+
+def _remove_saved(folder):
+    """Remove a child saved object: the files its meta.json lists, its own
+    child folders likewise, its meta.json, and the folder if nothing else is
+    left in it. Files of yours inside it survive (and keep the folder); a
+    folder whose meta.json is missing or fails its checksum is left as it is."""
+    try:
+        with open(os.path.join(folder, META)) as f:
+            meta = json.load(f)
+        if (not isinstance(meta, dict) or meta.get("checksum") != meta_checksum(meta)
+                or not isinstance(meta.get("files"), dict)
+                or not isinstance(meta.get("folders", {}), dict)):
+            return
+        files = [_file_of(name, info) for name, info in meta["files"].items()]
+        children = [folder_of(meta, name) for name in meta.get("folders", {})]
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+        return
+    for file in files:
+        _unlink(os.path.join(folder, file))
+    for child in children:
+        _discard(folder, child)
+    _unlink(os.path.join(folder, PENDING))
+    _unlink(os.path.join(folder, META))
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def _remove_stale_temporaries(parent, name, dead=False):
@@ -343,7 +372,7 @@ def _read_meta(path, fmt, version, legacy, checked=()):
         if meta.get("checksum") != meta_checksum(meta):
             raise ValueError(f"{path}: meta.json is damaged or was edited (its checksum does not "
                              "match)")
-    elif "checksum" in meta or any("file" in info for info in files.values()):
+    elif "checksum" in meta or "folders" in meta or any("file" in info for info in files.values()):
         raise ValueError(f"{path}: meta.json is damaged or was edited (version {meta['version']} "
                          "with the fields of a later one)")
     return meta
@@ -422,8 +451,8 @@ def _unlink(file):
 
 
 def _remove_tree(folder):
-    """Remove a folder this module created (a temporary one, or an old
-    child folder): its files, and its subfolders (child folders) likewise."""
+    """Remove a temporary folder this module created (a save's hidden folder,
+    its child folders included): everything in it is ours."""
     if not os.path.isdir(folder) or os.path.islink(folder):
         return
     for name in os.listdir(folder):

@@ -57,6 +57,7 @@ class Manifest(NamedTuple):
     ntotal: int
     ids: str             # "given" or "rows"
     shards: List[ShardInfo]
+    checksum: str        # of the manifest (meta.json)
 
 
 def split_sizes(ntotal, n_shards, sizes):
@@ -124,8 +125,9 @@ def save(index, path, n_shards=None, sizes=None):
 def read_manifest(path) -> Manifest:
     """The manifest of the sharded folder ``path``, checked: its checksum,
     its fields, and that the shards' counts and offsets tile the catalog.
-    Raises ValueError naming the folder."""
-    path = os.fspath(path)
+    Raises ValueError naming the folder. Shard paths are absolute (workers
+    may run in another directory)."""
+    path = os.path.abspath(os.fspath(path))
     meta, _ = persist.load_folder(path, FORMAT, FORMAT_VERSION)
     field = lambda name, kind: persist.field(meta, path, name, kind)  # noqa: E731
     names = field("shards", list)
@@ -140,15 +142,19 @@ def read_manifest(path) -> Manifest:
         shard = ShardInfo(name, os.path.join(path, persist.folder_of(meta, name)),
                           sub("ntotal", int), sub("row_offset", int), info.get("id_min"),
                           info.get("id_max"), sub("checksum", str))
-        if shard.row_offset != row or shard.ntotal < 0:
+        if shard.ntotal < 0:
+            raise ValueError(f"{path}: shard {name} lists {shard.ntotal} items")
+        if shard.row_offset != row:
             raise ValueError(f"{path}: shard {name} lists rows from {shard.row_offset}, expected {row}")
         row += shard.ntotal
         shards.append(shard)
     value_dim = meta.get("value_dim")
     manifest = Manifest(path, field("dim", int), field("metric", str), field("dtype", str),
                         None if value_dim is None else field("value_dim", int), field("ntotal", int),
-                        field("ids", str), shards)
-    if row != manifest.ntotal or manifest.ids not in ("given", "rows"):
+                        field("ids", str), shards, meta["checksum"])
+    if manifest.ids not in ("given", "rows"):
+        raise ValueError(f"{path}: the manifest's ids field is {manifest.ids!r}, not 'given' or 'rows'")
+    if row != manifest.ntotal:
         raise ValueError(f"{path}: the manifest's shards hold {row} items, it says {manifest.ntotal}")
     return manifest
 
@@ -157,7 +163,8 @@ def load_shard(manifest, i, *, mmap=True, verify=True):
     """Shard ``i`` of ``manifest`` as an :class:`softretrieval.Index`,
     checked against the manifest: its meta.json checksum, its arrays'
     checksums (``verify``), its size, dimension, metric, dtype, value_dim
-    and id range. Raises ValueError naming the shard."""
+    and id range, and for an index known by row numbers, that its ids are
+    its rows in the catalog. Raises ValueError naming the shard."""
     from .index import FORMAT as INDEX_FORMAT, FORMAT_VERSION as INDEX_VERSION, Index
 
     shard = manifest.shards[i]
@@ -179,4 +186,8 @@ def load_shard(manifest, i, *, mmap=True, verify=True):
     if ids is None or found != expected:
         raise ValueError(f"{where} is refused: it holds (items, dim, metric, dtype, value_dim, "
                          f"id_min, id_max) = {found}, the manifest says {expected}")
+    if manifest.ids == "rows" and not np.array_equal(ids, np.arange(shard.row_offset,
+                                                                    shard.row_offset + len(ids))):
+        raise ValueError(f"{where} is refused: its ids are not its rows {shard.row_offset} to "
+                         f"{shard.row_offset + len(ids) - 1} in the catalog")
     return index
