@@ -156,20 +156,15 @@ def _discard(folder, name):
 
 def _remove_saved(folder):
     """Remove a child saved object: the files its meta.json lists, its own
-    child folders likewise, its meta.json, and the folder if nothing else is
-    left in it. Files of yours inside it survive (and keep the folder); a
-    folder whose meta.json is missing or fails its checksum is left as it is."""
-    try:
-        with open(os.path.join(folder, META)) as f:
-            meta = json.load(f)
-        if (not isinstance(meta, dict) or meta.get("checksum") != meta_checksum(meta)
-                or not isinstance(meta.get("files"), dict)
-                or not isinstance(meta.get("folders", {}), dict)):
-            return
-        files = [_file_of(name, info) for name, info in meta["files"].items()]
-        children = [folder_of(meta, name) for name in meta.get("folders", {})]
-    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+    child folders likewise, its meta.json (last), and the folder if nothing
+    else is left in it. Files of yours inside it survive (and keep the
+    folder); a folder whose meta.json fails its checksum is left as it is,
+    and one without meta.json (a removal cut short after it) is removed only
+    if empty."""
+    listed = _listed(folder)
+    if listed is None:
         return
+    files, children = listed
     for file in files:
         _unlink(os.path.join(folder, file))
     for child in children:
@@ -180,6 +175,27 @@ def _remove_saved(folder):
         os.rmdir(folder)
     except OSError:
         pass
+
+
+def _listed(folder):
+    """``(files, child folders)`` that the meta.json of ``folder`` lists,
+    checked by its checksum; ``([], [])`` without a meta.json; None when it
+    cannot be trusted."""
+    try:
+        with open(os.path.join(folder, META)) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return [], []
+    except (OSError, ValueError, RecursionError):
+        return None
+    try:
+        if (meta.get("checksum") != meta_checksum(meta) or not isinstance(meta.get("files"), dict)
+                or not isinstance(meta.get("folders", {}), dict)):
+            return None
+        return ([_file_of(name, info) for name, info in meta["files"].items()],
+                [folder_of(meta, name) for name in meta.get("folders", {})])
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def _remove_stale_temporaries(parent, name, dead=False):
