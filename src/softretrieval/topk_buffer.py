@@ -26,8 +26,9 @@ def capacity(k):
 
 
 def better(s1, i1, s2, i2):
-    """Whether candidate (s1, i1) ranks above (s2, i2)."""
-    return s1 > s2 or (s1 == s2 and i1 < i2)
+    """Whether candidate (s1, i1) ranks above (s2, i2). Bitwise, not
+    short-circuit: no branch for the partition loop to mispredict."""
+    return (s1 > s2) | ((s1 == s2) & (i1 < i2))
 
 
 def swap(bs, bi, a, b):
@@ -44,8 +45,11 @@ def select(bs, bi, count, k):
     """Reorder entries ``0..count`` so that ``0..k`` hold the best k (in no
     particular order) and entry ``k - 1`` is the k-th best; ``0 < k <= count``.
 
-    Quickselect with a median-of-three pivot and a Lomuto partition,
-    iterative (no recursion, for the GPU): O(count) expected.
+    Quickselect with a median-of-three pivot and a branch-free Lomuto
+    partition (every entry is swapped with the boundary, which moves on
+    only past a better one: the loop has no data-dependent branch, which
+    the CPU would mispredict half the time), iterative (no recursion, for
+    the GPU): O(count) expected.
     """
     lo = 0
     hi = count - 1
@@ -64,9 +68,13 @@ def select(bs, bi, count, k):
         pi = bi[hi]
         store = lo
         for j in range(lo, hi):
-            if better(bs[j], bi[j], ps, pi):
-                swap(bs, bi, store, j)
-                store += 1
+            s = bs[j]
+            i = bi[j]
+            bs[j] = bs[store]
+            bi[j] = bi[store]
+            bs[store] = s
+            bi[store] = i
+            store += better(s, i, ps, pi)
         swap(bs, bi, store, hi)
         if store == k - 1:
             return
