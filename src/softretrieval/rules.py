@@ -161,14 +161,14 @@ def softmax_row(row, n, m_old, mx, store):
     return m_new, c, total
 
 
-#: Keys per chunk of a top-k scan: a chunk with no logit at or above the
-#: buffer's threshold is skipped after one (vectorizable) count.
+#: Keys per chunk of a range-search scan: a chunk with no logit at or above
+#: the threshold is skipped after one (vectorizable) count.
 SCAN_CHUNK = 32
 
 
 def chunk_hits(row, c0, c1, threshold):
     """How many of ``row[c0:c1]`` are at or above ``threshold``: a
-    vectorized count, so the scans skip chunks without a hit cheaply."""
+    vectorized count, so a range scan skips chunks without a hit cheaply."""
     hits = 0
     for j in range(c0, c1):
         hits += row[j] >= threshold
