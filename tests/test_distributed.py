@@ -35,13 +35,6 @@ def client():
         yield client
 
 
-def sharded(sharded_index, method, Q, k=None, **options):
-    if method == "retrieve":
-        return sharded_index.retrieve(Q, return_lse=True, **options)
-    return getattr(sharded_index, method)(Q, k, **options) if k else getattr(sharded_index, method)(
-        Q, **options)
-
-
 @pytest.mark.parametrize("dtype, metric", zip(DTYPES, ["ip", "l2", "cosine", "ip"]))
 def test_every_method_equals_one_index(client, tmp_path, rng, dtype, metric):
     index = catalog(rng, dtype=dtype, metric=metric)
@@ -56,7 +49,7 @@ def test_every_method_equals_one_index(client, tmp_path, rng, dtype, metric):
         for method, k, kw in CALLS:
             for options in ({}, {"exclude": exclude, "include": include},
                             {"bias": rng.standard_normal(1003)}):
-                assert_same(method, sharded(sh, method, Q, k, **kw, **options),
+                assert_same(method, single_call(sh, method, Q, k, **kw, **options),
                             single_call(index, method, Q, k, **kw, **options))
         assert_same("search", sh.search(Q, 700), index.search(Q, 700))     # k beyond shards
 
@@ -76,7 +69,7 @@ def test_shipped_minilm_equals_faiss_and_one_index(client, tmp_path):
         np.testing.assert_array_equal(ids, fi)
         np.testing.assert_allclose(scores, fs, atol=1e-5)
         for method, k, kw in CALLS[1:]:
-            assert_same(method, sharded(sh, method, queries, k, **kw),
+            assert_same(method, single_call(sh, method, queries, k, **kw),
                         single_call(index, method, queries, k, **kw))
 
 
@@ -86,7 +79,7 @@ def test_in_memory_index_and_row_number_ids(client, rng):
     with ShardedIndex(index, client) as sh:                 # one shard per worker
         assert sh.n_shards == 2 and sh.value_dim is None
         for method, k, kw in CALLS:
-            assert_same(method, sharded(sh, method, Q, k, exclude=[[0, 499]] * 5, **kw),
+            assert_same(method, single_call(sh, method, Q, k, exclude=[[0, 499]] * 5, **kw),
                         single_call(index, method, Q, k, exclude=[[0, 499]] * 5, **kw))
         with pytest.raises(ValueError, match="exclude"):      # row numbers are checked, as by the index
             sh.search(Q, 3, exclude=[[500]] * 5)
