@@ -31,8 +31,8 @@ from numba import types as nbtypes
 from llvmlite import ir
 from numba.core.extending import intrinsic, overload
 
-from . import config, core, rules, runtime
-from .constants import KEYS_PLAIN, NEG_INIT
+from . import config, core, cpu_bf16, rules, runtime
+from .constants import KEYS_PLAIN, MASKED, NEG_INIT
 
 bfloat16_to_float = core.cpu.bfloat16_to_float
 
@@ -341,9 +341,32 @@ def _masks(S, t0, excl_ids, ptr, end, allow, lo, hi):
             shared.window_row(S[i], tn, t0, lo[i], hi[i])
 
 
+@njit(cache=True)
+def _filter_terms(kn, d, factors, terms, transformed):
+    """What the bfloat16 filter's margin needs of a key tile
+    (:func:`cpu_bf16.slack`): ``(max |k| |factor|, max |factor|, max
+    |offset|)`` over its keys — kn (tn,) their squared norms
+    (:func:`cpu_bf16.pack_keys`); factors and
+    terms (offsets) as :func:`_key_terms` left them when ``transformed``.
+    Offsets of masked keys (a ``-inf`` bias) are left out: their logits stay
+    far below any threshold either way."""
+    if not transformed:
+        return cpu_bf16.norm_bound(kn.max(), d), 1.0, 0.0
+    kf = 0.0
+    fa = 0.0
+    omax = 0.0
+    for j in range(kn.shape[0]):
+        f = abs(np.float64(factors[j]))
+        kf = max(kf, cpu_bf16.norm_bound(kn[j], d) * f)
+        fa = max(fa, f)
+        if terms[j] > MASKED / 2:
+            omax = max(omax, abs(np.float64(terms[j])))
+    return kf, fa, omax
+
+
 @njit(fastmath=_FAST, cache=True)
 def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k0, k1, ktile, simd,
-                  mode, states, stop):
+                  filt, mode, states, stop):
     """Stream keys ``k0:k1`` into the states of one query block.
 
     Qb (bq, d) float32. keys, values: :class:`devices.Rows` (the keys are
@@ -362,8 +385,12 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     hit count ``rg_n[i]`` and its slots ``rg_slot[i]:rg_slot[i + 1]`` of
     the range's hit buffers rg_s, rg_i (:func:`rules.range_scan_row`).
     stop (1,) int64: the range ends early (its states incomplete) once
-    ``stop[0] != 0``, checked before each tile. Returns the number of rows
-    of score tiles that held a NaN or inf.
+    ``stop[0] != 0``, checked before each tile. With ``filt`` (a top-k
+    search on a CPU with AVX512_BF16), BLAS tiles are scored in bfloat16
+    and only the keys that may enter a buffer are scored again in float32
+    (:mod:`softretrieval.cpu_bf16`); tiles whose norms are too large for
+    its error bound are scored in float32. Returns the number of rows of
+    score tiles that held a NaN or inf.
     """
     K, kscale, kcol = keys.data, keys.scale, keys.col
     V, vscale, vcol = values.data, values.scale, values.col
@@ -387,6 +414,19 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
                     np.float32)
     kscaled = kscale.shape[0] > 0
     vscaled = vscale.shape[0] > 0
+    transformed = key_mode != KEYS_PLAIN or has_bias
+    # The bfloat16 filter's packed queries and key tiles, norm bounds, and
+    # the scratch of its edge tiles.
+    filt = filt and k > 0 and not want_soft and not ranged and not simd
+    d2 = (d + 1) // 2
+    qp = np.empty((-(-bq // cpu_bf16.ROWS) * cpu_bf16.ROWS if filt else 0, d2), np.uint32)
+    qn = np.empty(bq if filt else 0, np.float64)
+    kp = np.empty((-(-ktile // cpu_bf16.KEYS) * (cpu_bf16.KEYS // 16) if filt else 0, d2, 16),
+                  np.uint32)
+    kn = np.empty(ktile if filt else 0, np.float32)
+    pairs = np.empty((ktile if filt else 0, d2), np.uint32)
+    edge = np.empty((cpu_bf16.ROWS, cpu_bf16.KEYS), np.float32)
+    qtop = cpu_bf16.pack_queries(Qb, qp, qn) if filt else 0.0
     bad = 0
     for t0 in range(k0, k1, ktile):
         if stop[0] != 0:
@@ -394,22 +434,34 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
         t1 = min(t0 + ktile, k1)
         S = scores[: bq * (t1 - t0)].reshape((bq, t1 - t0))
         ks = kscale[t0:t1] if kscaled else kscale
+        approx = False
+        Kt = kbuf
         if simd and not kplain:
             _scores_rows(Qb, K[t0:t1], kcol, ks, S, terms, key_mode != KEYS_PLAIN)
         else:
             Kt = _tile(K[t0:t1], kcol, d, kbuf, ks)
-            _scores(Qb, Kt, S, simd)
+            approx = filt and qtop * cpu_bf16.pack_keys(Kt, kp, kn, pairs) < cpu_bf16.NORM_LIMIT
+            if approx:
+                cpu_bf16.tile_dots(qp, kp, S, edge)
+            else:
+                _scores(Qb, Kt, S, simd)
             if key_mode != KEYS_PLAIN:
                 _squared_norms(Kt, terms)
         _key_terms(bias[t0:t1] if has_bias else bias, has_bias, key_mode, key_coef, S, terms,
                    factors)
         _masks(S, t0, excl_ids, ptr, end, allow, lo, hi)
+        if approx:
+            kf, fa, omax = _filter_terms(kn[: t1 - t0], d, factors, terms, transformed)
         bits = S.view(np.int32)
         for i in range(bq):
             mx, finite = shared.row_max_finite(bits[i], t1 - t0)
             if not finite:
                 bad += 1
-            if k > 0:
+            if k > 0 and approx:
+                tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_rescore_scan_row(
+                    S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i], Qb[i],
+                    Kt, factors, terms, transformed, cpu_bf16.slack(qn[i], kf, fa, omax, d))
+            elif k > 0:
                 tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_scan_row(
                     S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i])
             if ranged:
@@ -439,7 +491,7 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     int64 key window ``[lo, hi)`` of each query (causal and sliding-window
     modes, folded problems): key tiles outside every window of a block are
     skipped, tiles that cross a window edge masked. tiling: ``(qstarts,
-    nsplit, ktile, ktile_simd, simd_queries)``: query block b is rows
+    nsplit, ktile, ktile_simd, simd_queries, filt)``: query block b is rows
     ``qstarts[b]:qstarts[b + 1]`` (qstarts (nqb + 1,) int64, from
     :func:`plan`); each block's key range (all N keys, or the span of its
     rows' windows) is cut into ``nsplit`` equal ranges; blocks of at most
@@ -464,7 +516,7 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     K = keys.data
     dv = values.width
     excl_off, excl_ids, row_lo, row_hi, allow = masks
-    qstarts, nsplit, ktile, ktile_simd, simd_queries = tiling
+    qstarts, nsplit, ktile, ktile_simd, simd_queries, filt = tiling
     want_soft, want_acc, k, range_min, range_slots = mode
     B = Q.shape[0]
     N = K.shape[0]
@@ -513,8 +565,8 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
                   tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1], range_min[q0:q1],
                   range_slots[q0:q1 + 1], rg_n[sp, q0:q1], rg_s[sp], rg_i[sp])
         bad[w] = _stream_range(Q[q0:q1], keys, values, logits, excl_ids, ptr, end, allow,
-                               row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd, mode, states,
-                               stop)
+                               row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd, filt, mode,
+                               states, stop)
     return m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, bad.sum()
 
 
@@ -716,7 +768,9 @@ def run(problem, mode):
     Q = problem.Q
     qstarts, nsplit = plan(Q.shape[0], problem.keys.data.shape[0], runtime.num_threads(),
                            problem.masks.row_lo, problem.masks.row_hi)
-    tiling = (qstarts, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES)
+    filt = (config.BF16_FILTER and mode.k > 0 and not mode.want_soft
+            and mode.range_min.shape[0] == 0 and cpu_bf16.available())
+    tiling = (qstarts, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES, filt)
     stop = np.zeros(1, np.int64)
     lo, hi = problem.masks.row_lo, problem.masks.row_hi
     pairs = Q.shape[0] * problem.keys.data.shape[0] if lo.shape[0] == 0 else int((hi - lo).sum())

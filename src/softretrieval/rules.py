@@ -14,7 +14,8 @@ which row and where the data sit; what a row's numbers mean is decided here:
   (causal and sliding-window limits) and :func:`row_max_finite` (the row's
   max and the NaN/inf check);
 * the per-tile updates: :func:`softmax_row` (the online-softmax state),
-  :func:`topk_scan_row` (offering a tile's keys to a top-k buffer) and
+  :func:`topk_scan_row` (offering a tile's keys to a top-k buffer; from
+  approximate logits, :func:`topk_rescore_scan_row`) and
   :func:`range_scan_row` (collecting a range search's hits);
 * the backward of a weight: :func:`weight_grad`;
 * the merge of the online-softmax states of key splits: :func:`merge_row`;
@@ -192,6 +193,47 @@ def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
     return count, ts, ti
 
 
+#: Relative part of a filter's margin (:func:`topk_rescore_scan_row`): the
+#: float32 roundings of a logit and of the threshold it is compared with.
+FILTER_REL = np.float32(2.0**-20)
+
+
+def dot_row(q, k):
+    """``q . k`` in float32 for two 1-D float32 arrays of equal length."""
+    dot = np.float32(0.0)
+    for c in range(q.shape[0]):
+        dot += q[c] * k[c]
+    return dot
+
+
+def topk_rescore_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti, q, Kt, factors, terms,
+                          transformed, slack):
+    """:func:`topk_scan_row` for a row of approximate logits: ``row[:n]``
+    (max ``mx``) holds, for keys ``t0, t0 + 1, ...``, logits each within
+    ``slack + FILTER_REL * |x|`` of the exact float32 logit (``x`` either of
+    them; masked keys hold :data:`constants.MASKED` exactly). A key whose
+    approximate logit comes within that margin of the threshold ``ts`` could
+    enter, so it is scored again exactly — the float32 dot of the query
+    ``q`` (d,) with its key row ``Kt[j]``, turned into a logit by
+    ``factors[j]``, ``terms[j]`` (:func:`logit`) when ``transformed`` — and
+    offered with that logit; every other key is certainly below the
+    threshold. So the buffer ends exactly as an exact scan leaves it.
+    Returns the new ``(count, ts, ti)``."""
+    thr = ts - (slack + FILTER_REL * abs(ts))
+    if mx < thr:
+        return count, ts, ti
+    for j in range(n):
+        if row[j] >= thr:
+            s = row[j]
+            if s != MASKED:
+                s = dot_row(q, Kt[j])
+                if transformed:
+                    s = logit(s, factors[j], terms[j])
+            count, ts, ti = topk_buffer.offer(bs, bi, count, k, ts, ti, s, t0 + j)
+            thr = ts - (slack + FILTER_REL * abs(ts))
+    return count, ts, ti
+
+
 def range_scan_row(row, n, mx, t0, threshold, rs, ri, lo, hi, count):
     """Collect one query's range-search hits from its logits ``row[:n]``
     (keys ``t0, t0 + 1, ...``, max ``mx``): each key whose logit is at or
@@ -343,7 +385,8 @@ def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_o
 #: The rules, in dependency order (each may call the ones before it and the
 #: functions of :mod:`core` and :mod:`topk_buffer`).
 FUNCTIONS = (key_factor, key_offset, logit, exclude_row, include_row, list_row, window_row,
-             row_max_finite, softmax_row, chunk_hits, topk_scan_row, range_scan_row, weight_grad, merge_row,
+             row_max_finite, softmax_row, chunk_hits, topk_scan_row, dot_row,
+             topk_rescore_scan_row, range_scan_row, weight_grad, merge_row,
              merge_topk_row, topk_scores_row, range_finish_row, topk_attention_row)
 
 #: Modules whose functions every target compiles from one source, in order.
