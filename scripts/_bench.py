@@ -63,32 +63,36 @@ def interleaved(methods, reps):
     return times
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _read_once(K, V=None):
-    """Touch every element of K (and V) once: a memory-bandwidth probe."""
+@njit(parallel=True, cache=True)
+def _sum_words(W, X):
+    """Sum the int32 words of W and X (1-D) on all threads: integer adds,
+    which vectorize and never stall on what the bytes hold, so the probe
+    measures memory bandwidth whatever the stored dtype."""
     parts = 64
-    N = K.shape[0]
-    total = np.zeros(parts, np.float32)
+    total = np.zeros(parts, np.int32)
     for p in prange(parts):
-        s = np.float32(0.0)
-        for i in range(p * N // parts, (p + 1) * N // parts):
-            k = K[i]
-            for c in range(k.shape[0]):
-                s += k[c]
-            if V is not None:
-                v = V[i]
-                for c in range(v.shape[0]):
-                    s += v[c]
+        s = np.int32(0)
+        for i in range(p * W.shape[0] // parts, (p + 1) * W.shape[0] // parts):
+            s += W[i]
+        for i in range(p * X.shape[0] // parts, (p + 1) * X.shape[0] // parts):
+            s += X[i]
         total[p] = s
     return total.sum()
 
 
+def _words(a):
+    """The bytes of a C-contiguous array as int32 words (a trailing partial word is left out)."""
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    return flat[: flat.size // 4 * 4].view(np.int32)
+
+
 def read_once(K, V=None):
-    """Read K (and V) once on all threads, under softretrieval's runtime (so
-    the probe runs on the same Numba threading layer as the kernels)."""
+    """Read the bytes of K (and V) once on all threads — a plain parallel
+    Numba sum of their int32 words, whatever their dtype — under
+    softretrieval's runtime (the same Numba threading layer as the kernels)."""
     from softretrieval import runtime
 
-    return runtime.parallel_call(_read_once, K, V)
+    return runtime.parallel_call(_sum_words, _words(K), _words(V if V is not None else np.zeros(0, np.int32)))
 
 
 def reset_peak_memory():

@@ -20,11 +20,6 @@ import softretrieval as sr
 from softretrieval import datasets
 
 
-def _raw(a):
-    """A stored array as the probe can sum it (float16 through its bits)."""
-    return a.view(np.uint16) if a.dtype == np.float16 else a
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -42,7 +37,7 @@ def main():
         keys.add(K)
         both = sr.Index(args.d, dtype=dtype, value_dim=args.d)
         both.add(K, V)
-        stored, stored_both, values = _raw(keys._arrays()["keys"]), _raw(both._arrays()["keys"]), both._values
+        stored, stored_both, values = keys._arrays()["keys"], both._arrays()["keys"], both._values
         times = interleaved({"search top-10": lambda: keys.search(q, 10),
                              "read keys once": lambda: read_once(stored),
                              "retrieve": lambda: both.retrieve(q),

@@ -228,10 +228,13 @@ def pack_queries(Qb, qp, qn):
 
 @njit(cache=True, inline="always")
 def norm_bound(sq, d):
-    """An upper bound of ``sqrt(x)`` from ``sq``, the float32 sum of the
-    ``d`` squares ``x`` in any order (relative error at most gamma(d))."""
+    """An upper bound of the norm of a float32 vector of length ``d`` from
+    ``sq``, the float32 sum of its squares in any order: relative error at
+    most gamma(d), plus at most ``2^-149`` per square or sum that falls into
+    the subnormal range."""
     n = d + 2
-    return math.sqrt(np.float64(sq) * (1.0 + 1.01 * n * _EPS / (1 - n * _EPS))) * (1.0 + 2.0**-22)
+    return math.sqrt(np.float64(sq) * (1.0 + 1.01 * n * _EPS / (1 - n * _EPS))
+                     + 2 * n * 2.0**-149) * (1.0 + 2.0**-22)
 
 
 @njit(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
