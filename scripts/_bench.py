@@ -69,13 +69,15 @@ def _sum_words(W, X):
     which vectorize and never stall on what the bytes hold, so the probe
     measures memory bandwidth whatever the stored dtype."""
     parts = 64
-    total = np.zeros(parts, np.int32)
+    total = np.zeros(parts, np.int64)
     for p in prange(parts):
-        s = np.int32(0)
-        for i in range(p * W.shape[0] // parts, (p + 1) * W.shape[0] // parts):
-            s += W[i]
-        for i in range(p * X.shape[0] // parts, (p + 1) * X.shape[0] // parts):
-            s += X[i]
+        s = 0
+        w = W[p * W.shape[0] // parts:(p + 1) * W.shape[0] // parts]
+        for i in range(w.shape[0]):       # from 0 over a slice: vectorizes
+            s += w[i]
+        x = X[p * X.shape[0] // parts:(p + 1) * X.shape[0] // parts]
+        for i in range(x.shape[0]):
+            s += x[i]
         total[p] = s
     return total.sum()
 

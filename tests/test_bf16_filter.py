@@ -155,9 +155,9 @@ def test_coefficient_and_slack():
     u = 2.0**-8
     assert 2 * u < cpu_bf16.coefficient(128) < 2 * u * 1.01
     assert cpu_bf16.coefficient(4096) > cpu_bf16.coefficient(128)
-    s = cpu_bf16.slack(10.0, 2.0, 1.0, 0.0, 128)
+    s = cpu_bf16.slack(10.0, *cpu_bf16.margin_terms(2.0, 1.0, 0.0, 128))
     assert s >= cpu_bf16.coefficient(128) * 20
-    assert cpu_bf16.slack(1e30, 1e30, 1.0, 0.0, 128) == np.inf
+    assert cpu_bf16.slack(1e30, *cpu_bf16.margin_terms(1e30, 1.0, 0.0, 128)) == np.inf
 
 
 # ------------------------------------------------------------ top-k through the filter
@@ -272,6 +272,6 @@ def test_margin_scale():
     """The margin a top-k search pays for, in the units of its logits: for
     unit vectors about 2**-7 (so a key is rescored only when its bfloat16
     logit comes within ~0.008 of the threshold)."""
-    m = cpu_bf16.slack(1.0, 1.0, 1.0, 0.0, 384)
+    m = cpu_bf16.slack(1.0, *cpu_bf16.margin_terms(1.0, 1.0, 0.0, 384))
     assert 2.0**-7 < m < 2.0**-7 * 1.02
     assert math.isfinite(m)

@@ -344,7 +344,7 @@ def _masks(S, t0, excl_ids, ptr, end, allow, lo, hi):
 @njit(cache=True)
 def _filter_terms(kn, d, factors, terms, transformed):
     """What the bfloat16 filter's margin needs of a key tile
-    (:func:`cpu_bf16.slack`): ``(max |k| |factor|, max |factor|, max
+    (:func:`cpu_bf16.margin_terms`): ``(max |k| |factor|, max |factor|, max
     |offset|)`` over its keys — kn (tn,) their squared norms
     (:func:`cpu_bf16.pack_keys`); factors and
     terms (offsets) as :func:`_key_terms` left them when ``transformed``.
@@ -401,7 +401,7 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     bq, d = Qb.shape
     dv = acc.shape[1]
     has_bias = bias.shape[0] > 0
-    scores = np.empty(bq * ktile, np.float32)
+    scores = cpu_bf16.aligned_empty(bq * ktile, np.float32)
     terms = np.empty(ktile, np.float32)
     factors = np.empty(ktile, np.float32)
     corr = np.ones(bq, np.float32)
@@ -419,13 +419,15 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     # the scratch of its edge tiles.
     filt = filt and k > 0 and not want_soft and not ranged and not simd
     d2 = (d + 1) // 2
-    qp = np.empty((-(-bq // cpu_bf16.ROWS) * cpu_bf16.ROWS if filt else 0, d2), np.uint32)
+    qrows = -(-bq // cpu_bf16.ROWS) * cpu_bf16.ROWS if filt else 0
+    qp = cpu_bf16.aligned_empty(qrows * d2, np.uint32).reshape((qrows, d2))
     qn = np.empty(bq if filt else 0, np.float64)
-    kp = np.empty((-(-ktile // cpu_bf16.KEYS) * (cpu_bf16.KEYS // 16) if filt else 0, d2, 16),
-                  np.uint32)
+    kblocks = -(-ktile // cpu_bf16.KEYS) * (cpu_bf16.KEYS // 16) if filt else 0
+    kp = cpu_bf16.aligned_empty(kblocks * d2 * 16, np.uint32).reshape((kblocks, d2, 16))
     kn = np.empty(ktile if filt else 0, np.float32)
     pairs = np.empty((ktile if filt else 0, d2), np.uint32)
-    edge = np.empty((cpu_bf16.ROWS, cpu_bf16.KEYS), np.float32)
+    edge = cpu_bf16.aligned_empty(cpu_bf16.ROWS * cpu_bf16.KEYS, np.float32).reshape(
+        (cpu_bf16.ROWS, cpu_bf16.KEYS))
     qtop = cpu_bf16.pack_queries(Qb, qp, qn) if filt else 0.0
     bad = 0
     for t0 in range(k0, k1, ktile):
@@ -451,7 +453,8 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
                    factors)
         _masks(S, t0, excl_ids, ptr, end, allow, lo, hi)
         if approx:
-            kf, fa, omax = _filter_terms(kn[: t1 - t0], d, factors, terms, transformed)
+            ma, mb = cpu_bf16.margin_terms(*_filter_terms(kn[: t1 - t0], d, factors, terms,
+                                                          transformed), d)
         bits = S.view(np.int32)
         for i in range(bq):
             mx, finite = shared.row_max_finite(bits[i], t1 - t0)
@@ -460,7 +463,7 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
             if k > 0 and approx:
                 tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_rescore_scan_row(
                     S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i], Qb[i],
-                    Kt, factors, terms, transformed, cpu_bf16.slack(qn[i], kf, fa, omax, d))
+                    Kt, factors, terms, transformed, cpu_bf16.slack(qn[i], ma, mb))
             elif k > 0:
                 tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_scan_row(
                     S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i])

@@ -92,6 +92,26 @@ class _BFloat16(ir.Type):
         return hash("bfloat")
 
 
+class _LoopID(ir.values.MDValue):
+    """A self-referencing ``distinct`` metadata node, the identity LLVM
+    requires of a loop's ``llvm.loop`` properties (llvmlite has no such
+    node)."""
+
+    def __init__(self, module, properties):
+        super().__init__(module, (), name=str(len(module.metadata)))
+        self.operands = (self, *properties)
+
+    def descr(self, buf):
+        refs = ", ".join(op.get_reference() for op in self.operands)
+        buf += (f"distinct !{{ {refs} }}", "\n")
+
+    def __eq__(self, other):
+        return self is other
+
+    def __hash__(self):
+        return id(self)
+
+
 def _build_micro(module):
     """Define (once per LLVM module) the micro-kernel ``void (qp, kp, out, d2,
     ldq, ldo)``: ``out[r, c] = sum_p dot(qp[r, p], kp[c // 16, p, c % 16])``
@@ -149,7 +169,11 @@ def _build_micro(module):
     for r in range(ROWS):
         for c in range(nb):
             acc[r][c].add_incoming(new[r][c], loop)
-    b.cbranch(b.icmp_signed("<", p1, d2), loop, done)
+    back = b.cbranch(b.icmp_signed("<", p1, d2), loop, done)
+    # Kept rolled: unrolled inside a large caller, the loop spilled its
+    # accumulators and ran 25% slower.
+    back.set_metadata("llvm.loop", _LoopID(module, [module.add_metadata(
+        [ir.MetaDataString(module, "llvm.loop.unroll.disable")])]))
     b.position_at_end(done)
     for r in range(ROWS):
         for c in range(nb):
@@ -178,6 +202,17 @@ def _micro(typingctx, qp, kp, out, ldo):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@njit(cache=True)
+def aligned_empty(n, dtype):
+    """A new 1-D array of ``n`` elements of ``dtype`` (4 bytes) whose data
+    start on a 64-byte boundary: Numba aligns its arrays to 32 bytes, and a
+    zmm load or store that splits two cache lines costs the micro-kernel a
+    quarter of its speed."""
+    raw = np.empty(n + 16, dtype)
+    skip = (-(raw.ctypes.data >> 2)) & 15
+    return raw[skip:skip + n]
 
 
 @njit(cache=True, inline="always")
@@ -286,15 +321,25 @@ def tile_dots(qp, kp, S, edge):
                     S[r0 + r, c0 + c] = edge[r, c]
 
 
-@njit(cache=True, inline="always")
-def slack(qn, kf, fa, omax, d):
-    """The absolute part of the margin of a query's approximate logits in a
-    tile (see the module's error bound): qn the query's norm bound, kf the
-    tile's largest ``|k| * |factor|``, fa its largest ``|factor|``, omax its
-    largest ``|offset|`` (0 and 1, 1 and 0 for plain dot products). float32,
-    rounded up; inf if it would overflow."""
-    c = coefficient(d)
+@njit(cache=True)
+def margin_terms(kf, fa, omax, d):
+    """``(a, b)``: a query's approximate logits in a key tile are within
+    ``slack = qn * a + b`` of the exact ones (see the module's error bound),
+    qn its norm bound. kf is the tile's largest ``|k| * |factor|``, fa its
+    largest ``|factor|``, omax its largest ``|offset|`` (1 and 0 for plain dot
+    products). Both include the roundings of evaluating them and of
+    :func:`slack`."""
+    inflate = (1.0 + 2.0**-12) * (1.0 + 2.0**-20)
     rd = math.sqrt(d)
-    bound = (qn * kf * (c + 2.0**-21) + _TINY * (fa * (d + rd * qn) + rd * kf)
-             + 2.0**-21 * omax) * (1.0 + 2.0**-12)
-    return np.float32(bound * (1.0 + 2.0**-20)) if bound < 1e38 else np.float32(np.inf)
+    a = (kf * (coefficient(d) + 2.0**-21) + _TINY * fa * rd) * inflate
+    b = (_TINY * (fa * d + rd * kf) + 2.0**-21 * omax) * inflate
+    return a, b
+
+
+@njit(cache=True, inline="always")
+def slack(qn, a, b):
+    """The margin of a query with norm bound ``qn`` in a tile with margin
+    terms ``(a, b)`` (:func:`margin_terms`), float32; inf if it would
+    overflow."""
+    bound = qn * a + b
+    return np.float32(bound) if bound < 1e38 else np.float32(np.inf)
