@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import softretrieval as sr
-from softretrieval import config, cpu_bf16, rules, topk_buffer
+from softretrieval import config, cpu_bf16, cpu_micro, rules, topk_buffer
 from softretrieval.constants import MASKED, NEG_INIT
 
 from reference import topk_ref
@@ -109,11 +109,11 @@ def filter_dots(Q, K):
     qp = np.empty((-(-bq // cpu_bf16.ROWS) * cpu_bf16.ROWS, d2), np.uint32)
     qn = np.empty(bq)
     cpu_bf16.pack_queries(Q, qp, qn)
-    kp = np.empty((-(-tn // cpu_bf16.KEYS) * cpu_bf16.KEYS // 16, d2, 16), np.uint32)
+    kp = np.empty((-(-tn // cpu_bf16.KEYS), d2, cpu_bf16.KEYS), np.uint32)
     kn = np.empty(tn, np.float32)
     cpu_bf16.pack_keys(K, kp, kn, np.empty((tn, d2), np.uint32))
     S = np.full((bq, tn), np.nan, np.float32)
-    cpu_bf16.tile_dots(qp, kp, S, np.empty((cpu_bf16.ROWS, cpu_bf16.KEYS), np.float32))
+    cpu_micro.tile_products(qp, kp, S, np.empty((cpu_micro.ROWS, cpu_micro.COLS), np.float32), True)
     return S, qn, np.array([cpu_bf16.norm_bound(x, d) for x in kn])
 
 

@@ -31,6 +31,12 @@ MIN_KEYS_PER_SPLIT = 2048
 #: False: every tile in float32.
 BF16_FILTER = True
 
+#: On a CPU with AVX-512F the BLAS tiles' weighted sums of value rows run
+#: through softretrieval's own float32 micro-kernel
+#: (:func:`softretrieval.cpu_micro.fma_rows`), faster than OpenBLAS on these
+#: shapes. False: BLAS everywhere.
+MICRO_KERNELS = True
+
 #: Range search, first pass over the keys: each query may store
 #: ``max(RANGE_SLOTS, RANGE_BUFFER_BYTES / (12 * queries * key ranges))``
 #: hits per key range (never more than the range's keys); a query with more

@@ -1,0 +1,299 @@
+"""Register-tiled micro-kernels in LLVM IR, for the CPU's widest vectors.
+
+Numba compiles loops well but cannot hold a tile of results in vector
+registers across a loop the way a GEMM micro-kernel does; BLAS can, but only
+for its own products. These kernels are that inner loop written once in LLVM
+IR (:func:`_register_tile`) and exposed to Numba as intrinsics:
+
+* :func:`bf16_dots`: ``ROWS`` queries by 32 keys of bfloat16 dot products
+  (``vdpbf16ps``, AVX512_BF16), the bfloat16 filter of exact top-k
+  (:mod:`softretrieval.cpu_bf16`);
+* :func:`fma_rows`: ``acc[r, :] += sum_j P[r, j] * V[j, :]`` for ``ROWS``
+  rows and 32 columns in float32 FMAs (AVX-512F), the weighted sum of value
+  rows of soft retrieval (:func:`softretrieval.cpu._accumulate`).
+
+Each keeps ``ROWS x 2`` 16-lane accumulators (24 of the 32 zmm registers)
+through a loop whose every step loads two vectors and broadcasts one scalar
+per row, and is compiled into whatever kernel calls it. The loop carries
+``llvm.loop.unroll.disable``: linked into the large stream kernel, LLVM
+unrolled it and spilled the accumulators (a quarter slower).
+
+A kernel is emitted only where the CPU has its instructions
+(:func:`has_bf16`, :func:`has_avx512`) and Numba compiles for this CPU;
+elsewhere it compiles to a trap that the drivers never reach (they check the
+same functions first), so every kernel still compiles on any machine.
+"""
+
+import functools
+
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import config as numba_config
+from numba import njit
+from numba import types as nbtypes
+from numba.core.extending import intrinsic
+import numpy as np
+
+#: Rows of a register tile, and its columns (two 16-lane vectors). Compiled
+#: into the kernels (not run-time tunables).
+ROWS = 12
+COLS = 32
+LANES = 16
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F32 = ir.FloatType()
+_V16F = ir.VectorType(_F32, LANES)
+_V16I = ir.VectorType(_I32, LANES)
+
+
+@functools.cache
+def _host_features():
+    if numba_config.CPU_NAME not in (None, "host") or numba_config.CPU_FEATURES:
+        return {}
+    return dict(llvm.get_host_cpu_features())
+
+
+def has_avx512():
+    """Whether :func:`fma_rows` runs here: AVX-512F, and Numba compiling for
+    this CPU (not a generic one set through ``NUMBA_CPU_NAME``)."""
+    return bool(_host_features().get("avx512f"))
+
+
+def has_bf16():
+    """Whether :func:`bf16_dots` runs here (AVX512_BF16 as well)."""
+    return has_avx512() and bool(_host_features().get("avx512bf16"))
+
+
+class _BFloat16(ir.Type):
+    """LLVM's ``bfloat`` type, which llvmlite's IR builder does not name."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat16)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+class _LoopID(ir.values.MDValue):
+    """A self-referencing ``distinct`` metadata node, the identity LLVM
+    requires of a loop's ``llvm.loop`` properties (llvmlite has no such
+    node)."""
+
+    def __init__(self, module, properties):
+        super().__init__(module, (), name=str(len(module.metadata)))
+        self.operands = (self, *properties)
+
+    def descr(self, buf):
+        refs = ", ".join(op.get_reference() for op in self.operands)
+        buf += (f"distinct !{{ {refs} }}", "\n")
+
+    def __eq__(self, other):
+        return self is other
+
+    def __hash__(self):
+        return id(self)
+
+
+def _declare(module, name, ret, args):
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name=name)
+
+
+def _register_tile(module, name, available, accumulate, step):
+    """Define (once per LLVM module) ``void name(a, b, out, n, lda, ldb,
+    ldo)`` over float32/int32 pointers: ROWS x COLS accumulators, started
+    from ``out`` when ``accumulate`` (else 0), run through ``n`` steps of
+    ``step(builder, a, b, t, lda, ldb, acc) -> new acc`` (acc: ROWS lists of
+    two vectors), then stored to ``out`` (rows ``ldo`` elements apart)."""
+    if name in module.globals:
+        return module.globals[name]
+    pf = ir.PointerType(_F32)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [pf, pf, pf, _I64, _I64, _I64, _I64]),
+                     name=name)
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    a, b_, out, n, lda, ldb, ldo = fn.args
+    entry = fn.append_basic_block("entry")
+    b = ir.IRBuilder(entry)
+    if not available:
+        b.call(_declare(module, "llvm.trap", ir.VoidType(), []), [])
+        b.ret_void()
+        return fn
+    ptrs = [[b.bitcast(b.gep(out, [b.add(b.mul(ir.Constant(_I64, r), ldo),
+                                         ir.Constant(_I64, c * LANES))]), ir.PointerType(_V16F))
+             for c in range(COLS // LANES)] for r in range(ROWS)]
+    zero = ir.Constant(_V16F, [0.0] * LANES)
+    start = [[b.load(p, align=4) if accumulate else zero for p in row] for row in ptrs]
+    loop = fn.append_basic_block("loop")
+    done = fn.append_basic_block("done")
+    b.cbranch(b.icmp_signed(">", n, ir.Constant(_I64, 0)), loop, done)
+    b.position_at_end(loop)
+    t = b.phi(_I64)
+    t.add_incoming(ir.Constant(_I64, 0), entry)
+    acc = [[b.phi(_V16F) for _ in row] for row in ptrs]
+    for r, row in enumerate(acc):
+        for c, phi in enumerate(row):
+            phi.add_incoming(start[r][c], entry)
+    new = step(b, a, b_, t, lda, ldb, acc)
+    t1 = b.add(t, ir.Constant(_I64, 1))
+    t.add_incoming(t1, loop)
+    for r, row in enumerate(acc):
+        for c, phi in enumerate(row):
+            phi.add_incoming(new[r][c], loop)
+    back = b.cbranch(b.icmp_signed("<", t1, n), loop, done)
+    back.set_metadata("llvm.loop", _LoopID(module, [module.add_metadata(
+        [ir.MetaDataString(module, "llvm.loop.unroll.disable")])]))
+    b.position_at_end(done)
+    result = [[b.phi(_V16F) for _ in row] for row in ptrs]
+    for r, row in enumerate(result):
+        for c, phi in enumerate(row):
+            phi.add_incoming(start[r][c], entry)
+            phi.add_incoming(new[r][c], loop)
+            b.store(phi, ptrs[r][c], align=4)
+    b.ret_void()
+    return fn
+
+
+def _splat(b, scalar):
+    """A 16-lane vector of one 32-bit value."""
+    v = b.insert_element(ir.Constant(ir.VectorType(scalar.type, LANES), ir.Undefined), scalar,
+                         ir.Constant(_I32, 0))
+    return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(_V16I, [0] * LANES))
+
+
+def _row_scalar(b, base, r, ld, t, kind):
+    """Element ``t`` of row ``r`` of a matrix with rows ``ld`` apart."""
+    ptr = b.gep(base, [b.add(b.mul(ir.Constant(_I64, r), ld), t)])
+    return b.load(b.bitcast(ptr, ir.PointerType(kind)) if kind != _F32 else ptr)
+
+
+def _columns(b, B, t, ldb):
+    """Row ``t`` of a packed B operand (its COLS columns) as two vectors."""
+    return [b.load(b.bitcast(b.gep(B, [b.add(b.mul(t, ldb), ir.Constant(_I64, c * LANES))]),
+                             ir.PointerType(_V16F)), align=4) for c in range(COLS // LANES)]
+
+
+def _bf16_step(b, qp, kp, t, ldq, ldk, acc):
+    """Feature pair ``t``: the pairs of 32 keys (two vectors), one query pair
+    per row, ``vdpbf16ps``."""
+    bf = ir.VectorType(_BFloat16(), 2 * LANES)
+    dp = _declare(b.module, "llvm.x86.avx512bf16.dpbf16ps.512", _V16F, [_V16F, bf, bf])
+    keys = [b.bitcast(k, bf) for k in _columns(b, kp, t, ldk)]
+    return [[b.call(dp, [acc[r][c], keys[c], b.bitcast(_splat(b, _row_scalar(b, qp, r, ldq, t, _I32)),
+                                                          bf)])
+             for c in range(len(keys))] for r in range(ROWS)]
+
+
+def _fma_step(b, A, B, t, lda, ldb, acc):
+    """Row ``t`` of B (two vectors), weighted by ``A[r, t]`` for each row."""
+    fma = _declare(b.module, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
+    cols = _columns(b, B, t, ldb)
+    return [[b.call(fma, [_splat(b, _row_scalar(b, A, r, lda, t, _F32)), cols[c], acc[r][c]])
+             for c in range(len(cols))] for r in range(ROWS)]
+
+
+def _pointer(context, builder, aty, arr):
+    return builder.bitcast(context.make_array(aty)(context, builder, arr).data, ir.PointerType(_F32))
+
+
+def _row_stride(context, builder, aty, arr):
+    """Elements (of 4 bytes) between the rows of a 2-D array."""
+    strides = context.make_array(aty)(context, builder, arr).strides
+    return builder.sdiv(builder.extract_value(strides, 0), ir.Constant(_I64, 4))
+
+
+def _kernel(name, available, accumulate, step, doc):
+    """An intrinsic ``kernel(A, B, out)`` over one register tile:
+    ``out[r, c] (+)= sum_t step(A[r, t], B[t, c])`` for r < ROWS, c < COLS,
+    t < ``A.shape[1]``; each a 2-D array of 4-byte elements whose rows are
+    contiguous (any row stride)."""
+
+    def typer(typingctx, A, B, out):
+        def codegen(context, builder, signature, args):
+            fn = _register_tile(builder.module, name, available(), accumulate, step)
+            aa, ab, ao = signature.args
+            n = builder.extract_value(context.make_array(aa)(context, builder, args[0]).shape, 1)
+            builder.call(fn, [_pointer(context, builder, aa, args[0]),
+                              _pointer(context, builder, ab, args[1]),
+                              _pointer(context, builder, ao, args[2]), n,
+                              _row_stride(context, builder, aa, args[0]),
+                              _row_stride(context, builder, ab, args[1]),
+                              _row_stride(context, builder, ao, args[2])])
+            return context.get_dummy_value()
+
+        return nbtypes.void(A, B, out), codegen
+
+    typer.__name__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+bf16_dots = _kernel(
+    f"softretrieval_bf16_dots_{ROWS}x{COLS}", has_bf16, False, _bf16_step,
+    """``out[r, c] = sum_t dot(A[r, t], B[t, c])`` (r < ROWS, c < COLS): A
+    (>= ROWS, d2) query pairs and B (d2, >= COLS) key pairs, uint32 each
+    holding two bfloat16 (the even feature in the low half); out float32.""")
+
+fma_set = _kernel(
+    f"softretrieval_fma_set_{ROWS}x{COLS}", has_avx512, False, _fma_step,
+    """``out[r, c] = sum_t A[r, t] * B[t, c]`` (r < ROWS, c < COLS), float32.""")
+
+fma_rows = _kernel(
+    f"softretrieval_fma_rows_{ROWS}x{COLS}", has_avx512, True, _fma_step,
+    """``out[r, c] += sum_t A[r, t] * B[t, c]`` (r < ROWS, c < COLS), float32.""")
+
+
+@njit(cache=True)
+def aligned_empty(n, dtype):
+    """A new 1-D array of ``n`` elements of ``dtype`` (4 bytes) whose data
+    start on a 64-byte boundary: Numba aligns its arrays to 32 bytes, and a
+    zmm load or store that splits two cache lines costs the micro-kernel a
+    quarter of its speed."""
+    raw = np.empty(n + 16, dtype)
+    skip = (-(raw.ctypes.data >> 2)) & 15
+    return raw[skip:skip + n]
+
+
+@njit(cache=True)
+def tile_products(A, Bp, S, edge, bf16):
+    """S (bq, tn) = the products of the rows of A (>= ceil(bq / ROWS) * ROWS
+    rows, zero past bq) with the columns of the packed tile Bp (>=
+    ceil(tn / COLS), n, COLS) (zero past tn), through :func:`bf16_dots`
+    (``bf16``: uint32 pairs) or :func:`fma_set` (float32). edge (ROWS, COLS)
+    float32 scratch for the register tiles that cross the edge of S."""
+    bq, tn = S.shape
+    for r0 in range(0, bq, ROWS):
+        for c0 in range(0, tn, COLS):
+            inside = r0 + ROWS <= bq and c0 + COLS <= tn
+            out = S[r0:, c0:] if inside else edge
+            if bf16:
+                bf16_dots(A[r0:], Bp[c0 // COLS], out)
+            else:
+                fma_set(A[r0:], Bp[c0 // COLS], out)
+            if not inside:
+                for r in range(min(ROWS, bq - r0)):
+                    for c in range(min(COLS, tn - c0)):
+                        S[r0 + r, c0 + c] = edge[r, c]
+
+
+@njit(cache=True)
+def pack_columns(X, out):
+    """The rows of X (tn, n) as the columns of a packed tile out
+    (>= ceil(tn / COLS), n, COLS) (:func:`tile_products`), zero past tn."""
+    tn, n = X.shape
+    for blk in range(-(-tn // COLS)):
+        dst = out[blk]
+        for c in range(n):
+            for lane in range(COLS):
+                j = blk * COLS + lane
+                dst[c, lane] = X[j, c] if j < tn else 0
+
+
+@njit(cache=True)
+def pad_rows(X, out):
+    """X (bq, n) copied into out (>= ceil(bq / ROWS) * ROWS, n), zero past bq."""
+    out[: X.shape[0]] = X
+    out[X.shape[0]:] = 0
