@@ -113,7 +113,8 @@ def filter_dots(Q, K):
     kn = np.empty(tn, np.float32)
     cpu_bf16.pack_keys(K, kp, kn, np.empty((tn, d2), np.uint32))
     S = np.full((bq, tn), np.nan, np.float32)
-    cpu_micro.tile_products(qp, kp, S, np.empty((cpu_micro.ROWS, cpu_micro.COLS), np.float32), True)
+    cpu_micro.tile_products(qp, kp, S, np.empty((cpu_micro.ROWS, cpu_micro.COLS), np.float32), True,
+                            np.empty(0, np.int64))
     return S, qn, np.array([cpu_bf16.norm_bound(x, d) for x in kn])
 
 

@@ -237,11 +237,13 @@ def _scores_rows(Qb, Kraw, kcol, ks, S, norms, want_norms):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _accumulate(S, Vt, acc, corr, simd, micro, pv):
+def _accumulate(S, Vt, acc, corr, simd, micro, width, pv):
     """acc (bq, dv) = acc * corr + S (bq, tn) . Vt (tn, dv): SIMD loops (a
     few queries), the float32 micro-kernel (``micro``: AVX-512F, dv a
     multiple of its 32 columns; :func:`cpu_micro.fma_rows`, 1.1-1.15x BLAS's
-    rate here), or BLAS into the scratch pv (bq, dv)."""
+    rate here), or BLAS into the scratch pv (bq, dv). width (bq,) int64 or
+    (0,): the micro-kernel reads only the first ``width[i]`` weights of row
+    i's block (the others are 0: keys outside the row's window)."""
     bq, dv = acc.shape
     if micro and dv % cpu_micro.COLS == 0:
         for i in range(bq):
@@ -250,17 +252,18 @@ def _accumulate(S, Vt, acc, corr, simd, micro, pv):
                 a[c] *= corr[i]
         full = bq - bq % cpu_micro.ROWS
         for r0 in range(0, full, cpu_micro.ROWS):
+            n = cpu_micro.block_width(width, r0, S.shape[1])
             for c0 in range(0, dv, cpu_micro.COLS):
-                cpu_micro.fma_rows(S[r0:], Vt[:, c0:], acc[r0:, c0:])
+                cpu_micro.fma_rows(S[r0:, :n], Vt[:n, c0:], acc[r0:, c0:])
         if full < bq:
             # The last rows through zero-padded copies of a full register tile.
-            tn = S.shape[1]
-            ps = np.zeros((cpu_micro.ROWS, tn), np.float32)
+            n = cpu_micro.block_width(width, full, S.shape[1])
+            ps = np.zeros((cpu_micro.ROWS, n), np.float32)
             pa = np.zeros((cpu_micro.ROWS, dv), np.float32)
-            ps[: bq - full] = S[full:]
+            ps[: bq - full] = S[full:, :n]
             pa[: bq - full] = acc[full:]
             for c0 in range(0, dv, cpu_micro.COLS):
-                cpu_micro.fma_rows(ps, Vt[:, c0:], pa[:, c0:])
+                cpu_micro.fma_rows(ps, Vt[:n, c0:], pa[:, c0:])
             acc[full:] = pa[: bq - full]
         return
     if simd:
@@ -460,6 +463,9 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     qtop = cpu_bf16.pack_queries(Qb, qp, qn) if filt else 0.0
     if micro:
         cpu_micro.pad_rows(Qb, qf32)
+    # Keys of the tile each row may see (key windows: causal), so that the
+    # micro-kernels skip the register tiles past every row's window.
+    width = np.empty(bq if lo.shape[0] > 0 else 0, np.int64)
     bad = 0
     for t0 in range(k0, k1, ktile):
         if stop[0] != 0:
@@ -469,16 +475,18 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
         ks = kscale[t0:t1] if kscaled else kscale
         approx = False
         Kt = kbuf
+        for i in range(width.shape[0]):
+            width[i] = min(max(hi[i] - t0, 0), t1 - t0)
         if simd and not kplain:
             _scores_rows(Qb, K[t0:t1], kcol, ks, S, terms, key_mode != KEYS_PLAIN)
         else:
             Kt = _tile(K[t0:t1], kcol, d, kbuf, ks)
             approx = filt and qtop * cpu_bf16.pack_keys(Kt, kp, kn, pairs) < cpu_bf16.NORM_LIMIT
             if approx:
-                cpu_micro.tile_products(qp, kp, S, edge, True)
+                cpu_micro.tile_products(qp, kp, S, edge, True, width)
             elif micro:
                 cpu_micro.pack_columns(Kt, kf32)
-                cpu_micro.tile_products(qf32, kf32, S, edge, False)
+                cpu_micro.tile_products(qf32, kf32, S, edge, False, width)
             else:
                 _scores(Qb, Kt, S, simd)
             if key_mode != KEYS_PLAIN:
@@ -513,7 +521,7 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
         if simd and not is_float32(V):
             _accumulate_rows(S, V[t0:t1], vcol, vs, acc, corr)
         else:
-            _accumulate(S, _tile(V[t0:t1], vcol, dv, vbuf, vs), acc, corr, simd, micro, pv)
+            _accumulate(S, _tile(V[t0:t1], vcol, dv, vbuf, vs), acc, corr, simd, micro, width, pv)
     return bad
 
 

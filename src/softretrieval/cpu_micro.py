@@ -258,15 +258,31 @@ def aligned_empty(n, dtype):
 
 
 @njit(cache=True)
-def tile_products(A, Bp, S, edge, bf16):
+def block_width(width, r0, tn):
+    """Columns a register tile of rows ``r0 .. r0 + ROWS`` needs: the most
+    any of its rows needs (``width`` (bq,) int64), or all ``tn`` when
+    ``width`` is empty."""
+    if width.shape[0] == 0:
+        return tn
+    n = 0
+    for r in range(r0, min(r0 + ROWS, width.shape[0])):
+        n = max(n, width[r])
+    return min(n, tn)
+
+
+@njit(cache=True)
+def tile_products(A, Bp, S, edge, bf16, width):
     """S (bq, tn) = the products of the rows of A (>= ceil(bq / ROWS) * ROWS
     rows, zero past bq) with the columns of the packed tile Bp (>=
     ceil(tn / COLS), n, COLS) (zero past tn), through :func:`bf16_dots`
-    (``bf16``: uint32 pairs) or :func:`fma_set` (float32). edge (ROWS, COLS)
-    float32 scratch for the register tiles that cross the edge of S."""
+    (``bf16``: uint32 pairs) or :func:`fma_set` (float32). width (bq,)
+    int64 or (0,): row i needs only its first ``width[i]`` columns (a key
+    window); register tiles past every row of theirs are skipped, their
+    entries left unset for the caller's mask. edge (ROWS, COLS) float32
+    scratch for the register tiles that cross the edge of S."""
     bq, tn = S.shape
     for r0 in range(0, bq, ROWS):
-        for c0 in range(0, tn, COLS):
+        for c0 in range(0, block_width(width, r0, tn), COLS):
             inside = r0 + ROWS <= bq and c0 + COLS <= tn
             out = S[r0:, c0:] if inside else edge
             if bf16:
