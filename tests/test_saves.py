@@ -172,6 +172,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, sys.argv[4])
     import test_saves
+    import softretrieval.cpu    # imported first: its Numba caches' set-up calls os.makedirs, no save step
     path, kill_at, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     calls = [0]
 
