@@ -49,6 +49,18 @@ def refuses_bad_meta():
     return check
 
 
+def switched_off(flag, fn, *args, **kw):
+    """``fn(*args, **kw)`` with the boolean ``config.<flag>`` set to False
+    (e.g. ``BF16_FILTER``, ``MICRO_KERNELS``: the path a CPU without them
+    takes), restored afterwards."""
+    saved = getattr(config, flag)
+    setattr(config, flag, False)
+    try:
+        return fn(*args, **kw)
+    finally:
+        setattr(config, flag, saved)
+
+
 def saved_file(path, name):
     """The file of array ``name`` in the saved folder ``path`` (from its meta.json)."""
     meta = json.loads((path / "meta.json").read_text())

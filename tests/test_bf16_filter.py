@@ -9,22 +9,18 @@ import numpy as np
 import pytest
 
 import softretrieval as sr
-from softretrieval import config, cpu_bf16, cpu_micro, rules, topk_buffer
+from softretrieval import cpu_bf16, cpu_micro, rules, topk_buffer
 from softretrieval.constants import MASKED, NEG_INIT
 
+from conftest import switched_off
 from reference import topk_ref
 
 needs_bf16 = pytest.mark.skipif(not cpu_bf16.available(), reason="this CPU has no AVX512_BF16")
 
 
 def float32_path(fn, *args, **kw):
-    """``fn(*args, **kw)`` with the filter switched off (every tile in float32)."""
-    saved = config.BF16_FILTER
-    config.BF16_FILTER = False
-    try:
-        return fn(*args, **kw)
-    finally:
-        config.BF16_FILTER = saved
+    """``fn(*args, **kw)`` with config.BF16_FILTER off."""
+    return switched_off("BF16_FILTER", fn, *args, **kw)
 
 
 def bf16_round(x):
