@@ -229,6 +229,29 @@ def test_huge_norms_take_the_float32_path(small_tiles, rng):
 
 
 @needs_bf16
+def test_huge_elements_and_nan_patterns_as_the_float32_path(small_tiles, rng):
+    """A query element beyond bfloat16's range against tiny keys (the norm
+    product is small, the element is not) scores in float32; keys holding
+    NaN patterns that rounding to bfloat16 would turn into numbers are
+    refused as on the float32 path."""
+    Q = rng.standard_normal((32, 16)).astype(np.float32)
+    Q[:, 0] = np.float32(3.4e38)
+    K = (rng.standard_normal((600, 16)) * 1e-10).astype(np.float32)
+    scores, ids = sr.topk(Q, K, 5)
+    s32, i32 = float32_path(sr.topk, Q, K, 5)
+    np.testing.assert_array_equal(ids, i32)
+    np.testing.assert_array_equal(scores, s32)
+    Q = rng.standard_normal((32, 16)).astype(np.float32)
+    for pattern in (0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800000):
+        bad = rng.standard_normal((600, 16)).astype(np.float32)
+        bad.view(np.uint32)[100, 3] = pattern
+        with pytest.raises(ValueError, match="NaN or inf"):
+            float32_path(sr.topk, Q, bad, 5)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            sr.topk(Q, bad, 5)
+
+
+@needs_bf16
 def test_subnormal_and_zero_inputs(small_tiles, rng):
     Q = rng.standard_normal((30, 9)).astype(np.float32) * np.float32(1e-39)
     Q[3] = 0

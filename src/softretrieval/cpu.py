@@ -481,7 +481,9 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
             _scores_rows(Qb, K[t0:t1], kcol, ks, S, terms, key_mode != KEYS_PLAIN)
         else:
             Kt = _tile(K[t0:t1], kcol, d, kbuf, ks)
-            approx = filt and qtop * cpu_bf16.pack_keys(Kt, kp, kn, pairs) < cpu_bf16.NORM_LIMIT
+            if filt:
+                ktop = cpu_bf16.pack_keys(Kt, kp, kn, pairs)
+                approx = max(qtop, ktop, qtop * ktop) < cpu_bf16.NORM_LIMIT
             if approx:
                 cpu_micro.tile_products(qp, kp, S, edge, True, width)
             elif micro:

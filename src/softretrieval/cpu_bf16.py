@@ -50,8 +50,8 @@ KEYS = cpu_micro.COLS
 _U = 2.0**-8
 _EPS = 2.0**-24
 _TINY = 2.0**-120
-#: Products of query and key norms at or above this could overflow a
-#: bfloat16 dot: such tiles take the float32 path.
+#: Query norms, key norms or their products at or above this could overflow
+#: a bfloat16 element or dot: such tiles take the float32 path.
 NORM_LIMIT = 2.0**100
 
 
@@ -101,7 +101,8 @@ def pack_queries(Qb, qp, qn):
     """Pack the float32 queries Qb (bq, d) for
     :func:`softretrieval.cpu_micro.tile_products`: qp
     (>= ceil(bq / ROWS) * ROWS, ceil(d / 2)) uint32 (rows past bq zero), qn
-    (bq,) float64 upper bounds of their norms. Returns the largest norm."""
+    (bq,) float64 upper bounds of their norms. Returns the largest norm (inf
+    if a norm is not finite: a NaN would not survive ``max``)."""
     bq = Qb.shape[0]
     top = 0.0
     for i in range(qp.shape[0]):
@@ -112,7 +113,7 @@ def pack_queries(Qb, qp, qn):
         for c in range(out.shape[0]):
             out[c] = _pair(Qb[i], c)
         qn[i] = _upper_norm(Qb[i])
-        top = max(top, qn[i])
+        top = max(top, qn[i]) if qn[i] < np.inf else np.inf
     return top
 
 
@@ -134,10 +135,13 @@ def pack_keys(Kt, kp, kn, pairs):
     ceil(d / 2), KEYS) uint32 pairs of bfloat16 (keys past tn zero), kn
     (tn,) float32 the keys' squared norms (see
     :func:`norm_bound`); pairs (>= tn, ceil(d / 2)) uint32 scratch. Returns
-    the bound of the largest norm."""
+    the bound of the largest norm, inf if a key holds NaN or inf (the tile
+    then takes the float32 path, which reports them; a NaN would not survive
+    ``max``, and rounding one to bfloat16 could make it finite)."""
     tn, d = Kt.shape
     d2 = kp.shape[1]
     top = np.float32(0.0)
+    total = np.float32(0.0)
     for j in range(tn):
         row = Kt[j]
         sq = np.float32(0.0)
@@ -145,11 +149,12 @@ def pack_keys(Kt, kp, kn, pairs):
             sq += row[c] * row[c]
         kn[j] = sq
         top = max(top, sq)
+        total += sq
         out = pairs[j]
         for c in range(d2):
             out[c] = _pair(row, c)
     cpu_micro.pack_columns(pairs[:tn], kp)
-    return norm_bound(top, d)
+    return norm_bound(top, d) if total < np.inf else np.inf
 
 
 @njit(cache=True)
