@@ -102,10 +102,10 @@ def filter_dots(Q, K):
     bq, d = Q.shape
     tn = K.shape[0]
     d2 = (d + 1) // 2
-    qp = np.empty((-(-bq // cpu_bf16.ROWS) * cpu_bf16.ROWS, d2), np.uint32)
+    qp = np.empty((-(-bq // cpu_micro.ROWS) * cpu_micro.ROWS, d2), np.uint32)
     qn = np.empty(bq)
     cpu_bf16.pack_queries(Q, qp, qn)
-    kp = np.empty((-(-tn // cpu_bf16.KEYS), d2, cpu_bf16.KEYS), np.uint32)
+    kp = np.empty((-(-tn // cpu_micro.COLS), d2, cpu_micro.COLS), np.uint32)
     kn = np.empty(tn, np.float32)
     cpu_bf16.pack_keys(K, kp, kn, np.empty((tn, d2), np.uint32))
     S = np.full((bq, tn), np.nan, np.float32)

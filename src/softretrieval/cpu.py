@@ -411,8 +411,8 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     hit count ``rg_n[i]`` and its slots ``rg_slot[i]:rg_slot[i + 1]`` of
     the range's hit buffers rg_s, rg_i (:func:`rules.range_scan_row`).
     stop (1,) int64: the range ends early (its states incomplete) once
-    ``stop[0] != 0``, checked before each tile. With ``filt`` (a top-k
-    search on a CPU with AVX512_BF16), BLAS tiles are scored in bfloat16
+    ``stop[0] != 0``, checked before each tile. With ``filt`` (a CPU with
+    AVX512_BF16), the BLAS tiles of a top-k search (no softmax, no range) are scored in bfloat16
     and only the keys that may enter a buffer are scored again in float32
     (:mod:`softretrieval.cpu_bf16`); tiles whose norms are too large for
     its error bound are scored in float32. Returns the number of rows of
@@ -815,8 +815,7 @@ def run(problem, mode):
     Q = problem.Q
     qstarts, nsplit = plan(Q.shape[0], problem.keys.data.shape[0], runtime.num_threads(),
                            problem.masks.row_lo, problem.masks.row_hi)
-    filt = (config.BF16_FILTER and mode.k > 0 and not mode.want_soft
-            and mode.range_min.shape[0] == 0 and cpu_bf16.available())
+    filt = config.BF16_FILTER and cpu_bf16.available()
     micro = config.MICRO_KERNELS and cpu_micro.has_avx512()
     tiling = (qstarts, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES, filt, micro)
     stop = np.zeros(1, np.int64)

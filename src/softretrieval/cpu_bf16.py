@@ -42,11 +42,6 @@ from numba import njit
 from . import cpu_micro
 from .core import float32_bits
 
-#: Query rows by key columns of the micro-kernel's register tile
-#: (:func:`softretrieval.cpu_micro.bf16_dots`).
-ROWS = cpu_micro.ROWS
-KEYS = cpu_micro.COLS
-
 _U = 2.0**-8
 _EPS = 2.0**-24
 _TINY = 2.0**-120
@@ -61,12 +56,17 @@ def available():
     return cpu_micro.has_bf16()
 
 
+@njit(cache=True, inline="always")
+def _gamma(n):
+    """The bound ``n u / (1 - n u)`` on the relative error of a float32 sum of
+    ``n`` terms (u = 2^-24), in any order."""
+    return n * _EPS / (1 - n * _EPS)
+
+
 @njit(cache=True)
 def coefficient(d):
     """``c`` of the module's error bound for dot products of length ``d``."""
-    n = d + 2
-    gamma = n * _EPS / (1 - n * _EPS)
-    return 2 * _U + _U * _U + 4 * gamma
+    return 2 * _U + _U * _U + 4 * _gamma(d + 2)
 
 
 @njit(cache=True, inline="always")
@@ -100,7 +100,7 @@ def _upper_norm(row):
 def pack_queries(Qb, qp, qn):
     """Pack the float32 queries Qb (bq, d) for
     :func:`softretrieval.cpu_micro.tile_products`: qp
-    (>= ceil(bq / ROWS) * ROWS, ceil(d / 2)) uint32 (rows past bq zero), qn
+    (>= ceil(bq / cpu_micro.ROWS) * cpu_micro.ROWS, ceil(d / 2)) uint32 (rows past bq zero), qn
     (bq,) float64 upper bounds of their norms. Returns the largest norm (inf
     if a norm is not finite: a NaN would not survive ``max``)."""
     bq = Qb.shape[0]
@@ -123,16 +123,15 @@ def norm_bound(sq, d):
     ``sq``, the float32 sum of its squares in any order: relative error at
     most gamma(d), plus at most ``2^-149`` per square or sum that falls into
     the subnormal range."""
-    n = d + 2
-    return math.sqrt(np.float64(sq) * (1.0 + 1.01 * n * _EPS / (1 - n * _EPS))
-                     + 2 * n * 2.0**-149) * (1.0 + 2.0**-22)
+    return math.sqrt(np.float64(sq) * (1.0 + 1.01 * _gamma(d + 2)) + 2 * (d + 2) * 2.0**-149) \
+        * (1.0 + 2.0**-22)
 
 
 @njit(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
 def pack_keys(Kt, kp, kn, pairs):
     """Pack the float32 key tile Kt (tn, d) for
-    :func:`softretrieval.cpu_micro.tile_products`: kp (>= ceil(tn / KEYS),
-    ceil(d / 2), KEYS) uint32 pairs of bfloat16 (keys past tn zero), kn
+    :func:`softretrieval.cpu_micro.tile_products`: kp (>= ceil(tn /
+    cpu_micro.COLS), ceil(d / 2), cpu_micro.COLS) uint32 pairs of bfloat16 (keys past tn zero), kn
     (tn,) float32 the keys' squared norms (see
     :func:`norm_bound`); pairs (>= tn, ceil(d / 2)) uint32 scratch. Returns
     the bound of the largest norm, inf if a key holds NaN or inf (the tile
