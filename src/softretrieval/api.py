@@ -352,7 +352,8 @@ def solve_topk(lay, problems, k, metric, device="cpu"):
         l2 = metric == "l2"
         sc, row_ids = runtime.parallel_call(
             cpu.finish_topk, logits, top_ids, count, -1.0 if l2 else 1.0, p.row_const,
-            l2 and p.logits.bias.shape[0] == 0, np.float32(pad), k, blas=False)
+            l2 and p.logits.bias.shape[0] == 0, np.float32(pad), k, work=count.shape[0] * k,
+            blas=False)
         _fill(scores, lay, b, g, sc)
         _fill(ids, lay, b, g, row_ids)
     return lay.heads_out(scores), lay.heads_out(ids)
@@ -409,7 +410,7 @@ def solve_topk_attention(lay, problems, k, device="cpu"):
         v = p.values
         rows, row_ids, row_w, cov = runtime.parallel_call(
             cpu.finish_topk_attention, logits, top_ids, count, res["lse"], v.data, v.scale, v.col,
-            v.width, k, blas=False)
+            v.width, k, work=count.shape[0] * k, blas=False)
         if not np.isfinite(rows).all():
             _refuse_non_finite(p)
         _fill(out, lay, b, g, rows)

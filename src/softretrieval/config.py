@@ -56,6 +56,12 @@ NUM_THREADS = None
 #: costs tens of microseconds).
 INTERRUPTIBLE_WORK = 1 << 26
 
+#: Per-row finishing kernels (top-k merges and finishes) smaller than this
+#: (rows times k) run their serial twins (:func:`runtime.with_serial_twin`):
+#: waking the parallel threads costs about 0.1 ms, more than a single
+#: query's finish.
+SERIAL_WORK = 4096
+
 #: Index allow-lists (``include=``): the allowed rows are gathered and each
 #: query scores only its own (cost O(sum of list lengths x d)) when the lists
 #: hold at most this share of the B x N (query, item) pairs and the gathered

@@ -527,6 +527,30 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     return bad
 
 
+@njit(cache=True)
+def _stream_states(nsplit, B, dv, k, slots, items):
+    """The per-split states :func:`stream` fills (see its Returns), initial,
+    plus its per-item counts of bad rows (items,). Allocated here, outside
+    the parallel kernel: there every ``np.full``/``np.zeros`` would become a
+    parallel region of its own, each costing a thread wake-up (~0.1 ms)."""
+    cap = topk_capacity(k) if k > 0 else 0
+    return (np.full((nsplit, B), NEG_INIT, np.float32), np.zeros((nsplit, B), np.float32),
+            np.zeros((nsplit, B, dv), np.float32), np.empty((nsplit, B, cap), np.float32),
+            np.empty((nsplit, B, cap), np.int64), np.zeros((nsplit, B), np.int64),
+            np.full((nsplit, B), NEG_INIT, np.float32), np.full((nsplit, B), -1, np.int64),
+            np.empty((nsplit, slots), np.float32), np.empty((nsplit, slots), np.int64),
+            np.zeros((nsplit, B), np.int64), np.zeros(items, np.int64))
+
+
+@njit(cache=True)
+def _total(x):
+    """Sum of a 1-d array, serially (see :func:`_stream_states`)."""
+    s = 0
+    for v in x:
+        s += v
+    return s
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     """Stream every key past every query, in ``nqb x nsplit`` parallel items.
@@ -568,20 +592,9 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     B = Q.shape[0]
     N = K.shape[0]
     nqb = qstarts.shape[0] - 1
-    m = np.full((nsplit, B), NEG_INIT, np.float32)
-    l = np.zeros((nsplit, B), np.float32)
-    acc = np.zeros((nsplit, B, dv if want_acc else 0), np.float32)
-    cap = topk_capacity(k) if k > 0 else 0
-    tk_s = np.empty((nsplit, B, cap), np.float32)
-    tk_i = np.empty((nsplit, B, cap), np.int64)
-    tk_n = np.zeros((nsplit, B), np.int64)
-    tk_ts = np.full((nsplit, B), NEG_INIT, np.float32)
-    tk_ti = np.full((nsplit, B), -1, np.int64)
     slots = range_slots[B] if range_min.shape[0] > 0 else 0
-    rg_s = np.empty((nsplit, slots), np.float32)
-    rg_i = np.empty((nsplit, slots), np.int64)
-    rg_n = np.zeros((nsplit, B), np.int64)
-    bad = np.zeros(nqb * nsplit, np.int64)
+    m, l, acc, tk_s, tk_i, tk_n, tk_ts, tk_ti, rg_s, rg_i, rg_n, bad = _stream_states(
+        nsplit, B, dv if want_acc else 0, k, slots, nqb * nsplit)
     windowed = row_lo.shape[0] > 0
     for w in prange(nqb * nsplit):
         zz = w // nsplit
@@ -614,7 +627,7 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
         bad[w] = _stream_range(Q[q0:q1], keys, values, logits, excl_ids, ptr, end, allow,
                                row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd, filt, micro,
                                mode, states, stop)
-    return m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, bad.sum()
+    return m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, _total(bad)
 
 
 @njit(cache=True)
@@ -635,6 +648,7 @@ def merge_states(m, l, acc):
     return out, lse
 
 
+@runtime.with_serial_twin
 @njit(parallel=True, cache=True, nogil=True)
 def merge_topk(tk_s, tk_i, tk_n, k):
     """Best k of the candidates of every key range, best first
@@ -647,7 +661,7 @@ def merge_topk(tk_s, tk_i, tk_n, k):
     B = tk_n.shape[1]
     scores = np.full((B, k), NEG_INIT, np.float32)
     ids = np.full((B, k), -1, np.int64)
-    count = np.zeros(B, np.int64)
+    count = np.empty(B, np.int64)
     cap = topk_capacity(k)
     for b in prange(B):
         bs = np.empty(cap, np.float32)
@@ -656,6 +670,7 @@ def merge_topk(tk_s, tk_i, tk_n, k):
     return scores, ids, count
 
 
+@runtime.with_serial_twin
 @njit(parallel=True, cache=True, nogil=True)
 def finish_topk(logits, ids, count, sign, offsets, clamp, pad, k):
     """Top-k scores and ids with FAISS's conventions (:func:`rules.topk_scores_row`
@@ -671,6 +686,7 @@ def finish_topk(logits, ids, count, sign, offsets, clamp, pad, k):
     return scores, ids_out
 
 
+@runtime.with_serial_twin
 @njit(parallel=True, cache=True, nogil=True)
 def finish_range(rg_s, rg_i, rg_n, slots, sign, offsets, clamp, threshold):
     """Range-search results with FAISS's score conventions from
@@ -683,12 +699,16 @@ def finish_range(rg_s, rg_i, rg_n, slots, sign, offsets, clamp, threshold):
     kept (B,), scores, ids)``: query b's results are the first ``kept[b]``
     entries from ``start[b]`` of the float32 scores and int64 ids."""
     P, B = rg_n.shape
-    start = np.zeros(B + 1, np.int64)
+    start = np.empty(B + 1, np.int64)       # (np.zeros and .sum() here would each be a
+    start[0] = 0                            # parallel region of its own: see _stream_states)
     for b in range(B):
-        start[b + 1] = start[b] + rg_n[:, b].sum()
+        hits = 0
+        for p in range(P):
+            hits += rg_n[p, b]
+        start[b + 1] = start[b] + hits
     scores = np.empty(start[B], np.float32)
     ids = np.empty(start[B], np.int64)
-    kept = np.zeros(B, np.int64)
+    kept = np.empty(B, np.int64)
     for b in prange(B):
         o = start[b]
         for p in range(P):
@@ -701,6 +721,7 @@ def finish_range(rg_s, rg_i, rg_n, slots, sign, offsets, clamp, threshold):
     return start, kept, scores, ids
 
 
+@runtime.with_serial_twin
 @njit(parallel=True, cache=True, nogil=True)
 def finish_topk_attention(logits, ids, count, lse, V, vscale, vcol, dv, k):
     """Top-k attention from merged top-k buffers (:func:`rules.topk_attention_row`
@@ -830,7 +851,7 @@ def run(problem, mode):
         res["out"], res["lse"] = merge_states(m, l, acc)
     if mode.k > 0:
         res["topk_logits"], res["topk_ids"], res["topk_count"] = runtime.parallel_call(
-            merge_topk, tk_s, tk_i, tk_n, mode.k, blas=False)
+            merge_topk, tk_s, tk_i, tk_n, mode.k, work=Q.shape[0] * mode.k, blas=False)
     if mode.range_min.shape[0] > 0:
         res["range_logits"], res["range_ids"], res["range_count"] = rg_s, rg_i, rg_n
     return res

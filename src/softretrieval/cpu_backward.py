@@ -163,8 +163,8 @@ def backward(Q, keys, values, logits, masks, lse2, D, dlse, dO, tiling, stop):
     N = keys.data.shape[0]
     dv = dO.shape[1]
     split = (N + nsplit - 1) // nsplit
-    gqs = np.zeros((nsplit, R, d), np.float32)
-    grs = np.zeros((nsplit, R), np.float32)
+    gqs = np.empty((nsplit, R, d), np.float32)     # (zeroed by their items: an np.zeros here
+    grs = np.empty((nsplit, R), np.float32)        # would be a parallel region of its own)
     gk = np.empty((N, d), np.float32)
     gv = np.empty((N, dv), np.float32)
     gb = np.empty(N, np.float32)
@@ -172,16 +172,20 @@ def backward(Q, keys, values, logits, masks, lse2, D, dlse, dO, tiling, stop):
         r = w // 2 if w % 2 == 0 else nsplit - 1 - w // 2     # zigzag: causal ranges balance
         k0 = r * split
         k1 = min(N, k0 + split)
+        gqs[r] = 0.0
+        grs[r] = 0.0
         if k0 < k1:                        # each item zeroes its own rows (first touch in parallel)
             gk[k0:k1] = 0.0
             gv[k0:k1] = 0.0
             gb[k0:k1] = 0.0
             _backward_range(Q, keys, values, logits, masks, lse2, D, dlse, dO, k0, k1, qblock,
                             ktile, gqs[r], grs[r], gk, gv, gb, stop)
-    gq = np.zeros((R, d), np.float32)
-    gr = np.zeros(R, np.float32)
+    gq = np.empty((R, d), np.float32)
+    gr = np.empty(R, np.float32)
     for i in prange(R):
-        for w in range(nsplit):
+        gq[i] = gqs[0, i]
+        gr[i] = grs[0, i]
+        for w in range(1, nsplit):
             gr[i] += grs[w, i]
             for c in range(d):
                 gq[i, c] += gqs[w, i, c]

@@ -49,8 +49,8 @@ def encode_half(x, center, out, rel):
     that are NaN or inf, values beyond 65504)``; rows are written regardless
     (the caller refuses the chunk; a bad value is encoded as 0)."""
     n, d = x.shape
-    bad = np.zeros(n, np.int64)
-    over = np.zeros(n, np.int64)
+    bad = 0
+    over = 0
     for i in prange(n):
         norm = 0.0                               # float64: squares of tiny values must not
         err = 0.0                                # underflow (a row of 1e-23 would pass as 0)
@@ -67,10 +67,10 @@ def encode_half(x, center, out, rel):
             e = np.float64(core.half_to_float(h)) - np.float64(v)
             norm += np.float64(v) * np.float64(v)
             err += e * e
-        bad[i] = nbad
-        over[i] = nover
+        bad += nbad
+        over += nover
         rel[i] = np.sqrt(err / norm) if norm > 0 else 0.0
-    return bad.sum(), over.sum()
+    return bad, over
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
@@ -78,8 +78,8 @@ def encode_bfloat(x, center, out, rel):
     """As :func:`encode_half`, into bfloat16 bits (round to nearest even);
     out of range: rounding to inf."""
     n, d = x.shape
-    bad = np.zeros(n, np.int64)
-    over = np.zeros(n, np.int64)
+    bad = 0
+    over = 0
     for i in prange(n):
         norm = 0.0                               # up to 3.4e38: squares in float64
         err = 0.0
@@ -98,10 +98,10 @@ def encode_bfloat(x, center, out, rel):
             e = np.float64(core.bfloat16_to_float(h)) - np.float64(v)
             norm += np.float64(v) * np.float64(v)
             err += e * e
-        bad[i] = nbad
-        over[i] = nover
+        bad += nbad
+        over += nover
         rel[i] = np.sqrt(err) / np.sqrt(norm) if norm > 0 else 0.0
-    return bad.sum(), over.sum()
+    return bad, over
 
 
 @njit(parallel=True, fastmath={"nsz", "reassoc"}, cache=True, nogil=True)
@@ -111,7 +111,7 @@ def encode_int8(x, center, out, scale_out):
     ``scale_out`` (n,) float32. Returns ``(values that are NaN or inf, 0)``.
     (No ``arcp``: the scale is an exact division, as numpy's.)"""
     n, d = x.shape
-    bad = np.zeros(n, np.int64)
+    bad = 0
     for i in prange(n):
         amax = np.float32(0.0)
         nbad = 0
@@ -129,5 +129,5 @@ def encode_int8(x, center, out, scale_out):
             q = np.rint(r) if (float32_bits(v) & _MAGNITUDE) < _EXPONENT else np.float32(0.0)
             out[i, c] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
         scale_out[i] = scale
-        bad[i] = nbad
-    return bad.sum(), 0
+        bad += nbad
+    return bad, 0

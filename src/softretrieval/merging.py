@@ -228,7 +228,8 @@ def combine(method, parts, k=None, metric="ip"):
         l2 = metric == "l2"
         pad = np.float32(np.inf if l2 else -np.inf)
         return runtime.parallel_call(cpu.finish_topk, logits, ids, count, -1.0 if l2 else 1.0,
-                                     row_const, all(p.clamp for p in full), pad, k, blas=False)
+                                     row_const, all(p.clamp for p in full), pad, k,
+                                     work=count.shape[0] * k, blas=False)
     return _finish_attention(logits, ids, count, values, _merge_lse([p.lse for p in parts]),
                              row_const, k)
 
@@ -274,7 +275,7 @@ def _finish_attention(logits, ids, count, values, lse, row_const, k):
     slot = np.where(np.arange(c) < count[:, None], np.arange(B)[:, None] * c + np.arange(c), -1)
     out, slots, weights, coverage = runtime.parallel_call(
         cpu.finish_topk_attention, logits, slot, count, lse, V, np.zeros(0, np.float32), 0, dv, k,
-        blas=False)
+        work=B * k, blas=False)
     if not np.isfinite(out).all():
         raise ValueError("non-finite result: the weighted sum of values overflows float32")
     flat_ids = ids.reshape(-1)

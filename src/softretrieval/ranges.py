@@ -185,7 +185,8 @@ def _solve(p, kernels, threshold, metric):
         count[:, over] = 0
         start, kept, sc, found = runtime.parallel_call(
             cpu.finish_range, res["range_logits"], res["range_ids"], count, slots, sign,
-            np.ascontiguousarray(sub.row_const), clamp, threshold, blas=False)
+            np.ascontiguousarray(sub.row_const), clamp, threshold, work=int(count.sum()),
+            blas=False)
         parts.append((rows, start, kept, sc, found))
         rows = rows[over]
         room = total[over] + total[over] // 16 + 16

@@ -60,22 +60,49 @@ def num_threads():
     return max(1, min(int(config.NUM_THREADS), limit))
 
 
-def parallel_call(kernel, *args, stop=None, work=0, blas=True):
+def parallel_call(kernel, *args, stop=None, work=None, blas=True):
     """Run a parallel Numba kernel under the lock, BLAS on one thread
     (``blas=False``: for kernels that call no BLAS; limiting it costs
     milliseconds per call).
 
     ``stop``: a (1,) int64 array the kernel polls between key tiles (it
-    returns early once ``stop[0] != 0``); ``work``: the call's size in
-    multiply-adds. A call from the main thread with a ``stop`` flag and more
-    than ``config.INTERRUPTIBLE_WORK`` of work runs in a helper thread, so
-    that Ctrl-C interrupts it promptly (module docstring). Either way a
-    Ctrl-C ends the call with ``KeyboardInterrupt``.
+    returns early once ``stop[0] != 0``); ``work``: the call's size (in
+    multiply-adds, or for a per-row finish, rows times k), None if unknown.
+    A call from the main thread with a ``stop`` flag and more than
+    ``config.INTERRUPTIBLE_WORK`` of work runs in a helper thread, so that
+    Ctrl-C interrupts it promptly (module docstring). Either way a Ctrl-C
+    ends the call with ``KeyboardInterrupt``. A kernel with a serial twin
+    (:func:`with_serial_twin`) runs the twin when ``work`` is below
+    ``config.SERIAL_WORK``.
     """
-    if (stop is not None and work > config.INTERRUPTIBLE_WORK
+    if work is not None and work < config.SERIAL_WORK and hasattr(kernel, "serial"):
+        kernel = kernel.serial
+    if (stop is not None and work is not None and work > config.INTERRUPTIBLE_WORK
             and threading.current_thread() is threading.main_thread()):
         return _in_helper_thread(kernel, args, stop, blas)
     return _locked_call(kernel, args, blas)
+
+
+def with_serial_twin(kernel):
+    """Give a ``parallel=True`` kernel a serial twin, ``kernel.serial``: the
+    same Python function compiled without ``parallel=True`` (its ``prange``
+    a plain loop), cached under its own name. Every call of a parallel
+    kernel wakes Numba's workqueue threads, about 0.1 ms even for one row;
+    :func:`parallel_call` runs the twin for calls too small to repay that.
+    Returns ``kernel``."""
+    import types
+
+    from numba import njit
+
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__,
+                              f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__module__ = f.__module__
+    twin.__doc__ = f.__doc__
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
+    kernel.serial = njit(**options)(twin)
+    return kernel
 
 
 def _locked_call(kernel, args, blas):
