@@ -101,7 +101,7 @@ def with_serial_twin(kernel):
     twin.__module__ = f.__module__
     twin.__doc__ = f.__doc__
     options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
-    kernel.serial = njit(**options)(twin)
+    kernel.serial = njit(cache=True, **options)(twin)
     return kernel
 
 
