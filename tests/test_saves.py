@@ -291,6 +291,36 @@ def test_loads_racing_saves_read_a_whole_generation(tmp_path):
         thread.join()
 
 
+def test_a_file_removed_while_it_is_read_is_a_retry_not_a_crash(tmp_path, monkeypatch):
+    """A racing save can remove a file between meta.json's read and the
+    file's checksum: that is the ValueError the load retries on (a new
+    meta.json) or reports, never a bare FileNotFoundError."""
+    from softretrieval import persist
+
+    path = tmp_path / "idx"
+    make_index(1).save(path)
+    real_sha256 = persist.sha256
+
+    def vanished(file):
+        raise FileNotFoundError(file)
+
+    monkeypatch.setattr(persist, "sha256", vanished)
+    with pytest.raises(ValueError, match=r"keys\.[0-9a-f]+\.npy is missing"):
+        sr.Index.load(path)
+    calls = []
+    real = persist._read_meta
+
+    def newer_meta(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:                     # the retry's check sees a new generation
+            monkeypatch.setattr(persist, "sha256", real_sha256)
+            make_index(2).save(path)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(persist, "_read_meta", newer_meta)
+    assert same_index(sr.Index.load(path), make_index(2))
+
+
 def test_a_damaged_or_forged_meta_is_not_trusted_by_a_save(tmp_path):
     """A folder whose meta.json fails its checksum is refused by save as by
     load (its file list is not trusted to decide what to delete); files of

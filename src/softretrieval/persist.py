@@ -403,10 +403,16 @@ def _load_arrays(path, meta, mmap, verify):
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path}: meta.json has a bad entry for {name}: {exc}") from None
         file = os.path.join(path, base)
-        if not os.path.isfile(file):
-            raise ValueError(f"{path}: {base} is missing")
-        if verify and sha256(file) != expected:
-            raise ValueError(f"{path}: {base} is damaged or truncated (checksum mismatch)")
+        try:
+            if verify and sha256(file) != expected:
+                raise ValueError(f"{path}: {base} is damaged or truncated (checksum mismatch)")
+            if not os.path.isfile(file):
+                raise FileNotFoundError(file)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            # (also when a racing save removes it after meta.json was read: the caller retries)
+            raise ValueError(f"{path}: {base} is missing") from None
+        except OSError as exc:
+            raise ValueError(f"{path}: {base} cannot be read: {exc}") from None
         try:
             arr = np.load(file, mmap_mode="c" if mmap else None, allow_pickle=False)
         except (OSError, EOFError, ValueError) as exc:
