@@ -186,7 +186,7 @@ def test_driver_any_split(rng, nqb, nsplit):
     f32 = np.zeros(0, np.float32)
     m, l, acc, _, _, _, _, _, _, bad = runtime.parallel_call(
         cpu.stream, Qs, Rows(K, f32, 0, 6), Rows(V, f32, 0, 5), Logits(f32, 0, np.float32(0)),
-        Masks(none, none, none, none), (blocks(11, nqb), nsplit, 16, 8, 2, False, False), Mode(True, True, 0),
+        Masks(none, none, none, none), (blocks(11, nqb), nsplit, 16, 8, 2, False, False, False), Mode(True, True, 0),
         np.zeros(1, np.int64))
     out, lse = cpu.merge_states(m, l, acc)
     assert bad == 0
@@ -206,7 +206,7 @@ def test_stop_flag_ends_the_stream_before_its_next_tile(rng):
     f32 = np.zeros(0, np.float32)
     m, l, acc, _, _, tk_n, _, _, _, _ = runtime.parallel_call(
         cpu.stream, Q.astype(np.float32), Rows(K, f32, 0, 6), Rows(V, f32, 0, 5), Logits(f32, 0, np.float32(0)),
-        Masks(none, none, none, none), (blocks(11, 2), 3, 16, 8, 2, False, False), Mode(True, True, 4),
+        Masks(none, none, none, none), (blocks(11, 2), 3, 16, 8, 2, False, False, False), Mode(True, True, 4),
         np.ones(1, np.int64))
     assert (m == NEG_INIT).all() and (l == 0).all() and (acc == 0).all() and (tk_n == 0).all()
 

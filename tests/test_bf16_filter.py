@@ -49,6 +49,16 @@ def exact_data(rng, B, N, d, bases=3, flips=0.1):
 
 # ------------------------------------------------------------ the rescoring scan (plain Python)
 
+NO_SCALES = np.zeros(0, np.float32)
+
+
+@pytest.fixture(autouse=True)
+def plain_decode(monkeypatch):
+    """The rules run as plain Python here: their stored-element decoder (which
+    each target supplies) is the identity on float32 rows."""
+    monkeypatch.setattr(rules, "decode", lambda x: x, raising=False)
+
+
 def scan_both(rng, n_tiles, tile, k, noise):
     """The buffer after :func:`rules.topk_rescore_scan_row` on approximate
     logits (exact ones plus ``noise`` times the slack) and after
@@ -70,7 +80,8 @@ def scan_both(rng, n_tiles, tile, k, noise):
             mx = row.max()
             if rescore:
                 count, ts, ti = rules.topk_rescore_scan_row(
-                    row, row.size, mx, t0, k, bs, bi, count, ts, ti, q, Kt, None, None, False, slack)
+                    row, row.size, mx, t0, k, bs, bi, count, ts, ti, q, Kt, NO_SCALES, None, None,
+                    False, slack)
             else:
                 count, ts, ti = rules.topk_scan_row(row, row.size, mx, t0, k, bs, bi, count, ts, ti)
         n = topk_buffer.finish(bs, bi, count, k)

@@ -31,6 +31,12 @@ MIN_KEYS_PER_SPLIT = 2048
 #: False: every tile in float32.
 BF16_FILTER = True
 
+#: Top-k searches of a few queries (the SIMD path) over int8 keys, on a CPU
+#: with AVX512_VNNI, score the keys in integers against int8-rounded queries
+#: first and only the keys that may enter the top-k again in float32
+#: (:mod:`softretrieval.cpu_int8`): the same results. False: in float32.
+INT8_FILTER = True
+
 #: On a CPU with AVX-512F the BLAS tiles' weighted sums of value rows run
 #: through softretrieval's own float32 micro-kernel
 #: (:func:`softretrieval.cpu_micro.fma_rows`), faster than OpenBLAS on these

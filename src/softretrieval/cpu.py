@@ -31,7 +31,7 @@ from numba import types as nbtypes
 from llvmlite import ir
 from numba.core.extending import intrinsic, overload
 
-from . import config, core, cpu_bf16, cpu_micro, rules, runtime
+from . import config, core, cpu_bf16, cpu_int8, cpu_micro, rules, runtime
 from .constants import KEYS_PLAIN, MASKED, NEG_INIT
 
 bfloat16_to_float = core.cpu.bfloat16_to_float
@@ -83,6 +83,17 @@ shared = rules.shared(njit(inline="always"), decode)
 topk_offer = shared.topk_buffer.offer
 topk_finish = shared.topk_buffer.finish
 topk_capacity = shared.topk_buffer.capacity
+
+
+def is_int8(X):
+    """Whether the array X is int8 (known at compile time)."""
+    return X.dtype == np.int8
+
+
+@overload(is_int8, inline="always")
+def _is_int8_for(X):
+    int8 = X.dtype == nbtypes.int8
+    return lambda X: int8
 
 
 def is_float32(X):
@@ -392,7 +403,7 @@ def _filter_terms(kn, d, factors, terms, transformed):
 
 @njit(fastmath=_FAST, cache=True)
 def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k0, k1, ktile, simd,
-                  filt, micro, mode, states, stop):
+                  filt, filt8, micro, mode, states, stop):
     """Stream keys ``k0:k1`` into the states of one query block.
 
     Qb (bq, d) float32. keys, values: :class:`devices.Rows` (the keys are
@@ -415,7 +426,11 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     AVX512_BF16), the BLAS tiles of a top-k search (no softmax, no range) are scored in bfloat16
     and only the keys that may enter a buffer are scored again in float32
     (:mod:`softretrieval.cpu_bf16`); tiles whose norms are too large for
-    its error bound are scored in float32. Returns the number of rows of
+    its error bound are scored in float32. With ``filt8`` (a CPU with
+    AVX512_VNNI), the SIMD tiles of a top-k search over int8 keys with
+    plain inner products are scored in integers against int8-rounded
+    queries, likewise rescoring only the keys that may enter
+    (:mod:`softretrieval.cpu_int8`). Returns the number of rows of
     score tiles that held a NaN or inf.
     """
     K, kscale, kcol = keys.data, keys.scale, keys.col
@@ -445,6 +460,8 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     # bfloat16 filter's query pairs, their norm bounds and key tiles; the
     # float32 queries and key tiles; the scratch of the edge register tiles.
     filt = filt and k > 0 and not want_soft and not ranged and not simd
+    filt8 = (filt8 and k > 0 and not want_soft and not ranged and simd and is_int8(K)
+             and not transformed)
     micro = micro and not simd
     rows, cols = cpu_micro.ROWS, cpu_micro.COLS
     d2 = (d + 1) // 2
@@ -461,6 +478,10 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
         (-1, d, cols))
     edge = cpu_micro.aligned_empty(rows * cols, np.float32).reshape((rows, cols))
     qtop = cpu_bf16.pack_queries(Qb, qp, qn) if filt else 0.0
+    qi = np.empty((bq if filt8 else 0, cpu_int8.padded(d)), np.int8)
+    qstats = np.empty((bq if filt8 else 0, 3), np.float64)
+    qtop8 = cpu_int8.quantize_queries(Qb, qi, qstats) if filt8 else np.inf
+    kmax = np.float32(0.0)
     if micro:
         cpu_micro.pad_rows(Qb, qf32)
     # Keys of the tile each row may see (key windows: causal), so that the
@@ -477,7 +498,12 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
         Kt = kbuf
         for i in range(width.shape[0]):
             width[i] = min(max(hi[i] - t0, 0), t1 - t0)
-        if simd and not kplain:
+        approx8 = False
+        if filt8:
+            approx8, kmax = cpu_int8.usable(qtop8, ks)
+        if approx8:
+            cpu_int8.approx_scores(qi, qstats, K[t0:t1, kcol:kcol + d], ks, S)
+        elif simd and not kplain:
             _scores_rows(Qb, K[t0:t1], kcol, ks, S, terms, key_mode != KEYS_PLAIN)
         else:
             Kt = _tile(K[t0:t1], kcol, d, kbuf, ks)
@@ -507,7 +533,12 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
             if k > 0 and approx:
                 tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_rescore_scan_row(
                     S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i], Qb[i],
-                    Kt, factors, terms, transformed, cpu_bf16.slack(qn[i], ma, mb))
+                    Kt, kscale[:0], factors, terms, transformed, cpu_bf16.slack(qn[i], ma, mb))
+            elif k > 0 and approx8:
+                tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_rescore_scan_row(
+                    S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i], Qb[i],
+                    K[t0:t1, kcol:kcol + d], ks, factors, terms, False,
+                    cpu_int8.slack(qstats[i, 2], kmax))
             elif k > 0:
                 tk_n[i], tk_ts[i], tk_ti[i] = shared.topk_scan_row(
                     S[i], t1 - t0, mx, t0, k, tk_s[i], tk_i[i], tk_n[i], tk_ts[i], tk_ti[i])
@@ -562,7 +593,7 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     int64 key window ``[lo, hi)`` of each query (causal and sliding-window
     modes, folded problems): key tiles outside every window of a block are
     skipped, tiles that cross a window edge masked. tiling: ``(qstarts,
-    nsplit, ktile, ktile_simd, simd_queries, filt, micro)``: query block b is rows
+    nsplit, ktile, ktile_simd, simd_queries, filt, filt8, micro)``: query block b is rows
     ``qstarts[b]:qstarts[b + 1]`` (qstarts (nqb + 1,) int64, from
     :func:`plan`); each block's key range (all N keys, or the span of its
     rows' windows) is cut into ``nsplit`` equal ranges; blocks of at most
@@ -587,7 +618,7 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
     K = keys.data
     dv = values.width
     excl_off, excl_ids, row_lo, row_hi, allow = masks
-    qstarts, nsplit, ktile, ktile_simd, simd_queries, filt, micro = tiling
+    qstarts, nsplit, ktile, ktile_simd, simd_queries, filt, filt8, micro = tiling
     want_soft, want_acc, k, range_min, range_slots = mode
     B = Q.shape[0]
     N = K.shape[0]
@@ -625,7 +656,7 @@ def stream(Q, keys, values, logits, masks, tiling, mode, stop):
                   tk_n[sp, q0:q1], tk_ts[sp, q0:q1], tk_ti[sp, q0:q1], range_min[q0:q1],
                   range_slots[q0:q1 + 1], rg_n[sp, q0:q1], rg_s[sp], rg_i[sp])
         bad[w] = _stream_range(Q[q0:q1], keys, values, logits, excl_ids, ptr, end, allow,
-                               row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd, filt, micro,
+                               row_lo[q0:q1], row_hi[q0:q1], k0, k1, tile, simd, filt, filt8, micro,
                                mode, states, stop)
     return m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, _total(bad)
 
@@ -837,8 +868,10 @@ def run(problem, mode):
     qstarts, nsplit = plan(Q.shape[0], problem.keys.data.shape[0], runtime.num_threads(),
                            problem.masks.row_lo, problem.masks.row_hi)
     filt = config.BF16_FILTER and cpu_bf16.available()
+    filt8 = config.INT8_FILTER and cpu_int8.available()
     micro = config.MICRO_KERNELS and cpu_micro.has_avx512()
-    tiling = (qstarts, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES, filt, micro)
+    tiling = (qstarts, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES, filt, filt8,
+              micro)
     stop = np.zeros(1, np.int64)
     lo, hi = problem.masks.row_lo, problem.masks.row_hi
     pairs = Q.shape[0] * problem.keys.data.shape[0] if lo.shape[0] == 0 else int((hi - lo).sum())

@@ -65,6 +65,12 @@ def has_bf16():
     return has_avx512() and bool(_host_features().get("avx512bf16"))
 
 
+def has_vnni():
+    """Whether :func:`int8_dot` runs here (AVX512_VNNI and AVX512BW as well)."""
+    features = _host_features()
+    return has_avx512() and bool(features.get("avx512vnni")) and bool(features.get("avx512bw"))
+
+
 class _BFloat16(ir.Type):
     """LLVM's ``bfloat`` type, which llvmlite's IR builder does not name."""
 
@@ -244,6 +250,84 @@ fma_set = _kernel(
 fma_rows = _kernel(
     f"softretrieval_fma_rows_{ROWS}x{COLS}", has_avx512, True, _fma_step,
     """``out[r, c] += sum_t A[r, t] * B[t, c]`` (r < ROWS, c < COLS), float32.""")
+
+
+_I8 = ir.IntType(8)
+_V64B = ir.VectorType(_I8, 4 * LANES)
+
+
+def _int8_dot_function(module):
+    """Define (once per LLVM module) ``i32 name(q, k, d)`` over int8
+    pointers: ``sum_c (k[c] + 128) * q[c]`` for ``c < d``, 64 bytes per
+    ``vpdpbusd`` (AVX512_VNNI: unsigned bytes times signed bytes, summed in
+    int32 lanes). The key bytes are loaded under a mask (none is read past
+    ``d``); the query must be zero-padded to a multiple of 64 bytes."""
+    name = "softretrieval_int8_dot"
+    if name in module.globals:
+        return module.globals[name]
+    pb = ir.PointerType(_I8)
+    fn = ir.Function(module, ir.FunctionType(_I32, [pb, pb, _I64]), name=name)
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    q, k, d = fn.args
+    entry = fn.append_basic_block("entry")
+    b = ir.IRBuilder(entry)
+    if not has_vnni():
+        b.call(_declare(module, "llvm.trap", ir.VoidType(), []), [])
+        b.ret(ir.Constant(_I32, 0))
+        return fn
+    zero = ir.Constant(_V16I, [0] * LANES)
+    loop = fn.append_basic_block("loop")
+    done = fn.append_basic_block("done")
+    b.cbranch(b.icmp_signed(">", d, ir.Constant(_I64, 0)), loop, done)
+    b.position_at_end(loop)
+    c = b.phi(_I64)
+    c.add_incoming(ir.Constant(_I64, 0), entry)
+    acc = b.phi(_V16I)
+    acc.add_incoming(zero, entry)
+    width = 4 * LANES
+    rest = b.sub(d, c)          # bytes left: the mask is the low min(rest, 64) bits
+    full = b.icmp_signed(">=", rest, ir.Constant(_I64, width))
+    low = b.sub(b.shl(ir.Constant(_I64, 1), b.select(full, ir.Constant(_I64, 0), rest)),
+                ir.Constant(_I64, 1))
+    mask = b.bitcast(b.select(full, ir.Constant(_I64, -1), low), ir.VectorType(ir.IntType(1), width))
+    masked_load = _declare(module, "llvm.masked.load.v64i8.p0", _V64B,
+                           [ir.PointerType(_V64B), _I32, ir.VectorType(ir.IntType(1), width), _V64B])
+    kv = b.call(masked_load, [b.bitcast(b.gep(k, [c]), ir.PointerType(_V64B)), ir.Constant(_I32, 1),
+                              mask, ir.Constant(_V64B, [0] * width)])
+    qv = b.load(b.bitcast(b.gep(q, [c]), ir.PointerType(_V64B)), align=1)
+    dp = _declare(module, "llvm.x86.avx512.vpdpbusd.512", _V16I, [_V16I, _V16I, _V16I])
+    new = b.call(dp, [acc, b.bitcast(b.xor(kv, ir.Constant(_V64B, [0x80] * width)), _V16I),
+                      b.bitcast(qv, _V16I)])
+    c1 = b.add(c, ir.Constant(_I64, width))
+    c.add_incoming(c1, loop)
+    acc.add_incoming(new, loop)
+    b.cbranch(b.icmp_signed("<", c1, d), loop, done)
+    b.position_at_end(done)
+    total = b.phi(_V16I)
+    total.add_incoming(zero, entry)
+    total.add_incoming(new, loop)
+    reduce = _declare(module, "llvm.vector.reduce.add.v16i32", _I32, [_V16I])
+    b.ret(b.call(reduce, [total]))
+    return fn
+
+
+@intrinsic
+def int8_dot(typingctx, q, k):
+    """``sum_c (k[c] + 128) * q[c]`` over the ``len(k)`` elements of the
+    contiguous int8 array k, exactly, as int32 (:func:`has_vnni`; the
+    caller subtracts ``128 * sum(q)``). q (>= 64 * ceil(len(k) / 64),)
+    int8, zero past ``len(k)``. Sums must fit int32 (``len(k) < 2^17``)."""
+
+    def codegen(context, builder, signature, args):
+        fn = _int8_dot_function(builder.module)
+        qa = context.make_array(signature.args[0])(context, builder, args[0])
+        ka = context.make_array(signature.args[1])(context, builder, args[1])
+        n = builder.extract_value(ka.shape, 0)
+        pb = ir.PointerType(_I8)
+        return builder.call(fn, [builder.bitcast(qa.data, pb), builder.bitcast(ka.data, pb), n])
+
+    return nbtypes.int32(q, k), codegen
 
 
 @njit(cache=True)

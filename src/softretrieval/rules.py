@@ -199,14 +199,15 @@ FILTER_REL = np.float32(2.0**-20)
 
 
 def dot_row(q, k):
-    """``q . k`` in float32 for two 1-D float32 arrays of equal length."""
+    """``q . k`` in float32: q (d,) float32, k (d,) a stored row (decoded
+    element by element)."""
     dot = np.float32(0.0)
     for c in range(q.shape[0]):
-        dot += q[c] * k[c]
+        dot += q[c] * decode(k[c])   # noqa: F821 (given by the target)
     return dot
 
 
-def topk_rescore_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti, q, Kt, factors, terms,
+def topk_rescore_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti, q, Kt, ks, factors, terms,
                           transformed, slack):
     """:func:`topk_scan_row` for a row of approximate logits: ``row[:n]``
     (max ``mx``) holds, for keys ``t0, t0 + 1, ...``, logits each within
@@ -214,11 +215,12 @@ def topk_rescore_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti, q, Kt, facto
     them; masked keys hold :data:`constants.MASKED` exactly). A key whose
     approximate logit comes within that margin of the threshold ``ts`` could
     enter, so it is scored again exactly — the float32 dot of the query
-    ``q`` (d,) with its key row ``Kt[j]``, turned into a logit by
-    ``factors[j]``, ``terms[j]`` (:func:`logit`) when ``transformed`` — and
-    offered with that logit; every other key is certainly below the
-    threshold. So the buffer ends exactly as an exact scan leaves it.
-    Returns the new ``(count, ts, ti)``."""
+    ``q`` (d,) with its key row ``Kt[j]`` (float32, or stored int8 times
+    its row scale ``ks[j]``; ks (0,) when the rows are float32), turned into
+    a logit by ``factors[j]``, ``terms[j]`` (:func:`logit`) when
+    ``transformed`` — and offered with that logit; every other key is
+    certainly below the threshold. So the buffer ends exactly as an exact
+    scan leaves it. Returns the new ``(count, ts, ti)``."""
     thr = ts - (slack + FILTER_REL * abs(ts))
     if mx < thr:
         return count, ts, ti
@@ -227,6 +229,8 @@ def topk_rescore_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti, q, Kt, facto
             s = row[j]
             if s != MASKED:
                 s = dot_row(q, Kt[j])
+                if ks.shape[0] > 0:
+                    s *= ks[j]
                 if transformed:
                     s = logit(s, factors[j], terms[j])
             count, ts, ti = topk_buffer.offer(bs, bi, count, k, ts, ti, s, t0 + j)

@@ -1,0 +1,137 @@
+"""The int8 filter of exact top-k searches over int8 keys, for CPUs with AVX512_VNNI.
+
+A search of a few queries over int8 keys is bound by arithmetic, not memory:
+decoding each byte to float32 and multiplying it costs more than reading it
+(about 9 ns per 128-byte key on one Zen 4 core, against 4 ns to read it). With
+AVX512_VNNI, ``vpdpbusd`` multiplies 64 bytes by 64 bytes and sums them in
+int32 lanes in one instruction (:func:`softretrieval.cpu_micro.int8_dot`).
+So each query is rounded to int8 too (:func:`quantize_queries`), the keys are
+scored exactly in integers against that rounded query, each approximate logit
+comes with a certified bound on its error (:func:`slack`), and only the keys
+whose approximate logit comes within that bound of the buffer's threshold
+are scored again in float32 and offered
+(:func:`softretrieval.rules.topk_rescore_scan_row`), as for the bfloat16
+filter (:mod:`softretrieval.cpu_bf16`). Every other key is certainly below
+the threshold, so the buffer ends as an exact float32 scan leaves it.
+
+The error bound. A query ``q`` (float32, length d) is rounded to ``s q~`` with
+``s = max|q| / 127`` and integers ``|q~_c| <= 127``; ``e = q - s q~``. A key
+is ``s_k k`` with int8 ``|k_c| <= 128``. The filter's logit is ``s s_k (q~ .
+k)``, the integer dot exact, so it differs from the exact ``s_k (q . k)`` by
+``s_k |e . k| <= 128 s_k |e|_1``. The float32 rescoring differs from the exact
+value by at most ``s_k (gamma(d) 128 |q|_1 + d 2^-149)`` (any order of
+additions; products falling below the normal range lose up to ``2^-150``
+each). Both are multiplied by the tile's largest ``s_k``
+(:func:`slack`); the float32 roundings of the two logits themselves are the
+rule's relative part (:data:`softretrieval.rules.FILTER_REL`).
+
+The filter serves plain inner products (no bias, no l2 or cosine terms:
+those keys take the float32 path) in tiles where ``128 |q|_1`` times the
+largest scale stays below ``2^100`` (:func:`usable`). On a CPU without AVX512_VNNI
+:func:`available` is false and the kernel compiles to a trap that is never
+reached.
+"""
+
+import numpy as np
+from numba import njit
+
+from . import cpu_micro
+from .cpu_bf16 import _gamma
+
+#: Bytes per ``vpdpbusd`` step: queries are zero-padded to a multiple.
+STEP = 64
+#: Above this, ``128 |q|_1 max s_k`` could let a logit overflow: float32 path.
+LIMIT = 2.0**100
+
+
+def available():
+    """Whether the filter can run here (AVX512_VNNI, Numba compiling for this CPU)."""
+    return cpu_micro.has_vnni()
+
+
+@njit(cache=True, inline="always")
+def padded(d):
+    """Query bytes for keys of length d: d rounded up to a multiple of :data:`STEP`."""
+    return -(-d // STEP) * STEP
+
+
+@njit(cache=True)
+def quantize_queries(Qb, qi, stats):
+    """Round the float32 queries Qb (bq, d) to int8: ``qi`` (bq,
+    >= :func:`padded` (d)) the integers (zero past d); ``stats`` (bq, 3)
+    float64 each query's scale ``s``, ``128 * sum(q~)`` (what
+    :func:`softretrieval.cpu_micro.int8_dot` adds) and the per-unit-scale
+    margin ``128 (|e|_1 + gamma(d) |q|_1 + d 2^-149)`` (the module's bound,
+    rounded up). Returns the largest ``128 |q|_1``, inf if a query holds NaN
+    or inf (:func:`usable`)."""
+    bq, d = Qb.shape
+    largest = 0.0
+    for i in range(bq):
+        row = Qb[i]
+        top = 0.0
+        l1 = 0.0
+        for c in range(d):
+            a = abs(np.float64(row[c]))
+            top = max(top, a)
+            l1 += a
+        if not l1 < np.inf:
+            return np.inf
+        largest = max(largest, 128.0 * l1)
+        s = top / 127.0
+        out = qi[i]
+        out[:] = 0
+        err = 0.0
+        total = 0
+        if s > 0:
+            for c in range(d):
+                x = np.float64(row[c])
+                t = min(max(np.rint(x / s), -127.0), 127.0)
+                out[c] = np.int8(t)
+                total += np.int64(t)
+                err += abs(x - s * t)
+        stats[i, 0] = s
+        stats[i, 1] = 128.0 * total
+        stats[i, 2] = 128.0 * (err * (1.0 + 2.0**-40) + (_gamma(d) + 2.0**-45) * l1
+                               + d * 2.0**-149) * (1.0 + 2.0**-40)
+    return largest
+
+
+@njit(cache=True, inline="always")
+def usable(largest, ks):
+    """Whether a tile of keys with row scales ks can go through the filter
+    for queries whose largest ``128 |q|_1`` is ``largest``
+    (:func:`quantize_queries`): every logit then stays below
+    :data:`LIMIT` (no overflow in either path), and no scale is NaN or inf
+    (the float32 path reports those). Also returns the largest scale."""
+    kmax = np.float32(0.0)
+    finite = True
+    for j in range(ks.shape[0]):
+        a = abs(ks[j])
+        finite &= a < np.inf
+        kmax = max(kmax, a)
+    return finite and largest * np.float64(kmax) < LIMIT, kmax
+
+
+@njit(cache=True)
+def approx_scores(qi, stats, Kt, ks, S):
+    """S (bq, tn) float32 = the filter's logits of the queries (``qi``,
+    ``stats`` from :func:`quantize_queries`) against the int8 key rows Kt
+    (tn, d) (each row contiguous) with row scales ks (tn,): ``s s_k (q~ .
+    k)``, the integer dots through ``vpdpbusd``."""
+    bq, tn = S.shape
+    for i in range(bq):
+        q = qi[i]
+        s = stats[i, 0]
+        shift = stats[i, 1]
+        row = S[i]
+        for j in range(tn):
+            dot = np.float64(cpu_micro.int8_dot(q, Kt[j])) - shift
+            row[j] = np.float32(dot * s * np.float64(ks[j]))
+
+
+@njit(cache=True, inline="always")
+def slack(unit, kmax):
+    """A query's margin (its ``stats[i, 2]``) in a tile whose largest row
+    scale is kmax (:func:`usable`), float32, rounded up; plus ``2^-148`` for
+    the roundings of either logit into float32's subnormal range."""
+    return np.float32(unit * np.float64(kmax) * (1.0 + 2.0**-20) + 2.0**-148)
