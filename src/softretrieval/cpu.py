@@ -85,26 +85,16 @@ topk_finish = shared.topk_buffer.finish
 topk_capacity = shared.topk_buffer.capacity
 
 
-def is_int8(X):
-    """Whether the array X is int8 (known at compile time)."""
-    return X.dtype == np.int8
+def has_dtype(X, dtype):
+    """Whether the array X holds ``dtype`` (a numpy scalar type), known at
+    compile time: e.g. ``has_dtype(K, np.float32)``."""
+    return X.dtype == dtype
 
 
-@overload(is_int8, inline="always")
-def _is_int8_for(X):
-    int8 = X.dtype == nbtypes.int8
-    return lambda X: int8
-
-
-def is_float32(X):
-    """Whether the array X is float32 (known at compile time)."""
-    return X.dtype == np.float32
-
-
-@overload(is_float32, inline="always")
-def _is_float32_for(X):
-    plain = X.dtype == nbtypes.float32
-    return lambda X: plain
+@overload(has_dtype, inline="always")
+def _has_dtype_for(X, dtype):
+    same = X.dtype == dtype.instance_type
+    return lambda X, dtype: same
 
 
 def _tile(X, col, width, buf, scale):
@@ -447,11 +437,11 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     factors = np.empty(ktile, np.float32)
     corr = np.ones(bq, np.float32)
     pv = np.empty((bq, dv), np.float32)
-    kplain = is_float32(K)
+    kplain = has_dtype(K, np.float32)
     # Scratch for decoded or head-packed key tiles (compact keys on the SIMD
     # path decode in registers instead).
     kbuf = np.empty((ktile if (K.shape[1] != d if kplain else not simd) else 0, d), np.float32)
-    vbuf = np.empty((ktile if want_acc and (V.shape[1] != dv or not is_float32(V)) else 0, dv),
+    vbuf = np.empty((ktile if want_acc and (V.shape[1] != dv or not has_dtype(V, np.float32)) else 0, dv),
                     np.float32)
     kscaled = kscale.shape[0] > 0
     vscaled = vscale.shape[0] > 0
@@ -460,7 +450,7 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     # bfloat16 filter's query pairs, their norm bounds and key tiles; the
     # float32 queries and key tiles; the scratch of the edge register tiles.
     filt = filt and k > 0 and not want_soft and not ranged and not simd
-    filt8 = (filt8 and k > 0 and not want_soft and not ranged and simd and is_int8(K)
+    filt8 = (filt8 and k > 0 and not want_soft and not ranged and simd and has_dtype(K, np.int8)
              and not transformed)
     micro = micro and not simd
     rows, cols = cpu_micro.ROWS, cpu_micro.COLS
@@ -551,7 +541,7 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
         if not want_acc:
             continue
         vs = vscale[t0:t1] if vscaled else vscale
-        if simd and not is_float32(V):
+        if simd and not has_dtype(V, np.float32):
             _accumulate_rows(S, V[t0:t1], vcol, vs, acc, corr)
         else:
             _accumulate(S, _tile(V[t0:t1], vcol, dv, vbuf, vs), acc, corr, simd, micro, width, pv)

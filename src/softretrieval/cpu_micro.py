@@ -108,6 +108,20 @@ def _declare(module, name, ret, args):
     return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
+def _loop_head(fn, b, n, entry):
+    """Open a counted loop in ``fn`` after the block ``entry`` (skipped when
+    ``n <= 0``): returns its blocks ``(loop, done)`` and the counter's phi
+    (0 on entry; the caller adds the increment), the builder ``b`` in the
+    loop body."""
+    loop = fn.append_basic_block("loop")
+    done = fn.append_basic_block("done")
+    b.cbranch(b.icmp_signed(">", n, ir.Constant(_I64, 0)), loop, done)
+    b.position_at_end(loop)
+    t = b.phi(_I64)
+    t.add_incoming(ir.Constant(_I64, 0), entry)
+    return loop, done, t
+
+
 def _register_tile(module, name, available, accumulate, step):
     """Define (once per LLVM module) ``void name(a, b, out, n, lda, ldb,
     ldo)`` over float32/int32 pointers: ROWS x COLS accumulators, started
@@ -133,12 +147,7 @@ def _register_tile(module, name, available, accumulate, step):
              for c in range(COLS // LANES)] for r in range(ROWS)]
     zero = ir.Constant(_V16F, [0.0] * LANES)
     start = [[b.load(p, align=4) if accumulate else zero for p in row] for row in ptrs]
-    loop = fn.append_basic_block("loop")
-    done = fn.append_basic_block("done")
-    b.cbranch(b.icmp_signed(">", n, ir.Constant(_I64, 0)), loop, done)
-    b.position_at_end(loop)
-    t = b.phi(_I64)
-    t.add_incoming(ir.Constant(_I64, 0), entry)
+    loop, done, t = _loop_head(fn, b, n, entry)
     acc = [[b.phi(_V16F) for _ in row] for row in ptrs]
     for r, row in enumerate(acc):
         for c, phi in enumerate(row):
@@ -277,12 +286,7 @@ def _int8_dot_function(module):
         b.ret(ir.Constant(_I32, 0))
         return fn
     zero = ir.Constant(_V16I, [0] * LANES)
-    loop = fn.append_basic_block("loop")
-    done = fn.append_basic_block("done")
-    b.cbranch(b.icmp_signed(">", d, ir.Constant(_I64, 0)), loop, done)
-    b.position_at_end(loop)
-    c = b.phi(_I64)
-    c.add_incoming(ir.Constant(_I64, 0), entry)
+    loop, done, c = _loop_head(fn, b, d, entry)
     acc = b.phi(_V16I)
     acc.add_incoming(zero, entry)
     width = 4 * LANES
