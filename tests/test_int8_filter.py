@@ -21,11 +21,16 @@ def float32_path(fn, *args, **kw):
 
 
 @njit
-def integer_dots(q, K):
+def integer_dots(q, K, c0, d):
     out = np.empty(K.shape[0], np.int32)
     for j in range(K.shape[0]):
-        out[j] = cpu_micro.int8_dot(q, K[j])
+        out[j] = cpu_micro.int8_dot(q, K[j, c0:c0 + d])
     return out
+
+
+def wrapped(x):
+    """int64 values modulo 2^32 as int32."""
+    return ((np.asarray(x, np.int64) + 2**31) % 2**32 - 2**31).astype(np.int32)
 
 
 def exact_int8_data(rng, B, N, d, bases=4, flips=0.2):
@@ -62,17 +67,30 @@ def int8_index(K):
 
 # ------------------------------------------------------------ the integer dot and its bound
 
-@pytest.mark.parametrize("d", [1, 5, 63, 64, 65, 128, 200, 384])
+@pytest.mark.parametrize("d", [1, 5, 63, 64, 65, 128, 200, 384, 70000])
 def test_integer_dot_is_exact(rng, d):
+    """Exact modulo 2^32 (the sums of d = 70000 wrap; the offset taken back
+    in the same arithmetic gives the exact dot, below)."""
     K = rng.integers(-128, 128, (9, d)).astype(np.int8)
+    K[0] = 127
     q = np.zeros(cpu_int8.padded(d), np.int8)
     q[:d] = rng.integers(-127, 128, d)
-    expected = (K.astype(np.int64) + 128) @ q[:d].astype(np.int64)
-    np.testing.assert_array_equal(integer_dots(q, K), expected)
+    q[:d:2] = 127
+    expected = wrapped((K.astype(np.int64) + 128) @ q[:d].astype(np.int64))
+    np.testing.assert_array_equal(integer_dots(q, K, 0, d), expected)
     # a row slice of a wider array (a head's columns): nothing past d is read
     wide = rng.integers(-128, 128, (9, d + 70)).astype(np.int8)
     wide[:, 3:3 + d] = K
-    np.testing.assert_array_equal(integer_dots(q, wide[:, 3:3 + d]), expected)
+    np.testing.assert_array_equal(integer_dots(q, wide, 3, d), expected)
+
+
+def test_long_keys_whose_integer_sums_wrap_still_score_exactly():
+    d = 70000                                    # sum (k + 128) q~ = 255 * 127 * d > 2^31
+    Q = np.ones((1, d), np.float32)
+    codes = np.full((2, d), 127, np.int8)
+    codes[1, ::2] = -128
+    S, _, _ = filter_logits(Q, codes, np.ones(2, np.float32))
+    np.testing.assert_array_equal(S[0], [127.0 * d, (127.0 - 128.0) * d / 2])
 
 
 def filter_logits(Q, codes, scales):
@@ -82,7 +100,7 @@ def filter_logits(Q, codes, scales):
     stats = np.empty((Q.shape[0], 3))
     largest = cpu_int8.quantize_queries(Q, qi, stats)
     S = np.empty((Q.shape[0], codes.shape[0]), np.float32)
-    cpu_int8.approx_scores(qi, stats, codes, scales, S)
+    cpu_int8.approx_scores(qi, stats, codes, 0, d, scales, S)
     assert (qi[:, d:] == 0).all()
     return S, stats[:, 2], largest
 
@@ -127,6 +145,8 @@ def test_quantize_refuses_non_finite_queries():
 def test_usable_guards_overflow_and_bad_scales():
     assert cpu_int8.usable(1e3, np.ones(4, np.float32)) == (True, 1.0)
     assert not cpu_int8.usable(2.0**99, np.full(4, 4.0, np.float32))[0]
+    # the float32 path sums before scaling: tiny scales do not make a huge query safe
+    assert not cpu_int8.usable(2.0**101, np.full(4, 1e-10, np.float32))[0]
     assert not cpu_int8.usable(1.0, np.array([1, np.nan], np.float32))[0]
     assert not cpu_int8.usable(1.0, np.array([1, np.inf], np.float32))[0]
 
@@ -188,6 +208,17 @@ def test_huge_queries_take_the_float32_path(rng):
     want = float32_path(index.search, big, 9)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_overflowing_dots_are_refused_as_on_the_float32_path(rng):
+    """Huge queries against tiny keys: the float32 dot (before the row
+    scale) overflows, and the search refuses it with or without the filter."""
+    index = int8_index((rng.standard_normal((300, 8)) * 1e-8).astype(np.float32))
+    Q = np.full((1, 8), 1e37, np.float32)
+    with pytest.raises(ValueError, match="overflow"):
+        float32_path(index.search, Q, 5)
+    with pytest.raises(ValueError, match="overflow"):
+        index.search(Q, 5)
 
 
 def test_minilm_same_as_float32_path(minilm):

@@ -451,7 +451,7 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     # float32 queries and key tiles; the scratch of the edge register tiles.
     filt = filt and k > 0 and not want_soft and not ranged and not simd
     filt8 = (filt8 and k > 0 and not want_soft and not ranged and simd and has_dtype(K, np.int8)
-             and not transformed)
+             and not transformed and d < cpu_int8.MAX_D)
     micro = micro and not simd
     rows, cols = cpu_micro.ROWS, cpu_micro.COLS
     d2 = (d + 1) // 2
@@ -492,7 +492,7 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
         if filt8:
             approx8, kmax = cpu_int8.usable(qtop8, ks)
         if approx8:
-            cpu_int8.approx_scores(qi, qstats, K[t0:t1, kcol:kcol + d], ks, S)
+            cpu_int8.approx_scores(qi, qstats, K[t0:t1], kcol, d, ks, S)
         elif simd and not kplain:
             _scores_rows(Qb, K[t0:t1], kcol, ks, S, terms, key_mode != KEYS_PLAIN)
         else:

@@ -26,8 +26,9 @@ each). Both are multiplied by the tile's largest ``s_k``
 rule's relative part (:data:`softretrieval.rules.FILTER_REL`).
 
 The filter serves plain inner products (no bias, no l2 or cosine terms:
-those keys take the float32 path) in tiles where ``128 |q|_1`` times the
-largest scale stays below ``2^100`` (:func:`usable`). On a CPU without AVX512_VNNI
+those keys take the float32 path) of keys shorter than ``2^17`` in tiles where ``128 |q|_1``
+times the largest scale (and ``128 |q|_1`` itself) stays below ``2^100``
+(:func:`usable`). On a CPU without AVX512_VNNI
 :func:`available` is false and the kernel compiles to a trap that is never
 reached.
 """
@@ -40,8 +41,11 @@ from .cpu_bf16 import _gamma
 
 #: Bytes per ``vpdpbusd`` step: queries are zero-padded to a multiple.
 STEP = 64
-#: Above this, ``128 |q|_1 max s_k`` could let a logit overflow: float32 path.
+#: Above this, ``128 |q|_1 max(1, s_k)`` could let a dot or logit overflow:
+#: float32 path.
 LIMIT = 2.0**100
+#: Keys this long or longer take the float32 path (the integer dots must fit int32).
+MAX_D = 2**17
 
 
 def available():
@@ -91,8 +95,9 @@ def quantize_queries(Qb, qi, stats):
                 err += abs(x - s * t)
         stats[i, 0] = s
         stats[i, 1] = 128.0 * total
-        stats[i, 2] = 128.0 * (err * (1.0 + 2.0**-40) + (_gamma(d) + 2.0**-45) * l1
-                               + d * 2.0**-149) * (1.0 + 2.0**-40)
+        # (the float64 sums err and l1 carry at most d roundings of 2^-53 each)
+        stats[i, 2] = 128.0 * (err + (_gamma(d) + 2.0**-45) * l1 + d * 2.0**-149) \
+            * (1.0 + (d + 4) * 2.0**-52) * (1.0 + 2.0**-40)
     return largest
 
 
@@ -100,38 +105,42 @@ def quantize_queries(Qb, qi, stats):
 def usable(largest, ks):
     """Whether a tile of keys with row scales ks can go through the filter
     for queries whose largest ``128 |q|_1`` is ``largest``
-    (:func:`quantize_queries`): every logit then stays below
-    :data:`LIMIT` (no overflow in either path), and no scale is NaN or inf
-    (the float32 path reports those). Also returns the largest scale."""
+    (:func:`quantize_queries`): the float32 path's dots (summed before the
+    scale is applied) and every logit then stay below :data:`LIMIT` (no
+    overflow in either path), and no scale is NaN or inf (the float32 path
+    reports those). Also returns the largest scale."""
     kmax = np.float32(0.0)
     finite = True
     for j in range(ks.shape[0]):
         a = abs(ks[j])
         finite &= a < np.inf
         kmax = max(kmax, a)
-    return finite and largest * np.float64(kmax) < LIMIT, kmax
+    return finite and largest * max(1.0, np.float64(kmax)) < LIMIT, kmax
 
 
 @njit(cache=True)
-def approx_scores(qi, stats, Kt, ks, S):
+def approx_scores(qi, stats, Kraw, kcol, d, ks, S):
     """S (bq, tn) float32 = the filter's logits of the queries (``qi``,
-    ``stats`` from :func:`quantize_queries`) against the int8 key rows Kt
-    (tn, d) (each row contiguous) with row scales ks (tn,): ``s s_k (q~ .
-    k)``, the integer dots through ``vpdpbusd``."""
+    ``stats`` from :func:`quantize_queries`) against the int8 keys
+    ``Kraw[:, kcol:kcol + d]`` (Kraw (tn, W) C-contiguous, d < 2^17) with
+    row scales ks (tn,): ``s s_k (q~ . k)``, the integer dots through
+    ``vpdpbusd`` (their offset taken back in wrapping int32 arithmetic,
+    exact for ``d < 2^17``)."""
     bq, tn = S.shape
     for i in range(bq):
         q = qi[i]
         s = stats[i, 0]
-        shift = stats[i, 1]
+        shift = np.int64(stats[i, 1])
         row = S[i]
         for j in range(tn):
-            dot = np.float64(cpu_micro.int8_dot(q, Kt[j])) - shift
-            row[j] = np.float32(dot * s * np.float64(ks[j]))
+            dot = np.int32(np.int64(cpu_micro.int8_dot(q, Kraw[j, kcol:kcol + d])) - shift)
+            row[j] = np.float32(np.float64(dot) * s * np.float64(ks[j]))
 
 
 @njit(cache=True, inline="always")
 def slack(unit, kmax):
     """A query's margin (its ``stats[i, 2]``) in a tile whose largest row
-    scale is kmax (:func:`usable`), float32, rounded up; plus ``2^-148`` for
-    the roundings of either logit into float32's subnormal range."""
+    scale is kmax (:func:`usable`), as float32 (the factor ``1 + 2^-20``
+    covers that rounding and the threshold's); plus ``2^-148`` for the
+    roundings of either logit into float32's subnormal range."""
     return np.float32(unit * np.float64(kmax) * (1.0 + 2.0**-20) + 2.0**-148)

@@ -318,10 +318,15 @@ def _int8_dot_function(module):
 
 @intrinsic
 def int8_dot(typingctx, q, k):
-    """``sum_c (k[c] + 128) * q[c]`` over the ``len(k)`` elements of the
-    contiguous int8 array k, exactly, as int32 (:func:`has_vnni`; the
-    caller subtracts ``128 * sum(q)``). q (>= 64 * ceil(len(k) / 64),)
-    int8, zero past ``len(k)``. Sums must fit int32 (``len(k) < 2^17``)."""
+    """``sum_c (k[c] + 128) * q[c]`` over the ``len(k)`` elements of k,
+    modulo 2^32 as int32 (:func:`has_vnni`; the caller subtracts ``128 *
+    sum(q)`` in the same wrapping arithmetic, which leaves ``q . k`` exact
+    while ``|q . k| < 2^31``: ``len(k) < 2^17``). q (>= 64 * ceil(len(k) /
+    64),) int8, zero past ``len(k)``; both 1-D C-contiguous int8 arrays."""
+    for a in (q, k):
+        if not (isinstance(a, nbtypes.Array) and a.dtype == nbtypes.int8 and a.ndim == 1
+                and a.layout == "C"):
+            return None
 
     def codegen(context, builder, signature, args):
         fn = _int8_dot_function(builder.module)
