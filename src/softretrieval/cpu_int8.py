@@ -19,9 +19,10 @@ The error bound. A query ``q`` (float32, length d) is rounded to ``s q~`` with
 is ``s_k k`` with int8 ``|k_c| <= 128``. The filter's logit is ``s s_k (q~ .
 k)``, the integer dot exact, so it differs from the exact ``s_k (q . k)`` by
 ``s_k |e . k| <= 128 s_k |e|_1``. The float32 rescoring differs from the exact
-value by at most ``s_k (gamma(d) 128 |q|_1 + d 2^-149)`` (any order of
-additions; products falling below the normal range lose up to ``2^-150``
-each). Both are multiplied by the tile's largest ``s_k``
+value by at most ``s_k (gamma(d) 128 |q|_1 + 128 d 2^-126)`` (any order of
+additions; a product or query element below the normal range loses at most
+``128 * 2^-126``, even where flush-to-zero is on, e.g. after
+``torch.set_flush_denormal(True)``). Both are multiplied by the tile's largest ``s_k``
 (:func:`slack`); the float32 roundings of the two logits themselves are the
 rule's relative part (:data:`softretrieval.rules.FILTER_REL`).
 
@@ -65,7 +66,7 @@ def quantize_queries(Qb, qi, stats):
     >= :func:`padded` (d)) the integers (zero past d); ``stats`` (bq, 3)
     float64 each query's scale ``s``, ``128 * sum(q~)`` (what
     :func:`softretrieval.cpu_micro.int8_dot` adds) and the per-unit-scale
-    margin ``128 (|e|_1 + gamma(d) |q|_1 + d 2^-149)`` (the module's bound,
+    margin ``128 (|e|_1 + gamma(d) |q|_1 + d 2^-126)`` (the module's bound,
     rounded up). Returns the largest ``128 |q|_1``, inf if a query holds NaN
     or inf (:func:`usable`)."""
     bq, d = Qb.shape
@@ -96,7 +97,7 @@ def quantize_queries(Qb, qi, stats):
         stats[i, 0] = s
         stats[i, 1] = 128.0 * total
         # (the float64 sums err and l1 carry at most d roundings of 2^-53 each)
-        stats[i, 2] = 128.0 * (err + (_gamma(d) + 2.0**-45) * l1 + d * 2.0**-149) \
+        stats[i, 2] = 128.0 * (err + (_gamma(d) + 2.0**-45) * l1 + d * 2.0**-126) \
             * (1.0 + (d + 4) * 2.0**-52) * (1.0 + 2.0**-40)
     return largest
 
@@ -141,6 +142,6 @@ def approx_scores(qi, stats, Kraw, kcol, d, ks, S):
 def slack(unit, kmax):
     """A query's margin (its ``stats[i, 2]``) in a tile whose largest row
     scale is kmax (:func:`usable`), as float32 (the factor ``1 + 2^-20``
-    covers that rounding and the threshold's); plus ``2^-148`` for the
-    roundings of either logit into float32's subnormal range."""
-    return np.float32(unit * np.float64(kmax) * (1.0 + 2.0**-20) + 2.0**-148)
+    covers that rounding and the threshold's); plus ``2^-124`` for the
+    roundings (or flushes) of either logit into float32's subnormal range."""
+    return np.float32(unit * np.float64(kmax) * (1.0 + 2.0**-20) + 2.0**-124)
