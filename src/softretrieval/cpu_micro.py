@@ -322,13 +322,20 @@ def int8_dot(typingctx, q, k):
     modulo 2^32 as int32 (:func:`has_vnni`; the caller subtracts ``128 *
     sum(q)`` in the same wrapping arithmetic, which leaves ``q . k`` exact
     while ``|q . k| < 2^31``: ``len(k) < 2^17``). q (>= 64 * ceil(len(k) /
-    64),) int8, zero past ``len(k)``; both 1-D C-contiguous int8 arrays."""
+    64),) int8, zero past ``len(k)``; both 1-D C-contiguous arrays. k of
+    another dtype compiles to a trap (a kernel's branch for other storage
+    dtypes, never taken)."""
     for a in (q, k):
-        if not (isinstance(a, nbtypes.Array) and a.dtype == nbtypes.int8 and a.ndim == 1
-                and a.layout == "C"):
+        if not (isinstance(a, nbtypes.Array) and a.ndim == 1 and a.layout == "C"):
             return None
+    if q.dtype != nbtypes.int8:
+        return None
+    bytes_ = k.dtype == nbtypes.int8
 
     def codegen(context, builder, signature, args):
+        if not bytes_:
+            builder.call(_declare(builder.module, "llvm.trap", ir.VoidType(), []), [])
+            return ir.Constant(_I32, 0)
         fn = _int8_dot_function(builder.module)
         qa = context.make_array(signature.args[0])(context, builder, args[0])
         ka = context.make_array(signature.args[1])(context, builder, args[1])
