@@ -57,7 +57,7 @@ def available():
 
 
 @njit(cache=True, inline="always")
-def _gamma(n):
+def gamma(n):
     """The bound ``n u / (1 - n u)`` on the relative error of a float32 sum of
     ``n`` terms (u = 2^-24), in any order."""
     return n * _EPS / (1 - n * _EPS)
@@ -66,7 +66,7 @@ def _gamma(n):
 @njit(cache=True)
 def coefficient(d):
     """``c`` of the module's error bound for dot products of length ``d``."""
-    return 2 * _U + _U * _U + 4 * _gamma(d + 2)
+    return 2 * _U + _U * _U + 4 * gamma(d + 2)
 
 
 @njit(cache=True, inline="always")
@@ -123,7 +123,7 @@ def norm_bound(sq, d):
     ``sq``, the float32 sum of its squares in any order: relative error at
     most gamma(d), plus at most ``2^-149`` per square or sum that falls into
     the subnormal range."""
-    return math.sqrt(np.float64(sq) * (1.0 + 1.01 * _gamma(d + 2)) + 2 * (d + 2) * 2.0**-149) \
+    return math.sqrt(np.float64(sq) * (1.0 + 1.01 * gamma(d + 2)) + 2 * (d + 2) * 2.0**-149) \
         * (1.0 + 2.0**-22)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit
 
 from . import cpu_micro
-from .cpu_bf16 import _gamma
+from .cpu_bf16 import gamma
 
 #: Bytes per ``vpdpbusd`` step: queries are zero-padded to a multiple.
 STEP = 64
@@ -97,7 +97,7 @@ def quantize_queries(Qb, qi, stats):
         stats[i, 0] = s
         stats[i, 1] = 128.0 * total
         # (the float64 sums err and l1 carry at most d roundings of 2^-53 each)
-        stats[i, 2] = 128.0 * (err + (_gamma(d) + 2.0**-45) * l1 + d * 2.0**-126) \
+        stats[i, 2] = 128.0 * (err + (gamma(d) + 2.0**-45) * l1 + d * 2.0**-126) \
             * (1.0 + (d + 4) * 2.0**-52) * (1.0 + 2.0**-40)
     return largest
 
