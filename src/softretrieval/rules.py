@@ -131,15 +131,17 @@ def row_max_finite(row, n):
     Works on the bits, because LLVM vectorizes integer max reductions but not
     float ones: ``b ^ ((b >> 31) & 0x7FFFFFFF)`` orders the bit patterns of
     floats like the floats themselves (and is its own inverse); a value is
-    NaN or inf when its exponent bits are all set.
+    NaN or inf when its exponent bits are all set. Every step is cast back
+    to int32: Numba widens int32 arithmetic to int64, and the loop then
+    vectorized over 8 lanes instead of 16 (twice as slow).
     """
     best = np.int32(-2147483647)
     expo = np.int32(0)
     for j in range(n):
         b = float32_bits(row[j])
-        best = max(best, b ^ ((b >> np.int32(31)) & _MAGNITUDE))
-        expo = max(expo, b & _EXPONENT)
-    mx = float32_from_bits(best ^ ((best >> np.int32(31)) & _MAGNITUDE))
+        best = max(best, np.int32(b ^ np.int32(np.int32(b >> np.int32(31)) & _MAGNITUDE)))
+        expo = max(expo, np.int32(b & _EXPONENT))
+    mx = float32_from_bits(np.int32(best ^ np.int32(np.int32(best >> np.int32(31)) & _MAGNITUDE)))
     return mx, expo != _EXPONENT
 
 
