@@ -77,3 +77,40 @@ def test_serial_and_parallel_finishes_give_identical_results(monkeypatch, B):
     _, ref_lse = attention_ref(Q, K, V)
     assert (serial[6] > 0).all() and (serial[6] <= 1).all()
     np.testing.assert_allclose(serial[5], ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_query_blocks_end_on_whole_register_tiles():
+    """cpu.plan: blocks of many queries (uniform, and the runs of folded
+    windows) are cut at multiples of the micro-kernels' 12 rows, so only a
+    problem's last block ends in a partial register tile; the blocks still
+    cover every row once, and those of one run stay within a register tile
+    of equal size."""
+    from softretrieval import cpu_micro
+
+    rows = cpu_micro.ROWS
+    lo = np.repeat(np.array([0, 5000], np.int64), [1500, 1100])
+    hi = lo + 3000
+    for qstarts in (cpu.plan(8192, 10**5, 2)[0], cpu.plan(1000, 10**5, 2)[0]):
+        sizes = np.diff(qstarts)
+        assert qstarts[0] == 0 and (sizes > 0).all()
+        assert sizes.max() - sizes.min() <= rows
+    np.testing.assert_array_equal(cpu.plan(8192, 10**5, 2)[0] % rows, [0] * 16 + [8192 % rows])
+    folded = cpu.plan(2600, 9000, 2, lo, hi)[0]
+    np.testing.assert_array_equal(folded, [0, 504, 996, 1500, 1872, 2232, 2600])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scaled_queries_have_numpys_bits(rng, dtype):
+    """cpu.scaled_rows: every product rounded once to float32, the bits of
+    numpy's (Q * mult).astype(float32), for strided and contiguous rows;
+    an overflow reported, never hidden."""
+    Q = rng.standard_normal((37, 3, 13)).astype(dtype)[:, 1]
+    mult = np.float64(0.125 * 1.4426950408889634)
+    out, finite = cpu.scaled_rows(Q, mult)
+    np.testing.assert_array_equal(out.view(np.int32), (Q * mult).astype(np.float32).view(np.int32))
+    assert finite and out.flags.c_contiguous
+    Q[5, 2] = 3e38
+    assert not cpu.scaled_rows(Q, np.float64(10.0))[1]
+    if dtype == np.float64:
+        Q[5, 2] = 1e39
+        assert not cpu.scaled_rows(Q, np.float64(1.0))[1]

@@ -5,8 +5,10 @@ them between calls, e.g. to shrink the tiles so tiny inputs cross tile edges.
 None of them changes a result beyond float32 rounding.
 """
 
-#: Largest query block a CPU work item processes against a key tile. Blocks
-#: are made equal in size, and their count a multiple of the thread count.
+#: Largest query block a CPU work item processes against a key tile (give
+#: or take the 6 rows by which blocks are cut at whole register tiles of the
+#: micro-kernels). Blocks are made equal in size, and their count a multiple
+#: of the thread count.
 QUERY_BLOCK = 512
 
 #: Keys per tile for a query block on the BLAS path.

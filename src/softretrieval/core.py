@@ -30,14 +30,15 @@ from numba.core.extending import intrinsic, overload
 
 from .constants import LN2
 
-# Taylor coefficients of 2**r = exp(r ln2) on [-0.5, 0.5], degree 6:
-# truncation error below 9e-8 relative, under float32 rounding.
-_C1 = np.float32(LN2)
-_C2 = np.float32(LN2**2 / 2)
-_C3 = np.float32(LN2**3 / 6)
-_C4 = np.float32(LN2**4 / 24)
-_C5 = np.float32(LN2**5 / 120)
-_C6 = np.float32(LN2**6 / 720)
+# Coefficients of a degree-5 polynomial for 2**r on [-0.5, 0.5], fitted for
+# the least largest relative error (9.2e-8, as small as the degree-6 Taylor
+# polynomial's 9e-8 that it replaced, for one multiply-add less per score:
+# the exp2 pass of a tile is bound by its multiply-adds).
+_C1 = np.float32(0.6931469775990403)
+_C2 = np.float32(0.2402224208517656)
+_C3 = np.float32(0.05550733743347245)
+_C4 = np.float32(0.009671512652609375)
+_C5 = np.float32(0.0013264727206878284)
 
 
 def float32_from_bits(bits):
@@ -103,7 +104,7 @@ def exp2(x):
 
     Range reduction ``x = n + r`` with ``|r| <= 0.5`` (``n`` by truncating
     ``x + 127.5``, positive after the clamp: no ``floor``, which the CUDA
-    target lacks), a degree-6 polynomial for ``2 ** r``, and the exponent
+    target lacks), a degree-5 polynomial for ``2 ** r``, and the exponent
     ``n`` put in with :func:`pow2i`; clamping ``x`` at -127 makes
     ``n = -127``, whose power of two is 0. No branch, so a loop over it
     vectorizes. Relative error < 3e-7 (subnormals flush to 0).
@@ -111,8 +112,7 @@ def exp2(x):
     xc = max(x, np.float32(-127.0))
     ni = np.int32(xc + np.float32(127.5))      # round(xc) + 127: truncation of a positive number
     r = xc - (np.float32(ni) - np.float32(127.0))
-    p = _C6 * r + _C5
-    p = p * r + _C4
+    p = _C5 * r + _C4
     p = p * r + _C3
     p = p * r + _C2
     p = p * r + _C1
