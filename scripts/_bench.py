@@ -14,6 +14,12 @@ VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", 
                 "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
 
 
+#: Environment variables that hold a library to narrower vector code paths
+#: than the CPU has (scripts/avx2_paths.sh sets them all).
+LIMITING_ENV = ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY",
+                "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "FAISS_OPT_LEVEL")
+
+
 def cpu_info():
     """The CPU model and its vector extensions (from /proc/cpuinfo), printed
     once: every figure is read against the machine that made it."""
@@ -30,8 +36,13 @@ def cpu_info():
         pass
     info = {"model": model, "vector": [f for f in VECTOR_FLAGS if f in flags],
             "cores": os.cpu_count()}
+    limits = {k: os.environ[k] for k in LIMITING_ENV if k in os.environ}
+    if limits:
+        info["code_paths_limited_by"] = limits
     print(f"CPU: {info['model']}, {info['cores']} cores; vector extensions: "
           f"{' '.join(info['vector']) or 'none of ' + ' '.join(VECTOR_FLAGS)}")
+    if limits:
+        print("code paths limited by: " + " ".join(f"{k}={v}" for k, v in limits.items()))
     return info
 
 

@@ -237,3 +237,18 @@ def test_exclude_with_heads(small_tiles, rng):
         np.testing.assert_allclose(lse[:, h], l, rtol=1e-6)
         np.testing.assert_array_equal(ids[:, h], topk_ref(q[0, :, h], k[0, :, g], 6, exclude=lists)[1])
     assert (out[3] == 0).all() and (ids[3] == -1).all()
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 4), (2, 1)])
+def test_queries_are_never_modified(rng, T, H, Hkv):
+    """Each KV head's queries are scaled in a copy of the caller's array
+    (api._each_problem), never in the array itself: with one query per
+    sequence, a head-major view of it would be contiguous, and scaling in
+    place would have overwritten the caller's queries."""
+    q, k, v = make(rng, 2, T, 9, H, Hkv, 6, 3)
+    for queries in (q, q[0]):
+        before = queries.copy()
+        sr.attention(queries, k[0] if queries.ndim == 3 else k, v[0] if queries.ndim == 3 else v)
+        sr.topk(queries, k[0] if queries.ndim == 3 else k, 3)
+        np.testing.assert_array_equal(queries, before)

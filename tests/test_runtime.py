@@ -102,15 +102,19 @@ def test_query_blocks_end_on_whole_register_tiles():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scaled_queries_have_numpys_bits(rng, dtype):
     """cpu.scaled_rows: every product rounded once to float32, the bits of
-    numpy's (Q * mult).astype(float32), for strided and contiguous rows;
-    an overflow reported, never hidden."""
+    numpy's (Q * mult).astype(float32), for strided rows and in place; an
+    overflow reported, never hidden."""
     Q = rng.standard_normal((37, 3, 13)).astype(dtype)[:, 1]
     mult = np.float64(0.125 * 1.4426950408889634)
-    out, finite = cpu.scaled_rows(Q, mult)
+    out = np.empty(Q.shape, np.float32)
+    assert cpu.scaled_rows(Q, mult, out)
     np.testing.assert_array_equal(out.view(np.int32), (Q * mult).astype(np.float32).view(np.int32))
-    assert finite and out.flags.c_contiguous
+    if dtype == np.float32:
+        inplace = Q.copy()
+        assert cpu.scaled_rows(inplace, mult, inplace)
+        np.testing.assert_array_equal(inplace, out)
     Q[5, 2] = 3e38
-    assert not cpu.scaled_rows(Q, np.float64(10.0))[1]
+    assert not cpu.scaled_rows(Q, np.float64(10.0), out)
     if dtype == np.float64:
         Q[5, 2] = 1e39
-        assert not cpu.scaled_rows(Q, np.float64(1.0))[1]
+        assert not cpu.scaled_rows(Q, np.float64(1.0), out)

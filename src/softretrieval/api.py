@@ -28,13 +28,15 @@ SeqLens = Union[None, ArrayLike, Tuple[ArrayLike, ArrayLike]]
 
 
 def problem_terms(Q, keys, values, values_given, *, metric, scale, bias, exclude, window,
-                  softmax):
+                  softmax, scratch=False):
     """One problem's inputs as a :class:`devices.Problem` in the kernels' terms.
 
     Q (R, d) queries; keys, values: :class:`devices.Rows` (compact storage
     allowed, :mod:`softretrieval.storage`). With ``softmax`` the kernel
     logits are base 2 (``log2(e)`` folded into the scale and the bias);
-    without, they are the raw similarity (``scale`` = 1).
+    without, they are the raw similarity (``scale`` = 1). ``scratch``: Q is
+    a copy of the caller's own, C-contiguous float32, which the scaled
+    queries may overwrite (no new array per problem).
     """
     t = logit_terms(metric, scale, Q.shape[1], softmax)
     row_const = np.zeros(Q.shape[0])
@@ -46,8 +48,8 @@ def problem_terms(Q, keys, values, values_given, *, metric, scale, bias, exclude
         row_const = (t.qsq_coef / t.unit) * np.einsum("ij,ij->i", Q64, Q64)
     from . import cpu     # (numba: not at import time)
 
-    Qs, finite = cpu.scaled_rows(Q, np.float64(t.qmult))
-    if not finite:
+    Qs = Q if scratch and Q.dtype == np.float32 else np.empty(Q.shape, np.float32)
+    if not cpu.scaled_rows(Q, np.float64(t.qmult), Qs):
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
     logits = Logits(prepare_bias(bias, keys.data.shape[0], t.unit), t.key_mode,
                     np.float32(t.key_coef))
@@ -87,9 +89,10 @@ def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, excl
     for b in range(lay.batch):
         rows = layout.row_windows(lay, causal, window, lens, b)
         # Each KV head's queries as contiguous rows, from one sequential copy
-        # (a head's rows read in place are strided and cache-cold: ~4x slower).
-        qb = q4[b] if lay.Hkv == 1 else np.ascontiguousarray(
-            q4[b].reshape(lay.T, lay.Hkv, G, lay.d).transpose(1, 0, 2, 3))
+        # (a head's rows read in place are strided and cache-cold: ~4x slower),
+        # always a copy: the problems scale it in place.
+        qb = q4[b] if lay.Hkv == 1 else q4[b].reshape(lay.T, lay.Hkv, G, lay.d).transpose(
+            1, 0, 2, 3).copy()
         for g in range(lay.Hkv):
             Q = qb.reshape(lay.T * G, lay.d) if lay.Hkv == 1 else qb[g].reshape(lay.T * G, lay.d)
             K, kcol = _head(k4, b, g)
@@ -103,7 +106,8 @@ def _each_problem(q4, k4, v4, lay, values_given, *, metric, scale, bias_of, excl
             yield (b, g), problem_terms(Q, Rows(K, col=kcol, width=lay.d),
                                         Rows(V, col=vcol, width=lay.dv), values_given,
                                         metric=metric, scale=scale, bias=bias_of(g),
-                                        exclude=exclude, window=rows, softmax=softmax)
+                                        exclude=exclude, window=rows, softmax=softmax,
+                                        scratch=lay.Hkv > 1)
 
 
 def _head(a4, b, g):

@@ -773,23 +773,22 @@ def gather_rows(src, rows, out):
 
 
 @njit(cache=True)
-def scaled_rows(Q, mult):
-    """``(float32(Q * mult), all finite)``: Q (R, d) float32 or float64 (any
-    strides) times the float64 ``mult``, each product rounded once to float32
-    (the bits of numpy's ``(Q * mult).astype(np.float32)``, without its
-    float64 temporary), as a new C-contiguous (R, d) float32 array."""
+def scaled_rows(Q, mult, out):
+    """``out = float32(Q * mult)``; returns whether all are finite. Q (R, d)
+    float32 or float64 (any strides) times the float64 ``mult``, each
+    product rounded once to float32 (the bits of numpy's ``(Q *
+    mult).astype(np.float32)``, without its float64 temporary); out (R, d)
+    float32, which may be Q itself."""
     R, d = Q.shape
-    out = np.empty((R, d), np.float32)
     expo = np.int32(0)
     for i in range(R):
         q = Q[i]
         o = out[i]
         for c in range(d):
             o[c] = np.float32(np.float64(q[c]) * mult)
-        bits = o.view(np.int32)
         for c in range(d):
-            expo = max(expo, bits[c] & np.int32(0x7F800000))
-    return out, expo != np.int32(0x7F800000)
+            expo = max(expo, np.int32(core.float32_bits(o[c]) & np.int32(0x7F800000)))
+    return expo != np.int32(0x7F800000)
 
 
 @njit(parallel=True, cache=True, nogil=True)
