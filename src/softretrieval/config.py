@@ -17,8 +17,13 @@ KEY_TILE = 512
 #: Query blocks of at most this many queries use SIMD loops, not BLAS.
 FEW_QUERIES = 16
 
-#: Keys per tile on the SIMD path.
+#: Keys per tile on the SIMD path: at least KEY_TILE_FEW, and more for the
+#: fewest queries, so that a tile holds about FEW_TILE_SCORES scores (4,096
+#: keys for one query: a single query's per-tile costs, its row pass and
+#: top-k scan, then weigh 1.12-1.19x less against the time to read its keys;
+#: 16 queries ran 2-5% slower on such long tiles).
 KEY_TILE_FEW = 512
+FEW_TILE_SCORES = 4096
 
 #: Below this many queries per thread the CPU driver splits the keys across
 #: threads (flash-decoding) instead of splitting the queries.
@@ -57,12 +62,13 @@ RANGE_BUFFER_BYTES = 64 << 20
 #: Threads for the CPU kernels; ``None`` means every thread Numba has.
 NUM_THREADS = None
 
-#: CPU kernel calls of more multiply-adds than this (about 10 ms and up)
+#: CPU kernel calls of more multiply-adds than this (about 3 ms of
+#: arithmetic, 10-30 ms for a single query that reads its keys from memory)
 #: run in a helper thread while the calling main thread waits, so that
 #: Ctrl-C stops them within one key tile (:func:`runtime.parallel_call`).
-#: Smaller calls run directly (a hand-off to the long-lived helper thread
-#: costs tens of microseconds).
-INTERRUPTIBLE_WORK = 1 << 26
+#: Smaller calls run directly: the hand-off to the long-lived helper thread
+#: costs about 0.1 ms, 2-3% of a single query over 1M int8 keys.
+INTERRUPTIBLE_WORK = 1 << 28
 
 #: Per-row finishing kernels (top-k merges and finishes) smaller than this
 #: (rows times k) run their serial twins (:func:`runtime.with_serial_twin`):

@@ -892,15 +892,21 @@ def run(problem, mode):
     filt = config.BF16_FILTER and cpu_bf16.available()
     filt8 = config.INT8_FILTER and cpu_int8.available()
     micro = config.MICRO_KERNELS and cpu_micro.has_avx512()
-    tiling = (qstarts, nsplit, config.KEY_TILE, config.KEY_TILE_FEW, config.FEW_QUERIES, filt, filt8,
-              micro)
+    fewest = max(1, int(np.diff(qstarts).min())) if qstarts.shape[0] > 1 else 1
+    ktile_few = max(config.KEY_TILE_FEW, config.FEW_TILE_SCORES // fewest)
+    tiling = (qstarts, nsplit, config.KEY_TILE, ktile_few, config.FEW_QUERIES, filt, filt8, micro)
     stop = np.zeros(1, np.int64)
     lo, hi = problem.masks.row_lo, problem.masks.row_hi
     pairs = Q.shape[0] * problem.keys.data.shape[0] if lo.shape[0] == 0 else int((hi - lo).sum())
     work = pairs * (Q.shape[1] + (problem.values.width if mode.want_acc else 0))
+    # BLAS runs only in blocks past the SIMD path's size, where the
+    # micro-kernels are off or the values' width is not a multiple of theirs;
+    # limiting BLAS's threads costs ~0.15 ms a call (threadpoolctl).
+    blas = int(np.diff(qstarts).max(initial=0)) > config.FEW_QUERIES and (
+        not micro or (mode.want_acc and problem.values.width % cpu_micro.COLS != 0))
     m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, bad = runtime.parallel_call(
         stream, Q, problem.keys, problem.values, problem.logits, problem.masks, tiling, mode, stop,
-        stop=stop, work=work)
+        stop=stop, work=work, blas=blas)
     res = {"bad": bad}
     if mode.want_soft:
         res["out"], res["lse"] = merge_states(m, l, acc)
