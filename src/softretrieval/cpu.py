@@ -892,7 +892,8 @@ def run(problem, mode):
     filt = config.BF16_FILTER and cpu_bf16.available()
     filt8 = config.INT8_FILTER and cpu_int8.available()
     micro = config.MICRO_KERNELS and cpu_micro.has_avx512()
-    fewest = max(1, int(np.diff(qstarts).min())) if qstarts.shape[0] > 1 else 1
+    sizes = np.diff(qstarts)
+    fewest = max(1, int(sizes.min())) if sizes.size else 1
     ktile_few = max(config.KEY_TILE_FEW, config.FEW_TILE_SCORES // fewest)
     tiling = (qstarts, nsplit, config.KEY_TILE, ktile_few, config.FEW_QUERIES, filt, filt8, micro)
     stop = np.zeros(1, np.int64)
@@ -902,7 +903,7 @@ def run(problem, mode):
     # BLAS runs only in blocks past the SIMD path's size, where the
     # micro-kernels are off or the values' width is not a multiple of theirs;
     # limiting BLAS's threads costs ~0.15 ms a call (threadpoolctl).
-    blas = int(np.diff(qstarts).max(initial=0)) > config.FEW_QUERIES and (
+    blas = int(sizes.max(initial=0)) > config.FEW_QUERIES and (
         not micro or (mode.want_acc and problem.values.width % cpu_micro.COLS != 0))
     m, l, acc, tk_s, tk_i, tk_n, rg_s, rg_i, rg_n, bad = runtime.parallel_call(
         stream, Q, problem.keys, problem.values, problem.logits, problem.masks, tiling, mode, stop,
