@@ -19,6 +19,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(config, "QUERY_BLOCK", 8)
     monkeypatch.setattr(config, "KEY_TILE", 16)
     monkeypatch.setattr(config, "KEY_TILE_FEW", 8)
+    monkeypatch.setattr(config, "FEW_TILE_SCORES", 0)
     monkeypatch.setattr(config, "FEW_QUERIES", 2)
     monkeypatch.setattr(config, "MIN_QUERIES_PER_THREAD", 4)
     monkeypatch.setattr(config, "MIN_KEYS_PER_SPLIT", 8)

@@ -213,7 +213,7 @@ def test_invariant_across_tiles_and_threads(monkeypatch, rng):
     Q, K = make(rng, 70, 3000, 12)
     results = []
     for cfg in [dict(NUM_THREADS=1), dict(NUM_THREADS=2),
-                dict(NUM_THREADS=2, QUERY_BLOCK=8, KEY_TILE=16, KEY_TILE_FEW=8, FEW_QUERIES=2,
+                dict(NUM_THREADS=2, QUERY_BLOCK=8, KEY_TILE=16, KEY_TILE_FEW=8, FEW_TILE_SCORES=0, FEW_QUERIES=2,
                      MIN_QUERIES_PER_THREAD=4, MIN_KEYS_PER_SPLIT=8)]:
         for B in (1, 3, 70):
             with monkeypatch.context() as mp:

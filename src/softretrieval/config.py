@@ -21,7 +21,8 @@ FEW_QUERIES = 16
 #: fewest queries, so that a tile holds about FEW_TILE_SCORES scores (4,096
 #: keys for one query: a single query's per-tile costs, its row pass and
 #: top-k scan, then weigh 1.12-1.19x less against the time to read its keys;
-#: 16 queries ran 2-5% slower on such long tiles).
+#: 16 queries ran 2-5% slower on such long tiles). Rounded down to a
+#: multiple of 64 keys; 0 turns the lengthening off (the tests' small tiles).
 KEY_TILE_FEW = 512
 FEW_TILE_SCORES = 4096
 

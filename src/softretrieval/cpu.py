@@ -894,7 +894,7 @@ def run(problem, mode):
     micro = config.MICRO_KERNELS and cpu_micro.has_avx512()
     sizes = np.diff(qstarts)
     fewest = max(1, int(sizes.min())) if sizes.size else 1
-    ktile_few = max(config.KEY_TILE_FEW, config.FEW_TILE_SCORES // fewest)
+    ktile_few = max(config.KEY_TILE_FEW, config.FEW_TILE_SCORES // fewest // 64 * 64)
     tiling = (qstarts, nsplit, config.KEY_TILE, ktile_few, config.FEW_QUERIES, filt, filt8, micro)
     stop = np.zeros(1, np.int64)
     lo, hi = problem.masks.row_lo, problem.masks.row_hi
