@@ -48,7 +48,7 @@ def problem_terms(Q, keys, values, values_given, *, metric, scale, bias, exclude
         row_const = (t.qsq_coef / t.unit) * np.einsum("ij,ij->i", Q64, Q64)
     from . import cpu     # (numba: not at import time)
 
-    Qs = Q if scratch and Q.dtype == np.float32 else np.empty(Q.shape, np.float32)
+    Qs = Q if scratch and Q.dtype == np.float32 and Q.flags.c_contiguous else np.empty(Q.shape, np.float32)
     if not cpu.scaled_rows(Q, np.float64(t.qmult), Qs):
         raise ValueError("scale * queries overflows float32: scale is too large for these queries")
     logits = Logits(prepare_bias(bias, keys.data.shape[0], t.unit), t.key_mode,
