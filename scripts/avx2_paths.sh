@@ -5,12 +5,14 @@
 #
 #     bash scripts/avx2_paths.sh python scripts/bench_heads.py --reps 3 --out bench_heads_avx2.json
 #
-# Numba compiles for Haswell (AVX2 + FMA), so softretrieval's AVX-512
-# micro-kernels and filters are off and its BLAS paths run; OpenBLAS (numpy,
+# Numba compiles for Haswell (AVX2 + FMA; the feature list tells
+# softretrieval which), so its micro-kernels take their AVX2 register tile
+# (6 x 16) and its bfloat16/int8 filters are off; OpenBLAS (numpy,
 # scipy, FAISS) takes its Haswell kernels; torch's ATen kernels, MKL and
 # oneDNN their AVX2 ones; FAISS its AVX2 build. Numba's cache goes to a
 # folder of its own. The benchmarks print these settings beside the CPU.
 export NUMBA_CPU_NAME=haswell
+export NUMBA_CPU_FEATURES=+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${TMPDIR:-/tmp}/softretrieval-avx2-numba-cache}"
 export OPENBLAS_CORETYPE=Haswell
 export ATEN_CPU_CAPABILITY=avx2

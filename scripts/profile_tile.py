@@ -133,8 +133,8 @@ def main():
     ap.add_argument("--out", default="profile_tile.json")
     args = ap.parse_args()
     info = cpu_info()
-    if not cpu_micro.has_avx512():
-        raise SystemExit("the micro-kernels need AVX-512F; this CPU takes the BLAS path")
+    if not cpu_micro.has_fma_tiles():
+        raise SystemExit("the micro-kernels need AVX-512F or AVX2; this CPU takes the BLAS path")
     numba.set_num_threads(1)
     result = {"cpu": info, "tile": [ROWS, COLS], "d": {}}
     for d in args.d:

@@ -1,9 +1,14 @@
-"""The float32 micro-kernels (cpu_micro: AVX-512) against numpy and the float64 references: tiles
-crossing the register tile's 12-row and 32-column edges, key windows that skip register tiles, and soft
+"""The float32 micro-kernels (cpu_micro: AVX-512 or AVX2) against numpy and the float64 references:
+tiles crossing the register tile's edges (12 x 32 with AVX-512, 6 x 16 with AVX2), key windows that skip register tiles, and soft
 retrieval, grouped-query and causal attention through them against the BLAS path."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from llvmlite import binding as llvm
 
 import softretrieval as sr
 from softretrieval import cpu_micro
@@ -11,7 +16,7 @@ from softretrieval import cpu_micro
 from conftest import switched_off
 from reference import attention_ref, sequence_attention_ref
 
-pytestmark = pytest.mark.skipif(not cpu_micro.has_avx512(), reason="this CPU has no AVX-512F")
+pytestmark = pytest.mark.skipif(not cpu_micro.has_fma_tiles(), reason="this CPU has neither AVX-512F nor AVX2")
 
 
 def blas_path(fn, *args, **kw):
@@ -79,3 +84,55 @@ def test_causal_and_gqa_through_micro_kernels(request, rng, T, S, window, tiles)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-4, atol=1e-4)
     b_out, b_lse = blas_path(sr.attention, q, k, v, causal=True, window=window, return_lse=True)
     np.testing.assert_allclose(out, b_out, rtol=1e-5, atol=1e-5)
+
+
+def test_the_register_tile_fits_the_vectors():
+    assert (cpu_micro.ROWS, cpu_micro.COLS) == {16: (12, 32), 8: (6, 16)}[cpu_micro.LANES]
+
+
+def test_aligned_rows_copies_only_rows_off_32_bytes(rng):
+    raw = cpu_micro.aligned_empty(40 * 64 + 16, np.float32)
+    buf = cpu_micro.aligned_empty(40 * 64, np.float32).reshape((40, 64))
+    for skip, copied in ((0, False), (4, True), (8, False), (12, True)):
+        X = raw[skip:skip + 40 * 64].reshape((40, 64))
+        X[:] = rng.standard_normal((40, 64))
+        out = cpu_micro.aligned_rows(X, buf)
+        assert np.shares_memory(out, buf) == copied and np.shares_memory(out, X) != copied
+        np.testing.assert_array_equal(out, X)
+
+
+@pytest.mark.parametrize("skip", [0, 1, 4, 8])
+def test_values_rows_off_the_vectors_alignment(rng, skip):
+    """Value rows starting 4-32 bytes past a cache line (large numpy arrays start 16 past): read in place
+    (AVX-512) or copied first (AVX2), the same results."""
+    B, N, d, dv = 40, 1500, 24, 64
+    Q = rng.standard_normal((B, d)).astype(np.float32)
+    K = rng.standard_normal((N, d)).astype(np.float32)
+    raw = cpu_micro.aligned_empty(N * dv + 16, np.float32)
+    V = raw[skip:skip + N * dv].reshape((N, dv))
+    V[:] = rng.standard_normal((N, dv))
+    assert V.ctypes.data % 64 == 4 * skip
+    out, lse = sr.attention(Q, K, V, return_lse=True)
+    r_out, r_lse = attention_ref(Q, K, V)
+    np.testing.assert_allclose(out, r_out, atol=1e-5)
+    np.testing.assert_allclose(lse, r_lse, rtol=1e-5, atol=1e-5)
+
+
+#: Numba compiling for Haswell: AVX2 and FMA, no AVX-512 (scripts/avx2_paths.sh).
+HASWELL = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c"}
+
+
+@pytest.mark.skipif(cpu_micro.LANES == 8 or not all(llvm.get_host_cpu_features().get(f) for f in ("avx2", "fma")),
+                    reason="the AVX2 register tile is this process's own (or the CPU has no AVX2)")
+def test_this_file_again_through_the_avx2_register_tile(tmp_path):
+    """On an AVX-512 CPU the 6 x 16 AVX2 register tile never runs in this process: this file's tests run
+    again in a process whose Numba compiles for Haswell (its own Numba cache)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **HASWELL)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "failed" not in res.stdout and "1 skipped" in res.stdout
+    tile = subprocess.run([sys.executable, "-c", "from softretrieval import cpu_micro as m; "
+                           "print(m.ROWS, m.COLS, m.has_bf16(), m.has_vnni())"],
+                          env=env, capture_output=True, text=True)
+    assert tile.stdout.split() == ["6", "16", "False", "False"], tile.stderr

@@ -45,10 +45,11 @@ BF16_FILTER = True
 #: (:mod:`softretrieval.cpu_int8`): the same results. False: in float32.
 INT8_FILTER = True
 
-#: On a CPU with AVX-512F the BLAS tiles' weighted sums of value rows run
-#: through softretrieval's own float32 micro-kernel
-#: (:func:`softretrieval.cpu_micro.fma_rows`), faster than OpenBLAS on these
-#: shapes. False: BLAS everywhere.
+#: On a CPU with AVX-512F, or AVX2 and FMA, the tiles past the SIMD path's
+#: size are scored and their value rows summed through softretrieval's own
+#: float32 micro-kernels (:mod:`softretrieval.cpu_micro`), faster than
+#: OpenBLAS on these shapes and able to skip the register tiles past a
+#: causal window. False: BLAS everywhere.
 MICRO_KERNELS = True
 
 #: Range search, first pass over the keys: each query may store

@@ -240,9 +240,9 @@ def _scores_rows(Qb, Kraw, kcol, ks, S, norms, want_norms):
 @njit(fastmath=_FAST, cache=True)
 def _accumulate(S, Vt, acc, corr, simd, micro, width, pv):
     """acc (bq, dv) = acc * corr + S (bq, tn) . Vt (tn, dv): SIMD loops (a
-    few queries), the float32 micro-kernel (``micro``: AVX-512F, dv a
-    multiple of its 32 columns; :func:`cpu_micro.fma_rows`, 1.1-1.15x BLAS's
-    rate here), or BLAS into the scratch pv (bq, dv). width (bq,) int64 or
+    few queries), the float32 micro-kernel (``micro``: AVX-512F or AVX2,
+    dv a multiple of its ``cpu_micro.COLS`` columns; :func:`cpu_micro.fma_rows`,
+    1.1-1.15x BLAS's rate here), or BLAS into the scratch pv (bq, dv). width (bq,) int64 or
     (0,): the micro-kernel reads only the first ``width[i]`` weights of row
     i's block (the others are 0: keys outside the row's window)."""
     bq, dv = acc.shape
@@ -441,8 +441,12 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     # Scratch for decoded or head-packed key tiles (compact keys on the SIMD
     # path decode in registers instead).
     kbuf = np.empty((ktile if (K.shape[1] != d if kplain else not simd) else 0, d), np.float32)
-    vbuf = np.empty((ktile if want_acc and (V.shape[1] != dv or not has_dtype(V, np.float32)) else 0, dv),
-                    np.float32)
+    micro = micro and not simd
+    # Value tiles are decoded, or copied for the AVX2 register tile
+    # (cpu_micro.aligned_rows), into vbuf.
+    realign = micro and cpu_micro.LANES == 8 and dv % cpu_micro.COLS == 0
+    vrows = ktile if want_acc and (V.shape[1] != dv or not has_dtype(V, np.float32) or realign) else 0
+    vbuf = cpu_micro.aligned_empty(vrows * dv, np.float32).reshape((vrows, dv))
     kscaled = kscale.shape[0] > 0
     vscaled = vscale.shape[0] > 0
     transformed = key_mode != KEYS_PLAIN or has_bias
@@ -452,7 +456,6 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
     filt = filt and k > 0 and not want_soft and not ranged and not simd
     filt8 = (filt8 and k > 0 and not want_soft and not ranged and simd and has_dtype(K, np.int8)
              and not transformed and d < cpu_int8.MAX_D)
-    micro = micro and not simd
     rows, cols = cpu_micro.ROWS, cpu_micro.COLS
     d2 = (d + 1) // 2
     qrows = -(-bq // rows) * rows
@@ -544,7 +547,10 @@ def _stream_range(Qb, keys, values, logits, excl_ids, ptr, end, allow, lo, hi, k
         if simd and not has_dtype(V, np.float32):
             _accumulate_rows(S, V[t0:t1], vcol, vs, acc, corr)
         else:
-            _accumulate(S, _tile(V[t0:t1], vcol, dv, vbuf, vs), acc, corr, simd, micro, width, pv)
+            Vt = _tile(V[t0:t1], vcol, dv, vbuf, vs)
+            if realign:
+                Vt = cpu_micro.aligned_rows(Vt, vbuf)
+            _accumulate(S, Vt, acc, corr, simd, micro, width, pv)
     return bad
 
 
@@ -891,7 +897,7 @@ def run(problem, mode):
                            problem.masks.row_lo, problem.masks.row_hi)
     filt = config.BF16_FILTER and cpu_bf16.available()
     filt8 = config.INT8_FILTER and cpu_int8.available()
-    micro = config.MICRO_KERNELS and cpu_micro.has_avx512()
+    micro = config.MICRO_KERNELS and cpu_micro.has_fma_tiles()
     sizes = np.diff(qstarts)
     fewest = max(1, int(sizes.min())) if sizes.size else 1
     ktile_few = max(config.KEY_TILE_FEW, config.FEW_TILE_SCORES // fewest // 64 * 64)

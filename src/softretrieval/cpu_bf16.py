@@ -51,8 +51,8 @@ NORM_LIMIT = 2.0**100
 
 
 def available():
-    """Whether the filter can run: the CPU has AVX512_BF16 and Numba compiles
-    for this CPU (not for a generic one set through ``NUMBA_CPU_NAME``)."""
+    """Whether the filter can run: Numba compiles for AVX512_BF16
+    (:func:`softretrieval.cpu_micro.target_features`)."""
     return cpu_micro.has_bf16()
 
 

@@ -5,23 +5,27 @@ registers across a loop the way a GEMM micro-kernel does; BLAS can, but only
 for its own products. These kernels are that inner loop written once in LLVM
 IR (:func:`_register_tile`) and exposed to Numba as intrinsics:
 
+* :func:`fma_set`, :func:`fma_rows`: ``acc[r, :] (+)= sum_j P[r, j] *
+  V[j, :]`` for ``ROWS`` rows and ``COLS`` columns in float32 FMAs, the
+  products of a score tile (:func:`tile_products`) and the weighted sum of
+  value rows of soft retrieval (:func:`softretrieval.cpu._accumulate`);
 * :func:`bf16_dots`: ``ROWS`` queries by 32 keys of bfloat16 dot products
   (``vdpbf16ps``, AVX512_BF16), the bfloat16 filter of exact top-k
-  (:mod:`softretrieval.cpu_bf16`);
-* :func:`fma_rows`: ``acc[r, :] += sum_j P[r, j] * V[j, :]`` for ``ROWS``
-  rows and 32 columns in float32 FMAs (AVX-512F), the weighted sum of value
-  rows of soft retrieval (:func:`softretrieval.cpu._accumulate`).
+  (:mod:`softretrieval.cpu_bf16`).
 
-Each keeps ``ROWS x 2`` 16-lane accumulators (24 of the 32 zmm registers)
-through a loop whose every step loads two vectors and broadcasts one scalar
-per row, and is compiled into whatever kernel calls it. The loop carries
+The register tile fits the vector registers Numba compiles for
+(:func:`vector_lanes`): with AVX-512F, 12 rows by two 16-lane vectors (24
+of the 32 zmm registers); with AVX2 and FMA, 6 rows by two 8-lane vectors
+(12 of the 16 ymm registers, the Haswell GEMM tile). Each step of its loop
+loads two vectors and broadcasts one scalar per row; the kernel is compiled
+into whatever kernel calls it. The loop carries
 ``llvm.loop.unroll.disable``: linked into the large stream kernel, LLVM
 unrolled it and spilled the accumulators (a quarter slower).
 
 A kernel is emitted only where the CPU has its instructions
-(:func:`has_bf16`, :func:`has_avx512`) and Numba compiles for this CPU;
-elsewhere it compiles to a trap that the drivers never reach (they check the
-same functions first), so every kernel still compiles on any machine.
+(:func:`has_fma_tiles`, :func:`has_bf16`, :func:`has_vnni`); elsewhere it
+compiles to a trap that the drivers never reach (they check the same
+functions first), so every kernel still compiles on any machine.
 """
 
 import functools
@@ -34,40 +38,65 @@ from numba import types as nbtypes
 from numba.core.extending import intrinsic
 import numpy as np
 
-#: Rows of a register tile, and its columns (two 16-lane vectors). Compiled
-#: into the kernels (not run-time tunables).
-ROWS = 12
-COLS = 32
-LANES = 16
-
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
-_V16F = ir.VectorType(_F32, LANES)
-_V16I = ir.VectorType(_I32, LANES)
+_V16F = ir.VectorType(_F32, 16)
+_V16I = ir.VectorType(_I32, 16)
 
 
 @functools.cache
-def _host_features():
-    if numba_config.CPU_NAME not in (None, "host") or numba_config.CPU_FEATURES:
-        return {}
-    return dict(llvm.get_host_cpu_features())
+def target_features():
+    """The CPU features Numba compiles for, as ``{name: on}``: those listed
+    in ``NUMBA_CPU_FEATURES`` (``+name`` on, ``-name`` off) when it is set,
+    else the host's when Numba compiles for this CPU, else none (a CPU named
+    through ``NUMBA_CPU_NAME`` without a feature list: nothing is assumed,
+    and the micro-kernels stay off)."""
+    if numba_config.CPU_FEATURES:
+        return {f[1:]: f[0] == "+" for f in numba_config.CPU_FEATURES.split(",") if f[:1] in ("+", "-")}
+    if numba_config.CPU_NAME in (None, "host"):
+        return dict(llvm.get_host_cpu_features())
+    return {}
 
 
 def has_avx512():
-    """Whether :func:`fma_rows` runs here: AVX-512F, and Numba compiling for
-    this CPU (not a generic one set through ``NUMBA_CPU_NAME``)."""
-    return bool(_host_features().get("avx512f"))
+    """Whether Numba compiles for AVX-512F here."""
+    return bool(target_features().get("avx512f"))
+
+
+def vector_lanes():
+    """float32 lanes of the register tile's vectors: 16 with AVX-512F, 8
+    with AVX2 and FMA, 0 without (no :func:`fma_set`, :func:`fma_rows`)."""
+    features = target_features()
+    if has_avx512():
+        return 16
+    return 8 if features.get("avx2") and features.get("fma") else 0
+
+
+def has_fma_tiles():
+    """Whether :func:`fma_set` and :func:`fma_rows` run here."""
+    return vector_lanes() > 0
+
+
+#: Rows of a register tile, its columns (two vectors) and their lanes, for
+#: the vectors Numba compiles for (:func:`vector_lanes`; 12 x 32 or 6 x 16).
+#: Compiled into the kernels, not run-time tunables.
+LANES = vector_lanes() or 8
+ROWS = 12 if LANES == 16 else 6
+COLS = 2 * LANES
+
+_VF = ir.VectorType(_F32, LANES)
+_VI = ir.VectorType(_I32, LANES)
 
 
 def has_bf16():
-    """Whether :func:`bf16_dots` runs here (AVX512_BF16 as well)."""
-    return has_avx512() and bool(_host_features().get("avx512bf16"))
+    """Whether :func:`bf16_dots` runs here (AVX-512F and AVX512_BF16)."""
+    return has_avx512() and bool(target_features().get("avx512bf16"))
 
 
 def has_vnni():
     """Whether :func:`int8_dot` runs here (AVX512_VNNI and AVX512BW as well)."""
-    features = _host_features()
+    features = target_features()
     return has_avx512() and bool(features.get("avx512vnni")) and bool(features.get("avx512bw"))
 
 
@@ -143,12 +172,12 @@ def _register_tile(module, name, available, accumulate, step):
         b.ret_void()
         return fn
     ptrs = [[b.bitcast(b.gep(out, [b.add(b.mul(ir.Constant(_I64, r), ldo),
-                                         ir.Constant(_I64, c * LANES))]), ir.PointerType(_V16F))
+                                         ir.Constant(_I64, c * LANES))]), ir.PointerType(_VF))
              for c in range(COLS // LANES)] for r in range(ROWS)]
-    zero = ir.Constant(_V16F, [0.0] * LANES)
+    zero = ir.Constant(_VF, [0.0] * LANES)
     start = [[b.load(p, align=4) if accumulate else zero for p in row] for row in ptrs]
     loop, done, t = _loop_head(fn, b, n, entry)
-    acc = [[b.phi(_V16F) for _ in row] for row in ptrs]
+    acc = [[b.phi(_VF) for _ in row] for row in ptrs]
     for r, row in enumerate(acc):
         for c, phi in enumerate(row):
             phi.add_incoming(start[r][c], entry)
@@ -162,7 +191,7 @@ def _register_tile(module, name, available, accumulate, step):
     back.set_metadata("llvm.loop", _LoopID(module, [module.add_metadata(
         [ir.MetaDataString(module, "llvm.loop.unroll.disable")])]))
     b.position_at_end(done)
-    result = [[b.phi(_V16F) for _ in row] for row in ptrs]
+    result = [[b.phi(_VF) for _ in row] for row in ptrs]
     for r, row in enumerate(result):
         for c, phi in enumerate(row):
             phi.add_incoming(start[r][c], entry)
@@ -176,7 +205,7 @@ def _splat(b, scalar):
     """A 16-lane vector of one 32-bit value."""
     v = b.insert_element(ir.Constant(ir.VectorType(scalar.type, LANES), ir.Undefined), scalar,
                          ir.Constant(_I32, 0))
-    return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(_V16I, [0] * LANES))
+    return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(_VI, [0] * LANES))
 
 
 def _row_scalar(b, base, r, ld, t, kind):
@@ -188,13 +217,13 @@ def _row_scalar(b, base, r, ld, t, kind):
 def _columns(b, B, t, ldb):
     """Row ``t`` of a packed B operand (its COLS columns) as two vectors."""
     return [b.load(b.bitcast(b.gep(B, [b.add(b.mul(t, ldb), ir.Constant(_I64, c * LANES))]),
-                             ir.PointerType(_V16F)), align=4) for c in range(COLS // LANES)]
+                             ir.PointerType(_VF)), align=4) for c in range(COLS // LANES)]
 
 
 def _bf16_step(b, qp, kp, t, ldq, ldk, acc):
     """Feature pair ``t``: the pairs of 32 keys (two vectors), one query pair
     per row, ``vdpbf16ps``."""
-    bf = ir.VectorType(_BFloat16(), 2 * LANES)
+    bf = ir.VectorType(_BFloat16(), 32)
     dp = _declare(b.module, "llvm.x86.avx512bf16.dpbf16ps.512", _V16F, [_V16F, bf, bf])
     keys = [b.bitcast(k, bf) for k in _columns(b, kp, t, ldk)]
     return [[b.call(dp, [acc[r][c], keys[c], b.bitcast(_splat(b, _row_scalar(b, qp, r, ldq, t, _I32)),
@@ -204,7 +233,7 @@ def _bf16_step(b, qp, kp, t, ldq, ldk, acc):
 
 def _fma_step(b, A, B, t, lda, ldb, acc):
     """Row ``t`` of B (two vectors), weighted by ``A[r, t]`` for each row."""
-    fma = _declare(b.module, "llvm.fma.v16f32", _V16F, [_V16F, _V16F, _V16F])
+    fma = _declare(b.module, f"llvm.fma.v{LANES}f32", _VF, [_VF, _VF, _VF])
     cols = _columns(b, B, t, ldb)
     return [[b.call(fma, [_splat(b, _row_scalar(b, A, r, lda, t, _F32)), cols[c], acc[r][c]])
              for c in range(len(cols))] for r in range(ROWS)]
@@ -253,16 +282,16 @@ bf16_dots = _kernel(
     holding two bfloat16 (the even feature in the low half); out float32.""")
 
 fma_set = _kernel(
-    f"softretrieval_fma_set_{ROWS}x{COLS}", has_avx512, False, _fma_step,
+    f"softretrieval_fma_set_{ROWS}x{COLS}", has_fma_tiles, False, _fma_step,
     """``out[r, c] = sum_t A[r, t] * B[t, c]`` (r < ROWS, c < COLS), float32.""")
 
 fma_rows = _kernel(
-    f"softretrieval_fma_rows_{ROWS}x{COLS}", has_avx512, True, _fma_step,
+    f"softretrieval_fma_rows_{ROWS}x{COLS}", has_fma_tiles, True, _fma_step,
     """``out[r, c] += sum_t A[r, t] * B[t, c]`` (r < ROWS, c < COLS), float32.""")
 
 
 _I8 = ir.IntType(8)
-_V64B = ir.VectorType(_I8, 4 * LANES)
+_V64B = ir.VectorType(_I8, 64)
 
 
 def _int8_dot_function(module):
@@ -285,11 +314,11 @@ def _int8_dot_function(module):
         b.call(_declare(module, "llvm.trap", ir.VoidType(), []), [])
         b.ret(ir.Constant(_I32, 0))
         return fn
-    zero = ir.Constant(_V16I, [0] * LANES)
+    zero = ir.Constant(_V16I, [0] * 16)
     loop, done, c = _loop_head(fn, b, d, entry)
     acc = b.phi(_V16I)
     acc.add_incoming(zero, entry)
-    width = 4 * LANES
+    width = 64
     rest = b.sub(d, c)          # bytes left: the mask is the low min(rest, 64) bits
     full = b.icmp_signed(">=", rest, ir.Constant(_I64, width))
     low = b.sub(b.shl(ir.Constant(_I64, 1), b.select(full, ir.Constant(_I64, 0), rest)),
@@ -355,6 +384,21 @@ def aligned_empty(n, dtype):
     raw = np.empty(n + 16, dtype)
     skip = (-(raw.ctypes.data >> 2)) & 15
     return raw[skip:skip + n]
+
+
+@njit(cache=True)
+def aligned_rows(X, buf):
+    """X (n, w) float32 (contiguous rows), or X copied into buf (>= n, w),
+    from :func:`aligned_empty`, when X's rows do not start on 32 bytes. For
+    the AVX2 register tile, whose 32-byte loads of such rows cross cache
+    lines (large numpy arrays start 16 bytes past a line): they cost a soft-
+    retrieval call 5% on Zen 4, more than the copy. The AVX-512 tile's loads
+    measured the same either way, so it reads the rows where they are."""
+    if X.ctypes.data % 32 == 0 and X.strides[0] % 32 == 0:
+        return X
+    out = buf[: X.shape[0]]
+    out[:, :] = X
+    return out
 
 
 @njit(cache=True)
