@@ -122,17 +122,41 @@ def test_values_rows_off_the_vectors_alignment(rng, skip):
 HASWELL = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c"}
 
 
+def numba_env(**settings):
+    """This process's environment without its Numba CPU settings, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    return dict(env, **settings)
+
+
+def tile_in_a_process(**settings):
+    """(ROWS, COLS, has_bf16, has_vnni) as printed by a process with these Numba CPU settings."""
+    res = subprocess.run([sys.executable, "-c", "from softretrieval import cpu_micro as m; "
+                          "print(m.ROWS, m.COLS, m.has_fma_tiles(), m.has_bf16(), m.has_vnni())"],
+                         env=numba_env(**settings), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split()
+
+
+def test_the_tile_follows_the_feature_list_numba_hands_llvm():
+    """Numba's cache key holds the CPU name and the feature list it hands LLVM, and a kernel compiled
+    for one register tile must never be loaded where another was chosen (traps where the tile was off:
+    SIGILL). Naming the host's own CPU hands LLVM the host's features, as a default process does: both
+    choose the same tile and share cached kernels. Generic CPUs get none; a list that turns FMA off
+    turns AVX-512F off in LLVM, and here."""
+    default = tile_in_a_process()
+    assert tile_in_a_process(NUMBA_CPU_NAME=llvm.get_host_cpu_name()) == default
+    assert tile_in_a_process(NUMBA_CPU_NAME="haswell") == default
+    assert tile_in_a_process(NUMBA_CPU_NAME="generic")[2:] == ["False", "False", "False"]
+    assert tile_in_a_process(**HASWELL) == ["6", "16", "True", "False", "False"]
+    assert tile_in_a_process(NUMBA_CPU_FEATURES="+avx,+avx2,+avx512f,-fma")[2:] == ["False", "False", "False"]
+
+
 @pytest.mark.skipif(cpu_micro.LANES == 8 or not all(llvm.get_host_cpu_features().get(f) for f in ("avx2", "fma")),
                     reason="the AVX2 register tile is this process's own (or the CPU has no AVX2)")
 def test_this_file_again_through_the_avx2_register_tile(tmp_path):
     """On an AVX-512 CPU the 6 x 16 AVX2 register tile never runs in this process: this file's tests run
     again in a process whose Numba compiles for Haswell (its own Numba cache)."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **HASWELL)
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True)
+                         env=numba_env(NUMBA_CACHE_DIR=str(tmp_path), **HASWELL), capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "failed" not in res.stdout and "1 skipped" in res.stdout
-    tile = subprocess.run([sys.executable, "-c", "from softretrieval import cpu_micro as m; "
-                           "print(m.ROWS, m.COLS, m.has_bf16(), m.has_vnni())"],
-                          env=env, capture_output=True, text=True)
-    assert tile.stdout.split() == ["6", "16", "False", "False"], tile.stderr

@@ -81,7 +81,8 @@ def test_serial_and_parallel_finishes_give_identical_results(monkeypatch, B):
 
 def test_query_blocks_end_on_whole_register_tiles():
     """cpu.plan: blocks of many queries (uniform, and the runs of folded
-    windows) are cut at multiples of the micro-kernels' 12 rows, so only a
+    windows) are cut at multiples of the micro-kernels' rows (12, or 6 for
+    the AVX2 register tile), so only a
     problem's last block ends in a partial register tile; the blocks still
     cover every row once, and those of one run stay within a register tile
     of equal size."""
@@ -96,7 +97,13 @@ def test_query_blocks_end_on_whole_register_tiles():
         assert sizes.max() - sizes.min() <= rows
     np.testing.assert_array_equal(cpu.plan(8192, 10**5, 2)[0] % rows, [0] * 16 + [8192 % rows])
     folded = cpu.plan(2600, 9000, 2, lo, hi)[0]
-    np.testing.assert_array_equal(folded, [0, 504, 996, 1500, 1872, 2232, 2600])
+
+    def nearest(x):
+        return (x + rows // 2) // rows * rows
+
+    # Runs of 1500 and 1100 rows, three blocks each (with 12 rows: 0, 504, 996, 1500, 1872, 2232, 2600).
+    expect = [0, nearest(500), nearest(1000), 1500, 1500 + nearest(366), 1500 + nearest(733), 2600]
+    np.testing.assert_array_equal(folded, expect)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

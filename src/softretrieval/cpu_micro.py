@@ -33,6 +33,7 @@ import functools
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import config as numba_config
+from numba.core import codegen as numba_codegen
 from numba import njit
 from numba import types as nbtypes
 from numba.core.extending import intrinsic
@@ -47,30 +48,39 @@ _V16I = ir.VectorType(_I32, 16)
 
 @functools.cache
 def target_features():
-    """The CPU features Numba compiles for, as ``{name: on}``: those listed
-    in ``NUMBA_CPU_FEATURES`` (``+name`` on, ``-name`` off) when it is set,
-    else the host's when Numba compiles for this CPU, else none (a CPU named
-    through ``NUMBA_CPU_NAME`` without a feature list: nothing is assumed,
-    and the micro-kernels stay off)."""
-    if numba_config.CPU_FEATURES:
-        return {f[1:]: f[0] == "+" for f in numba_config.CPU_FEATURES.split(",") if f[:1] in ("+", "-")}
-    if numba_config.CPU_NAME in (None, "host"):
-        return dict(llvm.get_host_cpu_features())
-    return {}
+    """The CPU features Numba compiles for, as ``{name: on}``, read from the
+    feature list Numba hands LLVM (``+name`` on, ``-name`` off):
+    ``NUMBA_CPU_FEATURES`` when set, else the host's, even for a CPU named
+    through ``NUMBA_CPU_NAME``. That list is part of the key of Numba's
+    cache, so two processes that share cached kernels choose the same
+    register tile. An empty list (``NUMBA_CPU_NAME=generic``, or set empty)
+    leaves LLVM the named CPU's own features, which are unknown here: none
+    are assumed (the host's when no CPU is named)."""
+    listed = numba_config.CPU_FEATURES
+    if listed is None:
+        listed = numba_codegen.get_host_cpu_features()
+    if not listed:
+        return dict(llvm.get_host_cpu_features()) if numba_config.CPU_NAME in (None, "host") else {}
+    return {f[1:]: f[0] == "+" for f in listed.split(",") if f[:1] in ("+", "-")}
+
+
+def _all(*names):
+    features = target_features()
+    return all(features.get(name) for name in names)
 
 
 def has_avx512():
-    """Whether Numba compiles for AVX-512F here."""
-    return bool(target_features().get("avx512f"))
+    """Whether Numba compiles for AVX-512F here (and the AVX2 and FMA it
+    implies: a list that turns those off turns AVX-512F off in LLVM)."""
+    return _all("avx512f", "avx2", "fma", "avx")
 
 
 def vector_lanes():
     """float32 lanes of the register tile's vectors: 16 with AVX-512F, 8
     with AVX2 and FMA, 0 without (no :func:`fma_set`, :func:`fma_rows`)."""
-    features = target_features()
     if has_avx512():
         return 16
-    return 8 if features.get("avx2") and features.get("fma") else 0
+    return 8 if _all("avx2", "fma", "avx") else 0
 
 
 def has_fma_tiles():
@@ -90,14 +100,13 @@ _VI = ir.VectorType(_I32, LANES)
 
 
 def has_bf16():
-    """Whether :func:`bf16_dots` runs here (AVX-512F and AVX512_BF16)."""
-    return has_avx512() and bool(target_features().get("avx512bf16"))
+    """Whether :func:`bf16_dots` runs here (AVX-512F, AVX512BW and AVX512_BF16)."""
+    return has_avx512() and _all("avx512bw", "avx512bf16")
 
 
 def has_vnni():
-    """Whether :func:`int8_dot` runs here (AVX512_VNNI and AVX512BW as well)."""
-    features = target_features()
-    return has_avx512() and bool(features.get("avx512vnni")) and bool(features.get("avx512bw"))
+    """Whether :func:`int8_dot` runs here (AVX-512F, AVX512BW and AVX512_VNNI)."""
+    return has_avx512() and _all("avx512bw", "avx512vnni")
 
 
 class _BFloat16(ir.Type):
