@@ -152,8 +152,15 @@ def test_quantize_refuses_non_finite_queries():
     assert cpu_int8.quantize_queries(Q, np.empty((2, 64), np.int8), np.empty((2, 3))) == np.inf
 
 
-def test_usable_guards_overflow_and_bad_scales():
+def test_usable_guards_overflow_and_bad_scales(rng):
     assert cpu_int8.usable(1e3, np.ones(4, np.float32)) == (True, 1.0)
+    assert cpu_int8.usable(1.0, np.array([0.5, -3.0, 2.0, -0.0], np.float32)) == (True, 3.0)
+    assert cpu_int8.usable(1.0, np.zeros(0, np.float32)) == (True, 0.0)
+    many = rng.standard_normal(4099).astype(np.float32) * np.float32(1e-3)
+    assert cpu_int8.usable(1.0, many) == (True, np.abs(many).max())
+    for bad in (-np.inf, -np.nan, np.nan, np.inf):
+        many[4000] = bad
+        assert not cpu_int8.usable(1.0, many)[0]
     assert not cpu_int8.usable(2.0**99, np.full(4, 4.0, np.float32))[0]
     # the float32 path sums before scaling: tiny scales do not make a huge query safe
     assert not cpu_int8.usable(2.0**101, np.full(4, 1e-10, np.float32))[0]

@@ -38,6 +38,7 @@ import numpy as np
 from numba import njit
 
 from . import cpu_micro
+from .core import float32_from_bits
 from .cpu_bf16 import gamma
 
 #: Bytes per ``vpdpbusd`` step: queries are zero-padded to a multiple.
@@ -45,6 +46,9 @@ STEP = 64
 #: Above this, ``128 |q|_1 max(1, s_k)`` could let a dot or logit overflow:
 #: float32 path.
 LIMIT = 2.0**100
+
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+_INF_BITS = np.int32(0x7F800000)
 #: Keys this long or longer take the float32 path (the integer dots must fit int32).
 MAX_D = 2**17
 
@@ -109,14 +113,18 @@ def usable(largest, ks):
     (:func:`quantize_queries`): the float32 path's dots (summed before the
     scale is applied) and every logit then stay below :data:`LIMIT` (no
     overflow in either path), and no scale is NaN or inf (the float32 path
-    reports those). Also returns the largest scale."""
-    kmax = np.float32(0.0)
-    finite = True
-    for j in range(ks.shape[0]):
-        a = abs(ks[j])
-        finite &= a < np.inf
-        kmax = max(kmax, a)
-    return finite and largest * max(1.0, np.float64(kmax)) < LIMIT, kmax
+    reports those). Also returns the largest scale. ks C-contiguous.
+
+    The largest |scale| is the largest of their IEEE bit patterns without the
+    sign, an integer reduction that vectorizes (a float max with NaN
+    semantics did not: 0.6 ns per key, a tenth of a single query's search);
+    inf and NaN patterns lie above every finite one."""
+    bits = ks.view(np.int32)
+    top = np.int32(0)
+    for j in range(bits.shape[0]):
+        top = max(top, np.int32(bits[j] & _MAGNITUDE))
+    kmax = float32_from_bits(top)
+    return top < _INF_BITS and largest * max(1.0, np.float64(kmax)) < LIMIT, kmax
 
 
 @njit(cache=True)
