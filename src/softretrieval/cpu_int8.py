@@ -46,11 +46,13 @@ STEP = 64
 #: Above this, ``128 |q|_1 max(1, s_k)`` could let a dot or logit overflow:
 #: float32 path.
 LIMIT = 2.0**100
-
-_MAGNITUDE = np.int32(0x7FFFFFFF)
-_INF_BITS = np.int32(0x7F800000)
 #: Keys this long or longer take the float32 path (the integer dots must fit int32).
 MAX_D = 2**17
+
+# A float32's bits without its sign, and the smallest such pattern that is
+# not finite (inf; NaNs lie above it).
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+_INF_BITS = np.int32(0x7F800000)
 
 
 def available():
