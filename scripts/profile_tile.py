@@ -2,7 +2,7 @@
 
     python scripts/profile_tile.py [--d 128 64] [--reps 20] [--out profile_tile.json]
 
-Times each step of a 512 x 512 tile of the stream kernel alone, on hot data
+Times each step of a 516 x 512 tile of the stream kernel alone, on hot data
 (packing the key tile, the Q.K^T products, the row maxima, the exp2 pass,
 the P.V accumulation), then the kernel's own sequence over 100 key tiles
 streamed from memory, and ``sr.attention`` itself per tile. The difference
@@ -22,7 +22,9 @@ from numba import njit
 import softretrieval as sr
 from softretrieval import config, cpu, cpu_micro
 
-ROWS = COLS = 512
+#: A query block as the kernel cuts them (cpu._cuts): whole register tiles of
+#: 12 or 6 rows, about 512; and a key tile.
+ROWS, COLS = 516, 512
 TILES = 100
 shared = cpu.shared
 
@@ -92,7 +94,9 @@ def profile(d, reps):
     rng = np.random.default_rng(0)
     Q = rng.standard_normal((ROWS, d), dtype=np.float32) * np.float32(0.1)
     K = rng.standard_normal((COLS * TILES, d), dtype=np.float32)
-    V = rng.standard_normal((COLS * TILES, d), dtype=np.float32)
+    # Value rows on 64 bytes, as the AVX2 tile reads them (cpu_micro.aligned_rows).
+    V = cpu_micro.aligned_empty(COLS * TILES * d, np.float32).reshape((COLS * TILES, d))
+    V[:] = rng.standard_normal((COLS * TILES, d), dtype=np.float32)
     qf = cpu_micro.aligned_empty(ROWS * d, np.float32).reshape((ROWS, d))
     cpu_micro.pad_rows(Q, qf)
     kf = cpu_micro.aligned_empty(COLS * d, np.float32).reshape((COLS // cpu_micro.COLS, d, cpu_micro.COLS))
