@@ -211,7 +211,7 @@ def _register_tile(module, name, available, accumulate, step):
 
 
 def _splat(b, scalar):
-    """A 16-lane vector of one 32-bit value."""
+    """A vector of ``LANES`` copies of one 32-bit value."""
     v = b.insert_element(ir.Constant(ir.VectorType(scalar.type, LANES), ir.Undefined), scalar,
                          ir.Constant(_I32, 0))
     return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(_VI, [0] * LANES))
