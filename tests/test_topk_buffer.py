@@ -80,3 +80,45 @@ def test_select_puts_the_kth_best_at_k_minus_1(rng):
         topk_buffer.select(bs, bi, n, k)
         assert sorted(bi[:k].tolist()) == sorted(want_ids)
         assert int(bi[k - 1]) == want_ids[-1]
+
+
+@njit
+def _partition_compiled(bs, bi, lo, hi, ps, pi):
+    return cpu.shared.topk_buffer.partition(bs, bi, lo, hi, ps, pi)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_partition_puts_the_better_entries_first(rng, compiled):
+    """The bit-mask partition, on ranges that end inside, on and past its
+    16-entry blocks, with heavy ties (the pivot's logit held by other ids)."""
+    partition = _partition_compiled if compiled else topk_buffer.partition
+    for n in (0, 1, 15, 16, 17, 31, 32, 33, 47, 64, 100, 257):
+        for lo in (0, 3):
+            bs = np.full(n + lo + 2, 7.0, np.float32)
+            bi = np.full(n + lo + 2, -5, np.int64)
+            bs[lo:lo + n] = rng.integers(0, 4, n).astype(np.float32)
+            bi[lo:lo + n] = rng.permutation(n)
+            ps, pi = np.float32(rng.integers(0, 4)), int(rng.integers(-1, n + 1))
+            before = sorted(zip(bs[lo:lo + n].tolist(), bi[lo:lo + n].tolist()))
+            store = partition(bs, bi, lo, lo + n, ps, pi)
+            assert sorted(zip(bs[lo:lo + n].tolist(), bi[lo:lo + n].tolist())) == before
+            above = [bool(topk_buffer.better(s, i, ps, pi)) for s, i in zip(bs[lo:lo + n], bi[lo:lo + n])]
+            assert above == [True] * (store - lo) + [False] * (lo + n - store), (n, lo)
+            assert (bs[:lo] == 7.0).all() and (bs[lo + n:] == 7.0).all()
+            assert (bi[:lo] == -5).all() and (bi[lo + n:] == -5).all()
+
+
+def test_select_on_buffers_past_one_block(rng):
+    """select() through the block partition (counts of 2k, as a full buffer
+    has), compiled and plain, against a sort."""
+    for n, k in ((32, 16), (200, 100), (2000, 1000), (801, 400)):
+        for scores in (rng.standard_normal(n), rng.integers(0, 3, n)):
+            ids = rng.permutation(n).astype(np.int64)
+            want_ids, _ = best_k_reference(scores.astype(np.float32), ids, k)
+            bs = scores.astype(np.float32)
+            bi = ids.copy()
+            topk_buffer.select(bs, bi, n, k)
+            assert sorted(bi[:k].tolist()) == sorted(want_ids)
+            assert int(bi[k - 1]) == want_ids[-1]
+            cs, ci = _offer_all_compiled(scores.astype(np.float32), ids, k)
+            assert ci.tolist() == want_ids

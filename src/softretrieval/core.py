@@ -148,6 +148,15 @@ def bfloat16_to_float(h):
     return float32_from_bits(np.int32(np.int32(h) << np.int32(16)))
 
 
+def next_hit(bits):
+    """The position of the lowest set bit of a nonzero int32 mask below
+    2^31, and the mask without that bit. The position is read from the
+    exponent of the bit's float32 value: a count of trailing zeros in plain
+    arithmetic, the same on every target."""
+    low = bits & -bits
+    return (float32_bits(np.float32(low)) >> np.int32(23)) - np.int32(127), bits ^ low
+
+
 def rescale(m_old, tile_max):
     """New running max after a tile, and the factor that rescales old sums.
 
@@ -184,7 +193,8 @@ def finalize(m, l):
 
 
 #: The functions of this module that every target compiles, in dependency order.
-FUNCTIONS = (pow2i, exp2, half_to_float, bfloat16_to_float, rescale, merge_pair, finalize)
+FUNCTIONS = (pow2i, exp2, half_to_float, bfloat16_to_float, next_hit, rescale, merge_pair,
+             finalize)
 
 
 def compile_for(decorator, funcs=None, scope=None):

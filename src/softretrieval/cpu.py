@@ -77,9 +77,21 @@ def _decode_for(x):
     return None
 
 
+_rule_hit_bits = core.compile_for(njit(inline="always"), (rules.hit_bits,)).hit_bits
+
+
+@njit(inline="always")
+def _hit_bits(row, c0, width, threshold):
+    """:func:`rules.hit_bits`, a whole mask in one vector compare
+    (:func:`cpu_micro.hit_mask`). row: a row of a score tile (C-contiguous)."""
+    if width == rules.HIT_LANES:
+        return cpu_micro.hit_mask(row, c0, threshold)
+    return _rule_hit_bits(row, c0, width, threshold)
+
+
 #: The shared core, top-k buffer and per-row rules (:mod:`softretrieval.rules`),
 #: compiled for the CPU and inlined into the kernels below.
-shared = rules.shared(njit(inline="always"), decode)
+shared = rules.shared(njit(inline="always"), decode, _hit_bits)
 topk_offer = shared.topk_buffer.offer
 topk_finish = shared.topk_buffer.finish
 topk_capacity = shared.topk_buffer.capacity

@@ -11,7 +11,9 @@ IR (:func:`_register_tile`) and exposed to Numba as intrinsics:
   value rows of soft retrieval (:func:`softretrieval.cpu._accumulate`);
 * :func:`bf16_dots`: ``ROWS`` queries by 32 keys of bfloat16 dot products
   (``vdpbf16ps``, AVX512_BF16), the bfloat16 filter of exact top-k
-  (:mod:`softretrieval.cpu_bf16`).
+  (:mod:`softretrieval.cpu_bf16`);
+* :func:`hit_mask`: which of 16 logits reach a threshold, as a bit mask
+  (plain vector IR, for any CPU), the scans of top-k and range search.
 
 The register tile fits the vector registers Numba compiles for
 (:func:`vector_lanes`): with AVX-512F, 12 rows by two 16-lane vectors (24
@@ -382,6 +384,32 @@ def int8_dot(typingctx, q, k):
         return builder.call(fn, [builder.bitcast(qa.data, pb), builder.bitcast(ka.data, pb), n])
 
     return nbtypes.int32(q, k), codegen
+
+
+@intrinsic
+def hit_mask(typingctx, row, c0, threshold):
+    """:func:`softretrieval.rules.hit_bits` of 16 logits: bit ``b`` of the
+    int32 result for ``row[c0 + b] >= threshold`` (an ordered compare: NaN
+    is below), one 16-lane compare and its mask. row 1-D C-contiguous
+    float32 with ``c0 + 16 <= len(row)``."""
+    if not (isinstance(row, nbtypes.Array) and row.ndim == 1 and row.layout == "C"
+            and row.dtype == nbtypes.float32 and isinstance(c0, nbtypes.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        start = context.cast(builder, args[1], signature.args[1], nbtypes.intp)
+        limit = context.cast(builder, args[2], signature.args[2], nbtypes.float32)
+        ptr = builder.bitcast(builder.gep(arr.data, [start]), ir.PointerType(_V16F))
+        x = builder.load(ptr, align=4)
+        splat = builder.insert_element(ir.Constant(_V16F, ir.Undefined), limit,
+                                       ir.Constant(_I32, 0))
+        splat = builder.shuffle_vector(splat, ir.Constant(_V16F, ir.Undefined),
+                                       ir.Constant(_V16I, [0] * 16))
+        bits = builder.bitcast(builder.fcmp_ordered(">=", x, splat), ir.IntType(16))
+        return builder.zext(bits, _I32)
+
+    return nbtypes.int32(row, c0, threshold), codegen
 
 
 @njit(cache=True)

@@ -16,7 +16,8 @@ which row and where the data sit; what a row's numbers mean is decided here:
 * the per-tile updates: :func:`softmax_row` (the online-softmax state),
   :func:`topk_scan_row` (offering a tile's keys to a top-k buffer; from
   approximate logits, :func:`topk_rescore_scan_row`) and
-  :func:`range_scan_row` (collecting a range search's hits);
+  :func:`range_scan_row` (collecting a range search's hits), all three
+  finding their keys 16 at a time (:func:`hit_bits`, :func:`core.next_hit`);
 * the backward of a weight: :func:`weight_grad`;
 * the merge of the online-softmax states of key splits: :func:`merge_row`;
 * the merge of the top-k buffers of key splits: :func:`merge_topk_row`;
@@ -26,7 +27,8 @@ which row and where the data sit; what a row's numbers mean is decided here:
   top-k logits, the weighted sum of their values, the coverage).
 
 ``decode`` (one stored element to float32, by storage dtype) is provided by
-each target when it compiles these functions (see :func:`shared`).
+each target when it compiles these functions, and :func:`hit_bits` may be
+(see :func:`shared`).
 """
 
 import math
@@ -164,18 +166,21 @@ def softmax_row(row, n, m_old, mx, store):
     return m_new, c, total
 
 
-#: Keys per chunk of a range-search scan: a chunk with no logit at or above
-#: the threshold is skipped after one (vectorizable) count.
-SCAN_CHUNK = 32
+#: Keys per hit mask (:func:`hit_bits`): a scan compares a row's logits
+#: with its threshold 16 at a time and visits only the keys at or above it.
+HIT_LANES = 16
 
 
-def chunk_hits(row, c0, c1, threshold):
-    """How many of ``row[c0:c1]`` are at or above ``threshold``: a
-    vectorized count, so a range scan skips chunks without a hit cheaply."""
-    hits = 0
-    for j in range(c0, c1):
-        hits += row[j] >= threshold
-    return hits
+def hit_bits(row, c0, width, threshold):
+    """Which of the ``width <= 16`` logits ``row[c0:c0 + width]`` are at or
+    above ``threshold``, as an int32 mask: bit ``b`` for ``row[c0 + b]``
+    (NaN is below every threshold). The CPU compiles a whole mask
+    (``width == 16``) to one vector compare
+    (:func:`softretrieval.cpu_micro.hit_mask`)."""
+    bits = np.int32(0)
+    for b in range(width):
+        bits |= np.int32(row[c0 + b] >= threshold) << np.int32(b)
+    return bits
 
 
 def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
@@ -184,13 +189,17 @@ def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
     with threshold ``(ts, ti)`` (:mod:`softretrieval.topk_buffer`). Keys
     arrive in increasing id order, so a logit below ``ts`` cannot enter: a
     row whose max is below it is skipped, and in the others only the keys at
-    or above it are offered, in one pass (a branch that is rarely taken;
-    counting hits per chunk first cost more than it skipped: 19% of a
-    k = 1000 scan). Returns the new ``(count, ts, ti)``."""
+    or above it are offered, found 16 at a time by :func:`hit_bits` (a key
+    that a compaction has meanwhile put below the threshold is refused by
+    the offer). Comparing key by key with a branch cost a k = 1000 scan
+    more than its offers did. Returns the new ``(count, ts, ti)``."""
     if mx < ts:
         return count, ts, ti
-    for j in range(n):
-        if row[j] >= ts:
+    for c0 in range(0, n, HIT_LANES):
+        bits = hit_bits(row, c0, min(n - c0, HIT_LANES), ts)
+        while bits != 0:
+            b, bits = core.next_hit(bits)
+            j = c0 + b
             count, ts, ti = topk_buffer.offer(bs, bi, count, k, ts, ti, row[j], t0 + j)
     return count, ts, ti
 
@@ -222,13 +231,20 @@ def topk_rescore_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti, q, Kt, ks, f
     a logit by ``factors[j]``, ``terms[j]`` (:func:`logit`) when
     ``transformed`` — and offered with that logit; every other key is
     certainly below the threshold. So the buffer ends exactly as an exact
-    scan leaves it. Returns the new ``(count, ts, ti)``."""
+    scan leaves it. Candidates are found 16 at a time by :func:`hit_bits`;
+    one that the margin has meanwhile passed is not rescored. Returns the
+    new ``(count, ts, ti)``."""
     thr = ts - (slack + FILTER_REL * abs(ts))
     if mx < thr:
         return count, ts, ti
-    for j in range(n):
-        if row[j] >= thr:
+    for c0 in range(0, n, HIT_LANES):
+        bits = hit_bits(row, c0, min(n - c0, HIT_LANES), thr)
+        while bits != 0:
+            b, bits = core.next_hit(bits)
+            j = c0 + b
             s = row[j]
+            if s < thr:
+                continue
             if s != MASKED:
                 s = dot_row(q, Kt[j])
                 if ks.shape[0] > 0:
@@ -247,21 +263,19 @@ def range_scan_row(row, n, mx, t0, threshold, rs, ri, lo, hi, count):
     slots ``rs``, ``ri`` ``[lo, hi)`` (float32 logits, int64 ids), in
     increasing id order. ``count`` is the query's hits so far; hits beyond
     its slots are counted but not stored (the driver then runs the query
-    again with room for them). Chunks without a hit are skipped after a
-    count, as in :func:`topk_scan_row`. Returns the new count."""
+    again with room for them). Hits are found 16 at a time by
+    :func:`hit_bits`, as in :func:`topk_scan_row`. Returns the new count."""
     if mx < threshold:
         return count
-    for c0 in range(0, n, SCAN_CHUNK):
-        c1 = min(n, c0 + SCAN_CHUNK)
-        if chunk_hits(row, c0, c1, threshold) == 0:
-            continue
-        for j in range(c0, c1):
-            if row[j] >= threshold:
-                pos = lo + count
-                if pos < hi:
-                    rs[pos] = row[j]
-                    ri[pos] = t0 + j
-                count += 1
+    for c0 in range(0, n, HIT_LANES):
+        bits = hit_bits(row, c0, min(n - c0, HIT_LANES), threshold)
+        while bits != 0:
+            b, bits = core.next_hit(bits)
+            pos = lo + count
+            if pos < hi:
+                rs[pos] = row[c0 + b]
+                ri[pos] = t0 + c0 + b
+            count += 1
     return count
 
 
@@ -391,7 +405,7 @@ def topk_attention_row(logits, ids, n, lse, V, vscale, vcol, out, weights, ids_o
 #: The rules, in dependency order (each may call the ones before it and the
 #: functions of :mod:`core` and :mod:`topk_buffer`).
 FUNCTIONS = (key_factor, key_offset, logit, exclude_row, include_row, list_row, window_row,
-             row_max_finite, softmax_row, chunk_hits, topk_scan_row, dot_row,
+             row_max_finite, softmax_row, topk_scan_row, dot_row,
              topk_rescore_scan_row, range_scan_row, weight_grad, merge_row,
              merge_topk_row, topk_scores_row, range_finish_row, topk_attention_row)
 
@@ -399,17 +413,21 @@ FUNCTIONS = (key_factor, key_offset, logit, exclude_row, include_row, list_row, 
 SHARED = (core, topk_buffer)
 
 
-def shared(decorator, decode):
+def shared(decorator, decode, hits=None):
     """Compile the shared functions — :mod:`core`'s, :mod:`topk_buffer`'s and
     these rules — for one target: ``decorator`` is its jit (e.g.
-    ``numba.njit(inline="always")`` or ``numba.cuda.jit(device=True)``) and
-    ``decode`` its compiled decoder of one stored element. Returns a
-    namespace with one attribute per function (and ``core``,
-    ``topk_buffer`` namespaces the rules call through)."""
+    ``numba.njit(inline="always")`` or ``numba.cuda.jit(device=True)``),
+    ``decode`` its compiled decoder of one stored element, and ``hits`` its
+    compiled :func:`hit_bits` if it has a faster one (by default the rule
+    itself is compiled). Returns a namespace with one attribute per function
+    (and ``core``, ``topk_buffer`` namespaces the rules call through)."""
     scope = {"decode": decode}
+    scope["hit_bits"] = hits or core.compile_for(decorator, (hit_bits,)).hit_bits
     for module in SHARED:
-        scope[module.__name__.rsplit(".", 1)[1]] = core.compile_for(decorator, module.FUNCTIONS)
+        scope[module.__name__.rsplit(".", 1)[1]] = core.compile_for(decorator, module.FUNCTIONS,
+                                                                    scope)
     compiled = core.compile_for(decorator, FUNCTIONS, scope)
     compiled.core = scope["core"]
+    compiled.hit_bits = scope["hit_bits"]
     compiled.topk_buffer = scope["topk_buffer"]
     return compiled

@@ -18,6 +18,10 @@ the threshold exactly when its logit is above ``ts``: a driver may skip keys
 whose logit is below ``ts`` without offering them.
 """
 
+import numpy as np
+
+from . import core
+
 
 def capacity(k):
     """Slots of the buffer for the best ``k``: twice ``k``, so a compaction
@@ -41,15 +45,73 @@ def swap(bs, bi, a, b):
     bi[b] = ti
 
 
+#: Entries per block of :func:`partition`'s masks.
+BLOCK = 16
+
+
+def better_bits(bs, bi, c0, ps, pi):
+    """Which of the :data:`BLOCK` entries from ``c0`` rank above the pivot
+    (ps, pi), as an int32 mask: bit ``b`` for entry ``c0 + b``."""
+    block_s = bs[c0:c0 + BLOCK]
+    block_i = bi[c0:c0 + BLOCK]
+    bits = np.int32(0)
+    for b in range(BLOCK):
+        bits |= np.int32(better(block_s[b], block_i[b], ps, pi)) << np.int32(b)
+    return bits
+
+
+def partition(bs, bi, lo, hi, ps, pi):
+    """Reorder entries ``lo..hi`` so that those better than the pivot
+    (ps, pi) come first; returns where the others begin.
+
+    Blocks of :data:`BLOCK` entries are taken from both ends; a mask of the
+    left block's misplaced entries (not better) and one of the right
+    block's (better) are built without a branch, and misplaced pairs are
+    swapped by their lowest set bits (:func:`core.next_hit`) until one block
+    is in place, which is then passed (the bit-mask partition of pdqsort).
+    The fewer than two blocks left in the middle are partitioned entry by
+    entry: each entry is exchanged with the boundary, which moves on only
+    past a better one. A plain Lomuto partition of the whole range ran at
+    about 11 cycles an entry: each exchange stored to where the next one
+    loaded from."""
+    left = lo
+    right = hi
+    ml = np.int32(0)
+    mr = np.int32(0)
+    full = np.int32((1 << BLOCK) - 1)
+    while right - left >= 2 * BLOCK:
+        if ml == 0:
+            ml = better_bits(bs, bi, left, ps, pi) ^ full
+        if mr == 0:
+            mr = better_bits(bs, bi, right - BLOCK, ps, pi)
+        while ml != 0 and mr != 0:
+            a, ml = core.next_hit(ml)
+            b, mr = core.next_hit(mr)
+            swap(bs, bi, left + a, right - BLOCK + b)
+        if ml == 0:
+            left += BLOCK
+        if mr == 0:
+            right -= BLOCK
+    store = left
+    for j in range(left, right):
+        # swap() then testing bs[store] would reload what was just stored
+        s = bs[j]
+        i = bi[j]
+        bs[j] = bs[store]
+        bi[j] = bi[store]
+        bs[store] = s
+        bi[store] = i
+        store += better(s, i, ps, pi)
+    return store
+
+
 def select(bs, bi, count, k):
     """Reorder entries ``0..count`` so that ``0..k`` hold the best k (in no
     particular order) and entry ``k - 1`` is the k-th best; ``0 < k <= count``.
 
-    Quickselect with a median-of-three pivot and a branch-free Lomuto
-    partition (every entry is swapped with the boundary, which moves on
-    only past a better one: the loop has no data-dependent branch, which
-    the CPU would mispredict half the time), iterative (no recursion, for
-    the GPU): O(count) expected.
+    Quickselect with a median-of-three pivot and a branch-free
+    :func:`partition`, iterative (no recursion, for the GPU): O(count)
+    expected.
     """
     lo = 0
     hi = count - 1
@@ -64,19 +126,7 @@ def select(bs, bi, count, k):
         if better(bs[hi], bi[hi], bs[mid], bi[mid]):
             swap(bs, bi, hi, mid)
         swap(bs, bi, mid, hi)
-        ps = bs[hi]
-        pi = bi[hi]
-        store = lo
-        for j in range(lo, hi):
-            # swap() then testing bs[store] would reload what was just stored:
-            # a quickselect of 2,000 entries took 43 us that way, 20 us this way
-            s = bs[j]
-            i = bi[j]
-            bs[j] = bs[store]
-            bi[j] = bi[store]
-            bs[store] = s
-            bi[store] = i
-            store += better(s, i, ps, pi)
+        store = partition(bs, bi, lo, hi, bs[hi], bi[hi])
         swap(bs, bi, store, hi)
         if store == k - 1:
             return
@@ -142,4 +192,5 @@ def finish(bs, bi, count, k):
 
 
 #: The functions in dependency order, for :func:`softretrieval.core.compile_for`.
-FUNCTIONS = (capacity, better, swap, select, compact, offer, sift_down, finish)
+FUNCTIONS = (capacity, better, swap, better_bits, partition, select, compact, offer,
+             sift_down, finish)
