@@ -65,3 +65,15 @@ def test_next_hit_visits_every_set_bit_lowest_first(rng):
             b, rest = core.next_hit(rest)
             plain.append(int(b))
         assert plain == want
+
+
+def test_a_float64_threshold_is_rounded_alike_in_every_block():
+    """Whole masks (the CPU's vector compare) and the last, shorter one (the
+    rule) round a float64 threshold to float32 alike (found by review: the
+    rule compared in float64, the vector compare in float32)."""
+    threshold = 1.0 + 2.0**-30
+    row = np.ones(31, np.float32)
+    got = np.zeros(31, np.int64)
+    _masks_compiled(row, threshold, got)
+    assert got[0] == 0xFFFF and got[16] == (1 << 15) - 1
+    assert int(rules.hit_bits(row, 16, 15, threshold)) == (1 << 15) - 1

@@ -160,3 +160,31 @@ def test_this_file_again_through_the_avx2_register_tile(tmp_path):
                          env=numba_env(NUMBA_CACHE_DIR=str(tmp_path), **HASWELL), capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "failed" not in res.stdout and "1 skipped" in res.stdout
+
+
+def test_float16_keys_in_a_build_for_any_cpu(tmp_path):
+    """A process whose Numba compiles for a generic x86-64 (NUMBA_CPU_NAME=generic, as for a cache
+    shared by several CPUs) has no F16C: float16 storage decodes its halves with the portable rule
+    (found by review: the F16C conversion became a call LLVM could not resolve, and the process
+    aborted). Its top-k and soft retrieval match the float64 reference."""
+    script = (
+        "import numpy as np, softretrieval as sr\n"
+        "from softretrieval import cpu_micro\n"
+        "assert not cpu_micro.target_features().get('f16c', False)\n"
+        "rng = np.random.default_rng(3)\n"
+        "K = rng.standard_normal((700, 33)).astype(np.float16)\n"
+        "V = rng.standard_normal((700, 9)).astype(np.float32)\n"
+        "Q = rng.standard_normal((5, 33)).astype(np.float32)\n"
+        "index = sr.Index(33, dtype='float16')\n"
+        "index.add(K.astype(np.float32))\n"
+        "s, i = index.search(Q, 10)\n"
+        "ref = Q.astype(np.float64) @ K.astype(np.float64).T\n"
+        "assert (i == np.argsort(-ref, axis=1, kind='stable')[:, :10]).all()\n"
+        "assert np.allclose(s, np.take_along_axis(ref, i, 1), atol=1e-4)\n"
+        "out = sr.attention(Q, K, V, scale=1.0)\n"
+        "w = np.exp(ref - ref.max(1, keepdims=True)); w /= w.sum(1, keepdims=True)\n"
+        "assert np.allclose(out, w @ V, atol=1e-5)\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=numba_env(NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CPU_NAME="generic"))
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout[-2000:] + res.stderr[-3000:]

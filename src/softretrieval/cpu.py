@@ -35,6 +35,7 @@ from . import config, core, cpu_bf16, cpu_int8, cpu_micro, rules, runtime
 from .constants import KEYS_PLAIN, MASKED, NEG_INIT
 
 bfloat16_to_float = core.cpu.bfloat16_to_float
+half_to_float = core.cpu.half_to_float
 
 # Fast-math without 'nnan'/'ninf': NaN and inf flow through to the outputs,
 # where the API detects them (a NaN in the values must not be folded away).
@@ -47,7 +48,10 @@ def f16c_to_float(typingctx, bits):
     ``fpext``, which becomes the F16C ``vcvtph2ps`` instruction on x86 (3x
     faster than the portable bit manipulation of ``core.half_to_float``, which
     the other targets use). The CPU's own decoder instruction, not a second
-    copy of a rule: ``decode`` below picks it for float16 storage."""
+    copy of a rule: ``decode`` below picks it for float16 storage where Numba
+    compiles for F16C. Without F16C (e.g. ``NUMBA_CPU_NAME=generic``, for a
+    cache shared by several CPUs) LLVM turns it into a call of a runtime
+    function that Numba does not link, and the process aborts."""
     sig = nbtypes.float32(nbtypes.uint16)
 
     def codegen(context, builder, signature, args):
@@ -69,7 +73,9 @@ def _decode_for(x):
     if x == nbtypes.float32:
         return lambda x: x
     if x == nbtypes.uint16:
-        return lambda x: f16c_to_float(x)
+        if cpu_micro.target_features().get("f16c", False):
+            return lambda x: f16c_to_float(x)
+        return lambda x: half_to_float(x)
     if x == nbtypes.int16:
         return lambda x: bfloat16_to_float(x)
     if x == nbtypes.int8:
@@ -90,8 +96,13 @@ def _hit_bits(row, c0, width, threshold):
 
 
 #: The shared core, top-k buffer and per-row rules (:mod:`softretrieval.rules`),
-#: compiled for the CPU and inlined into the kernels below.
-shared = rules.shared(njit(inline="always"), decode, _hit_bits)
+#: compiled for the CPU and inlined into the kernels below. The top-k buffer's
+#: functions are compiled apart, without reference counting (``_nrt=False``:
+#: they allocate nothing), and left to LLVM to inline: inlined by Numba, each
+#: offer of a candidate counted references to the two buffer arrays in
+#: atomic calls, which cost a top-1000 search over 1M keys more than its
+#: comparisons (about 20 ns an offer).
+shared = rules.shared(njit(inline="always"), decode, _hit_bits, njit(_nrt=False))
 topk_offer = shared.topk_buffer.offer
 topk_finish = shared.topk_buffer.finish
 topk_capacity = shared.topk_buffer.capacity

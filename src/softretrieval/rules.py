@@ -172,14 +172,17 @@ HIT_LANES = 16
 
 
 def hit_bits(row, c0, width, threshold):
-    """Which of the ``width <= 16`` logits ``row[c0:c0 + width]`` are at or
-    above ``threshold``, as an int32 mask: bit ``b`` for ``row[c0 + b]``
-    (NaN is below every threshold). The CPU compiles a whole mask
-    (``width == 16``) to one vector compare
-    (:func:`softretrieval.cpu_micro.hit_mask`)."""
+    """Which of the ``width <= 16`` float32 logits ``row[c0:c0 + width]``
+    are at or above ``threshold`` rounded to float32, as an int32 mask: bit
+    ``b`` for ``row[c0 + b]`` (NaN is below every threshold). A float32 logit
+    at or above a float64 threshold is at or above its rounding, so no hit
+    is lost; a caller with a float64 threshold checks its hits against it
+    again. The CPU compiles a whole mask (``width == 16``) to one vector
+    compare (:func:`softretrieval.cpu_micro.hit_mask`)."""
+    limit = np.float32(threshold)
     bits = np.int32(0)
     for b in range(width):
-        bits |= np.int32(row[c0 + b] >= threshold) << np.int32(b)
+        bits |= np.int32(row[c0 + b] >= limit) << np.int32(b)
     return bits
 
 
@@ -209,12 +212,13 @@ def topk_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti):
 FILTER_REL = np.float32(2.0**-20)
 
 
-def dot_row(q, k):
-    """``q . k`` in float32: q (d,) float32, k (d,) a stored row (decoded
-    element by element)."""
+def dot_row(q, K, j):
+    """``q . K[j]`` in float32: q (d,) float32, K (n, >= d) stored rows
+    (decoded element by element). The row is indexed in place: a view of it
+    per rescored key cost a reference count each."""
     dot = np.float32(0.0)
     for c in range(q.shape[0]):
-        dot += q[c] * decode(k[c])   # noqa: F821 (given by the target)
+        dot += q[c] * decode(K[j, c])   # noqa: F821 (given by the target)
     return dot
 
 
@@ -246,7 +250,7 @@ def topk_rescore_scan_row(row, n, mx, t0, k, bs, bi, count, ts, ti, q, Kt, ks, f
             if s < thr:
                 continue
             if s != MASKED:
-                s = dot_row(q, Kt[j])
+                s = dot_row(q, Kt, j)
                 if ks.shape[0] > 0:
                     s *= ks[j]
                 if transformed:
@@ -413,19 +417,21 @@ FUNCTIONS = (key_factor, key_offset, logit, exclude_row, include_row, list_row, 
 SHARED = (core, topk_buffer)
 
 
-def shared(decorator, decode, hits=None):
+def shared(decorator, decode, hits=None, buffers=None):
     """Compile the shared functions — :mod:`core`'s, :mod:`topk_buffer`'s and
     these rules — for one target: ``decorator`` is its jit (e.g.
     ``numba.njit(inline="always")`` or ``numba.cuda.jit(device=True)``),
-    ``decode`` its compiled decoder of one stored element, and ``hits`` its
+    ``decode`` its compiled decoder of one stored element, ``hits`` its
     compiled :func:`hit_bits` if it has a faster one (by default the rule
-    itself is compiled). Returns a namespace with one attribute per function
+    itself is compiled), and ``buffers`` the jit for :mod:`topk_buffer` if
+    not ``decorator``. Returns a namespace with one attribute per function
     (and ``core``, ``topk_buffer`` namespaces the rules call through)."""
     scope = {"decode": decode}
     scope["hit_bits"] = hits or core.compile_for(decorator, (hit_bits,)).hit_bits
+    jits = {topk_buffer: buffers or decorator}
     for module in SHARED:
-        scope[module.__name__.rsplit(".", 1)[1]] = core.compile_for(decorator, module.FUNCTIONS,
-                                                                    scope)
+        scope[module.__name__.rsplit(".", 1)[1]] = core.compile_for(
+            jits.get(module, decorator), module.FUNCTIONS, scope)
     compiled = core.compile_for(decorator, FUNCTIONS, scope)
     compiled.core = scope["core"]
     compiled.hit_bits = scope["hit_bits"]
