@@ -389,8 +389,9 @@ def int8_dot(typingctx, q, k):
 @intrinsic
 def hit_mask(typingctx, row, c0, threshold):
     """:func:`softretrieval.rules.hit_bits` of 16 logits: bit ``b`` of the
-    int32 result for ``row[c0 + b] >= threshold`` (an ordered compare: NaN
-    is below), one 16-lane compare and its mask. row 1-D C-contiguous
+    int32 result for ``row[c0 + b] >= threshold`` with the threshold rounded
+    to float32 as the rule does (an ordered compare: NaN is below), one
+    16-lane compare and its mask. row 1-D C-contiguous
     float32 with ``c0 + 16 <= len(row)``."""
     if not (isinstance(row, nbtypes.Array) and row.ndim == 1 and row.layout == "C"
             and row.dtype == nbtypes.float32 and isinstance(c0, nbtypes.Integer)):
